@@ -1,0 +1,173 @@
+"""The artifact: the only thing that travels from the trainer to the service.
+
+One directory per exported version::
+
+    <root>/<name>/<version>/
+        manifest.json     format version, creation time, code version, tasks, sha256 per file,
+                          offline metrics, model facts (FLOPs per row, architecture)
+        config.json       the resolved training config (re-validated on load)
+        encoder.json      vocabularies and normalisation statistics
+        model.safetensors the weights (no pickle anywhere on this path)
+
+It is written into a temporary directory beside its final place and renamed, so a reader never
+sees half an artifact; it is loaded only after the format version and every checksum match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ranker
+from ranker.config import Config
+from ranker.errors import ArtifactError
+from ranker.features import FeatureEncoder
+from ranker.model import RankingModel
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILES = ("config.json", "encoder.json", "model.safetensors")
+
+
+@dataclass
+class Artifact:
+    path: Path
+    version: str
+    manifest: dict[str, Any]
+    config: Config
+    encoder: FeatureEncoder
+    model: RankingModel
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{ranker.__version__}+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return ranker.__version__
+
+
+def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
+    """The model a config and a fitted encoder describe (the same call on both sides)."""
+    return RankingModel(encoder.cardinalities, len(encoder.numeric), config.task_names, config.model)
+
+
+def save_artifact(
+    model: RankingModel,
+    encoder: FeatureEncoder,
+    config: Config,
+    metrics: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> Path:
+    """Writes a new version under ``root/name/`` and returns its directory."""
+    root = Path(root or config.export.artifact_root) / config.export.name
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    version = now.strftime("%Y%m%dT%H%M%S") + f"-{os.urandom(3).hex()}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        (tmp / "config.json").write_text(config.model_dump_json(indent=2))
+        (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": config.export.name,
+            "version": version,
+            "created": now.isoformat(),
+            "code_version": code_version(),
+            "tasks": [t.model_dump(mode="json") for t in config.tasks],
+            "model": {
+                "architecture": config.model.architecture,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "flops_per_row": model.flops_per_row(),
+            },
+            "files": {f: _sha256(tmp / f) for f in FILES},
+            "metrics": metrics or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        final = root / version
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def resolve(path: Path) -> Path:
+    """A version directory itself, or the newest version under a name or root directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if not path.is_dir():
+        raise ArtifactError(f"artifact path {path} does not exist")
+    versions = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+    versions += sorted(p.parent for p in path.glob(f"*/*/{MANIFEST}"))
+    versions = [v for v in versions if not v.name.startswith(".")]
+    if not versions:
+        raise ArtifactError(f"no artifact (no {MANIFEST}) under {path}")
+    return max(versions, key=lambda v: v.name)
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Loads and verifies an artifact; raises :class:`ArtifactError` saying what is wrong."""
+    path = resolve(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path}: format version {got!r}, this code reads {FORMAT_VERSION}")
+    files = manifest.get("files", {})
+    for f in FILES:
+        if f not in files:
+            raise ArtifactError(f"{path}: manifest lists no checksum for {f}")
+        if not (path / f).is_file():
+            raise ArtifactError(f"{path}: {f} is missing")
+        if _sha256(path / f) != files[f]:
+            raise ArtifactError(f"{path}: checksum mismatch for {f}; the artifact is corrupt")
+    try:
+        config = Config.model_validate_json((path / "config.json").read_text())
+        encoder = FeatureEncoder.from_json(json.loads((path / "encoder.json").read_text()))
+        model = build_model(config, encoder)
+        state = load_file(str(path / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ArtifactError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decode failure means a broken artifact
+        raise ArtifactError(f"{path}: cannot load: {type(e).__name__}: {e}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Artifact(path, manifest["version"], manifest, config, encoder, model)
+
+
+def manifest_summary(artifact: Artifact) -> dict[str, Any]:
+    return {k: artifact.manifest.get(k) for k in ("name", "version", "created", "code_version")}
+

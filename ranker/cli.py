@@ -1,0 +1,161 @@
+"""The ``ranker`` command: one subcommand per job. Heavy imports happen inside each job so
+``ranker --help`` is instant and the service does not import the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ranker.errors import RankerError
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.epochs=1 (TOML value syntax)",
+    )
+
+
+def _parse_value(raw: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from training.synth import WorldConfig, generate
+
+    fields: dict[str, Any] = {}
+    for o in a.overrides:
+        key, sep, raw = o.partition("=")
+        if not sep:
+            raise RankerError(f"--set {o!r} is not of the form key=value")
+        fields[key] = _parse_value(raw)
+    for name in ("seed", "n_users", "n_videos", "n_requests"):
+        if getattr(a, name) is not None:
+            fields[name] = getattr(a, name)
+    from pydantic import ValidationError
+
+    try:
+        cfg = WorldConfig(**fields)
+    except ValidationError as e:
+        raise RankerError(f"invalid world settings: {e}") from None
+    t0 = time.perf_counter()
+    summary = generate(cfg, Path(a.out), progress=not a.quiet)
+    print(f"wrote {a.out} in {time.perf_counter() - t0:.1f}s")
+    print(summary.model_dump_json(indent=2) if hasattr(summary, "model_dump_json") else summary)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from ranker.config import load_config
+    from training.evaluate import format_table
+    from training.loop import train
+
+    config = load_config(a.config, a.overrides)
+    result = train(config, progress=not a.quiet, export=not a.no_export)
+    print(f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)")
+    print(format_table(result.metrics))
+    if result.artifact:
+        print(f"artifact: {result.artifact}")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from training.offline import evaluate_artifact
+
+    metrics = evaluate_artifact(
+        Path(a.artifact), log=a.log, split=a.split, progress=not a.quiet, out=a.out
+    )
+    if a.json:
+        print(json.dumps(metrics, indent=2))
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from training.offline import export_checkpoint
+
+    path = export_checkpoint(Path(a.checkpoint), Path(a.root) if a.root else None)
+    print(f"artifact: {path}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    for key, value in (("ARTIFACT", a.artifact), ("RANKING_CONFIG", a.ranking)):
+        if value:
+            os.environ[f"RANKER_{key}"] = str(value)
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings()
+    host = a.host or settings.host
+    port = a.port if a.port is not None else settings.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ranker", description="Multi-objective video ranking.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write the synthetic world (log, users, videos, truth)")
+    g.add_argument("--out", default="data/default", help="output directory")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--n-users", dest="n_users", type=int)
+    g.add_argument("--n-videos", dest="n_videos", type=int)
+    g.add_argument("--n-requests", dest="n_requests", type=int)
+    g.add_argument("--quiet", action="store_true")
+    g.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="any world setting, e.g. --set position_bias=0.5 (see docs/synthetic-world.md)",
+    )
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="fit the model on the log's training split, validate, export")
+    t.add_argument("--config", default="configs/default.toml")
+    t.add_argument("--no-export", action="store_true", help="skip writing the artifact")
+    t.add_argument("--quiet", action="store_true")
+    _overrides(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="per-head metrics of an artifact on a log")
+    e.add_argument("--artifact", default="artifacts/default", help="version dir or its parent")
+    e.add_argument("--log", help="Parquet log; default: the artifact config's")
+    e.add_argument("--split", choices=["validation", "train", "all"], default="validation")
+    e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--json", action="store_true", help="also print the JSON")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write an artifact from a training checkpoint")
+    x.add_argument("--checkpoint", default="runs/default/checkpoint.pt")
+    x.add_argument("--root", help="artifact root; default: the config's export.artifact_root")
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="run the ranking service (settings from RANKER_* env vars)")
+    s.add_argument("--artifact", help="artifact version dir or its parent (RANKER_ARTIFACT)")
+    s.add_argument("--ranking", help="ranking config TOML (RANKER_RANKING_CONFIG)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RankerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

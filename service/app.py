@@ -1,0 +1,140 @@
+"""The FastAPI application: ``create_app()`` builds it, the lifespan loads the model and store.
+
+Nothing is loaded at import time, so tests build apps with their own settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, ORJSONResponse
+
+import ranker
+from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
+from ranker.scoring import RankingFormula
+from service.engine import ServingModel, load_formula, rank
+from service.schemas import Health, RankRequest, RankResponse, Readiness
+from service.settings import Settings
+
+log = logging.getLogger("ranker.service")
+
+
+@dataclass
+class ServingState:
+    """What requests read; replaced as a whole, never mutated, so readers need no lock."""
+
+    model: ServingModel
+    formula: RankingFormula
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        model = ServingModel.load(settings)
+        formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
+        app.state.serving = ServingState(model, formula)
+        log.info("serving model %s from %s", model.version, model.artifact.path)
+        # Start-up objects live as long as the process: keep them out of the collector's scans,
+        # which otherwise cause multi-millisecond pauses on the request path.
+        gc.collect()
+        gc.freeze()
+        yield
+        await app.state.serving.model.store.close()
+
+    app = FastAPI(
+        title="ranker",
+        version=ranker.__version__,
+        description="Ranks candidate videos by a weighted combination of MMoE head predictions.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        field, _, msg = str(exc).partition(": ")
+        return JSONResponse(
+            status_code=422, content={"detail": [{"loc": ["body", *field.split(".")], "msg": msg}]}
+        )
+
+    @app.exception_handler(RankerError)
+    async def _ranker_error(_: Request, exc: RankerError) -> JSONResponse:
+        status = 503 if isinstance(exc, ArtifactError | ConfigError) else 500
+        return JSONResponse(status_code=status, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    def serving_state(request: Request) -> ServingState:
+        return request.app.state.serving
+
+    State = Annotated[ServingState, Depends(serving_state)]
+
+    @app.post("/v1/rank", response_model=RankResponse, response_class=ORJSONResponse)
+    async def rank_endpoint(body: RankRequest, state: State) -> ORJSONResponse:
+        """Ranks the candidates for the user; best first, with every head's prediction."""
+        if len(body.candidates) > settings.max_candidates:
+            raise RequestError(
+                f"candidates: {len(body.candidates)} candidates, at most {settings.max_candidates}"
+            )
+        ids = np.fromiter((c.video_id for c in body.candidates), np.int64, len(body.candidates))
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
+        r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        tasks = list(r.predictions)
+        pred_cols = [r.predictions[t].tolist() for t in tasks]
+        items = [
+            {"video_id": v, "score": s, "predictions": dict(zip(tasks, p, strict=True))}
+            for v, s, *p in zip(r.video_ids.tolist(), r.scores.tolist(), *pred_cols, strict=True)
+        ]
+        return ORJSONResponse(
+            {
+                "model_version": state.model.version,
+                "ranking_version": state.formula.version,
+                "user_known": not r.lookup.user_missing,
+                "unknown_videos": int(r.lookup.videos_missing.sum()),
+                "items": items,
+            }
+        )
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness)
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: a model is loaded and the feature store answers."""
+        state: ServingState | None = getattr(request.app.state, "serving", None)
+        if state is None:
+            body = Readiness(ready=False, model_version=None, ranking_version=None, store="none")
+            return JSONResponse(status_code=503, content=body.model_dump())
+        ok, detail = await state.model.store.ready()
+        body = Readiness(
+            ready=ok,
+            model_version=state.model.version,
+            ranking_version=state.formula.version,
+            store=state.model.store.name,
+            detail=detail,
+        )
+        return JSONResponse(status_code=200 if ok else 503, content=body.model_dump())
+
+    return app

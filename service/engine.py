@@ -1,0 +1,124 @@
+"""The ranking engine, free of HTTP: a loaded model with its feature store and ranking formula.
+
+``ServingModel`` bundles everything that must change together when a new artifact is loaded (the
+model, its encoder, the store encoded with that encoder); the service swaps whole bundles, so a
+request in flight finishes on the bundle it started with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ranker.artifact import Artifact, load_artifact
+from ranker.errors import RequestError
+from ranker.features import Encoded, FeatureEncoder
+from ranker.predictor import Predictor
+from ranker.scoring import RankingFormula, load_ranking_config
+from service.settings import Settings
+from service.store import FeatureStore, InProcessStore, Lookup
+
+ContextValue = str | int | float | None
+
+
+@dataclass
+class ServingModel:
+    artifact: Artifact
+    predictor: Predictor
+    store: FeatureStore
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @classmethod
+    def load(cls, settings: Settings, store: FeatureStore | None = None) -> ServingModel:
+        artifact = load_artifact(settings.artifact)
+        if store is None:
+            store = InProcessStore.from_tables(
+                artifact.config, artifact.encoder, settings.users, settings.videos
+            )
+        return cls(artifact, Predictor(artifact.model, artifact.config.tasks), store)
+
+
+def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
+    return RankingFormula(load_ranking_config(path), tasks)
+
+
+def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) -> Encoded:
+    """One encoded row ``(1, ...)`` from the request's context; absent keys get the defaults."""
+    specs = encoder.of("context")
+    known = {f.name for f in specs}
+    unknown = sorted(set(context) - known)
+    if unknown:
+        raise RequestError(f"context.{unknown[0]}: unknown context feature; known: {sorted(known)}")
+    columns: dict[str, pa.Array] = {}
+    for f in specs:
+        value = context.get(f.name)
+        if f.kind == "numeric":
+            if value is not None and (isinstance(value, str) or not np.isfinite(float(value))):
+                raise RequestError(f"context.{f.name}: must be a finite number")
+            columns[f.source_column] = pa.array([value], type=pa.float64())
+        else:
+            vocab = encoder.vocabs[f.name]
+            if value is None:
+                columns[f.source_column] = pa.array([None], type=pa.int64() if vocab.is_int else pa.string())
+            elif vocab.is_int:
+                if isinstance(value, str) or float(value) != int(value):
+                    raise RequestError(f"context.{f.name}: must be an integer")
+                columns[f.source_column] = pa.array([int(value)], type=pa.int64())
+            else:
+                columns[f.source_column] = pa.array([str(value)], type=pa.string())
+    return encoder.encode(pa.table(columns), "context", "request")
+
+
+@dataclass
+class Ranked:
+    video_ids: np.ndarray  # (k,) in ranked order
+    scores: np.ndarray  # (k,)
+    predictions: dict[str, np.ndarray]  # task -> (k,)
+    lookup: Lookup
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def score_rows(
+    model: ServingModel, formula: RankingFormula, lookup: Lookup, context: Encoded
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One forward pass over all candidates: user and context rows broadcast to every video."""
+    n = len(lookup.videos)
+    rows = Encoded.concat_columns(
+        [lookup.user.take(np.zeros(n, np.int64)), lookup.videos, context.take(np.zeros(n, np.int64))]
+    )
+    preds = model.predictor.predict(rows)
+    return formula.score(preds), preds
+
+
+async def rank(
+    model: ServingModel,
+    formula: RankingFormula,
+    user_id: int,
+    context: dict[str, ContextValue],
+    video_ids: np.ndarray,
+    top_k: int | None,
+) -> Ranked:
+    """Scores every candidate and returns them best first (ties keep the request's order)."""
+    t0 = time.perf_counter()
+    ctx = encode_context(model.artifact.encoder, context)
+    lookup = await model.store.lookup(user_id, video_ids)
+    t1 = time.perf_counter()
+    scores, preds = score_rows(model, formula, lookup, ctx)
+    t2 = time.perf_counter()
+    order = np.argsort(-scores, kind="stable")
+    if top_k is not None:
+        order = order[:top_k]
+    return Ranked(
+        video_ids[order],
+        scores[order],
+        {k: v[order] for k, v in preds.items()},
+        lookup,
+        {"features": t1 - t0, "forward": t2 - t1},
+    )

@@ -1,0 +1,283 @@
+"""Streams the impression log from Parquet and turns record batches into model batches.
+
+Nothing here holds the log in memory: fragments (files) are read batch by batch with only the
+needed columns, joined to the pre-encoded user and video tables by vectorised lookups, and
+converted to tensors in bulk. A bounded shuffle buffer mixes rows across batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+from torch import Tensor
+
+from ranker.config import Config
+from ranker.errors import DataError
+from ranker.features import Encoded, FeatureEncoder
+from ranker.tables import FeatureTable, as_int64_ids
+
+Split = Literal["train", "validation", "all"]
+
+
+@dataclass
+class Batch:
+    """One model batch; every tensor has ``B`` rows."""
+
+    cat: Tensor  # (B, C) int64
+    num: Tensor  # (B, N) float32
+    labels: dict[str, Tensor]  # task -> (B,) float32, label units, 0 where masked
+    masks: dict[str, Tensor]  # task -> (B,) bool, rows that count for the task
+    users: Tensor  # (B,) int64 user ids (GAUC groups)
+    requests: Tensor  # (B,) int64 request ids (per-list metrics)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. truth columns, (B,)
+
+    def __len__(self) -> int:
+        return self.cat.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device, non_blocking=True) for k, v in d.items()}
+
+        return Batch(
+            self.cat.to(device, non_blocking=True),
+            self.num.to(device, non_blocking=True),
+            mv(self.labels),
+            mv(self.masks),
+            self.users,
+            self.requests,
+            self.extra,
+        )
+
+    def take(self, idx: Tensor) -> Batch:
+        def tk(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v[idx] for k, v in d.items()}
+
+        return Batch(
+            self.cat[idx], self.num[idx], tk(self.labels), tk(self.masks),
+            self.users[idx], self.requests[idx], tk(self.extra),
+        )
+
+    @staticmethod
+    def concat(parts: list[Batch]) -> Batch:
+        if len(parts) == 1:
+            return parts[0]
+
+        def cc(key: str) -> dict[str, Tensor]:
+            return {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
+
+        return Batch(
+            torch.cat([p.cat for p in parts]), torch.cat([p.num for p in parts]),
+            cc("labels"), cc("masks"),
+            torch.cat([p.users for p in parts]), torch.cat([p.requests for p in parts]),
+            cc("extra"),
+        )
+
+
+class ImpressionLog:
+    """The impression log as a Parquet dataset, split by time into train and validation.
+
+    The cutoff is ``data.validation_from`` when set, otherwise the point leaving the last
+    ``validation_fraction`` of the time span for validation: a split by time, as the model will
+    be used on the future, never a random split that leaks tomorrow into training.
+    """
+
+    def __init__(self, config: Config, path: Path | None = None) -> None:
+        self.config = config
+        self.path = Path(path or config.data.log)
+        if not self.path.exists():
+            raise DataError(f"impression log {self.path} does not exist")
+        try:
+            self.dataset = ds.dataset(self.path, format="parquet")
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"impression log {self.path} is not readable as Parquet: {e}") from None
+        self.files = sorted(getattr(self.dataset, "files", []))
+        if not self.files:
+            raise DataError(f"impression log {self.path} holds no Parquet files")
+        self._check_columns()
+        self.cutoff = self._cutoff()
+
+    def required_columns(self) -> list[str]:
+        d = self.config.data
+        cols = [d.user_key, d.video_key, d.request_key, d.time_column]
+        cols += [f.source_column for f in self.config.features if f.source == "context"]
+        for t in self.config.tasks:
+            cols.append(t.label)
+            if t.only_where:
+                cols.append(t.only_where)
+        return list(dict.fromkeys(cols))
+
+    def _check_columns(self) -> None:
+        names = set(self.dataset.schema.names)
+        missing = [c for c in self.required_columns() if c not in names]
+        if missing:
+            raise DataError(
+                f"impression log {self.path}: missing column(s) {missing} that the config needs; "
+                f"the log has {sorted(names)}"
+            )
+        schema = self.dataset.schema
+        for t in self.config.tasks:
+            typ = schema.field(t.label).type
+            if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+                raise DataError(f"impression log {self.path}: label column {t.label!r} has type {typ}")
+        for key in (self.config.data.user_key, self.config.data.video_key):
+            if not pa.types.is_integer(schema.field(key).type):
+                raise DataError(
+                    f"impression log {self.path}: id column {key!r} must be integer, "
+                    f"got {schema.field(key).type}"
+                )
+
+    def _cutoff(self) -> float:
+        d = self.config.data
+        if d.validation_from is not None:
+            return float(d.validation_from)
+        lo, hi = np.inf, -np.inf
+        for b in self.dataset.to_batches(columns=[d.time_column], batch_size=1 << 20):
+            mm = pc.min_max(b.column(0))
+            if mm["min"].is_valid:
+                lo, hi = min(lo, mm["min"].as_py()), max(hi, mm["max"].as_py())
+        if not np.isfinite(lo):
+            raise DataError(f"impression log {self.path}: column {d.time_column!r} has no values")
+        return lo + (1.0 - d.validation_fraction) * (hi - lo)
+
+    def filter(self, split: Split) -> pc.Expression | None:
+        t = pc.field(self.config.data.time_column)
+        if split == "train":
+            return t < self.cutoff
+        if split == "validation":
+            return t >= self.cutoff
+        return None
+
+    def record_batches(
+        self,
+        split: Split,
+        columns: list[str] | None = None,
+        batch_size: int = 65536,
+        shuffle_files: np.random.Generator | None = None,
+        files: list[str] | None = None,
+    ) -> Iterator[tuple[str, pa.RecordBatch]]:
+        """``(file, record batch)`` pairs of one split, file by file (optionally shuffled)."""
+        files = list(files if files is not None else self.files)
+        if shuffle_files is not None:
+            shuffle_files.shuffle(files)
+        cols = columns or self.required_columns()
+        flt = self.filter(split)
+        for f in files:
+            frag = ds.dataset(f, format="parquet", schema=self.dataset.schema)
+            try:
+                for rb in frag.to_batches(columns=cols, filter=flt, batch_size=batch_size):
+                    if rb.num_rows:
+                        yield f, rb
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{f}: {e}") from None
+
+
+class BatchBuilder:
+    """Record batch -> :class:`Batch`: joins user and video features, encodes the context,
+    extracts labels and masks. The same join the service performs, vectorised."""
+
+    def __init__(
+        self,
+        config: Config,
+        encoder: FeatureEncoder,
+        users: FeatureTable,
+        videos: FeatureTable,
+        extra_columns: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.users = users
+        self.videos = videos
+        self.extra_columns = list(extra_columns or [])
+
+    def features(self, rb: pa.RecordBatch, origin: str) -> tuple[Encoded, np.ndarray, np.ndarray]:
+        """Encoded model input for the rows, plus the user and video ids."""
+        d = self.config.data
+        uid = as_int64_ids(rb.column(d.user_key), f"{origin} column {d.user_key!r}")
+        vid = as_int64_ids(rb.column(d.video_key), f"{origin} column {d.video_key!r}")
+        u, _ = self.users.lookup(uid)
+        v, _ = self.videos.lookup(vid)
+        c = self.encoder.encode(rb, "context", origin)
+        return Encoded.concat_columns([u, v, c]), uid, vid
+
+    def labels(self, rb: pa.RecordBatch, origin: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        labels: dict[str, Tensor] = {}
+        masks: dict[str, Tensor] = {}
+        for t in self.config.tasks:
+            col = rb.column(t.label)
+            y = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            y = y * t.label_scale
+            ok = np.isfinite(y)
+            bad = ~ok & ~np.asarray(col.is_null(), dtype=bool)
+            if bad.any():
+                raise DataError(f"{origin}: label column {t.label!r} has {int(bad.sum())} NaN/inf values")
+            if t.kind == "binary" and ok.any() and not np.isin(y[ok], (0.0, 1.0)).all():
+                raise DataError(f"{origin}: binary label column {t.label!r} has values other than 0/1")
+            if t.kind == "regression" and t.loss != "mse" and ok.any() and (y[ok] < 0).any():
+                raise DataError(f"{origin}: label column {t.label!r} has negative values for a log1p loss")
+            if t.only_where:
+                w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
+                ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
+            labels[t.name] = torch.from_numpy(np.where(ok, y, 0.0).astype(np.float32))
+            masks[t.name] = torch.from_numpy(ok)
+        return labels, masks
+
+    def build(self, rb: pa.RecordBatch, origin: str = "") -> Batch:
+        enc, uid, _ = self.features(rb, origin)
+        labels, masks = self.labels(rb, origin)
+        req = as_int64_ids(rb.column(self.config.data.request_key), f"{origin} request ids").copy()
+        extra = {
+            c: torch.from_numpy(
+                pc.cast(rb.column(c), pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
+            )
+            for c in self.extra_columns
+            if c in rb.schema.names
+        }
+        return Batch(
+            torch.from_numpy(enc.cat), torch.from_numpy(enc.num), labels, masks,
+            torch.from_numpy(uid.copy()), torch.from_numpy(req), extra,
+        )
+
+
+def shuffled_batches(
+    batches: Iterator[Batch], batch_size: int, buffer_rows: int, generator: torch.Generator | None
+) -> Iterator[Batch]:
+    """Re-batches a stream to ``batch_size`` rows, shuffling within a buffer of ``buffer_rows``.
+
+    Streaming cannot shuffle globally; mixing a few hundred thousand rows (plus shuffled file
+    order) removes the time ordering of the log from SGD's view at bounded memory.
+    """
+    pending: list[Batch] = []
+    rows = 0
+
+    def drain(final: bool) -> Iterator[Batch]:
+        nonlocal pending, rows
+        merged = Batch.concat(pending)
+        if buffer_rows > 0:
+            merged = merged.take(torch.randperm(len(merged), generator=generator))
+        n_full = len(merged) // batch_size * batch_size
+        for s in range(0, n_full, batch_size):
+            yield merged.take(torch.arange(s, s + batch_size))
+        rest = len(merged) - n_full
+        if rest and final:
+            yield merged.take(torch.arange(n_full, len(merged)))
+            pending, rows = [], 0
+        elif rest:
+            pending, rows = [merged.take(torch.arange(n_full, len(merged)))], rest
+        else:
+            pending, rows = [], 0
+
+    for b in batches:
+        pending.append(b)
+        rows += len(b)
+        if rows >= max(buffer_rows, batch_size):
+            yield from drain(final=False)
+    if pending:
+        yield from drain(final=True)

@@ -1,0 +1,84 @@
+"""Fits the feature encoder on the training part of the log only, in one streamed pass.
+
+Context features are counted over training impressions. User and video features are fitted on
+the table rows of entities that occur in training, each weighted by its training impressions, so
+an id seen only in validation stays in the unknown bucket (as it would in production) and
+``min_count`` on an id means "at least that many training impressions".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ranker.config import Config, Source
+from ranker.errors import DataError
+from ranker.features import EncoderFitter, FeatureEncoder, _Counts
+from ranker.tables import FeatureTable
+from training.data import ImpressionLog
+
+
+def read_table(path: str, what: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} table {path} does not exist") from None
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{what} table {path} is not readable as Parquet: {e}") from None
+
+
+def _fit_entity(
+    fitter: EncoderFitter, table: pa.Table, key: str, seen: _Counts, source: Source, origin: str
+) -> None:
+    if key not in table.schema.names:
+        raise DataError(f"{origin}: key column {key!r} is missing; columns are {table.schema.names}")
+    seen._reduce()
+    if not seen.keys:
+        return
+    ids, counts = seen.keys[0], seen.counts[0]
+    keys = np.asarray(pc.cast(table.column(key), pa.int64()).to_numpy(zero_copy_only=False))
+    pos = np.minimum(np.searchsorted(ids, keys), len(ids) - 1)
+    hit = ids[pos] == keys
+    # A duplicated key counts once: keep its last row, as FeatureTable does.
+    _, last_rev = np.unique(keys[::-1], return_index=True)
+    last = np.zeros(len(keys), bool)
+    last[len(keys) - 1 - last_rev] = True
+    rows = np.flatnonzero(hit & last)
+    fitter.update(table.take(pa.array(rows)), source, origin, weights=counts[pos[rows]])
+
+
+def fit_encoder(
+    config: Config, log: ImpressionLog, progress: bool = True
+) -> tuple[FeatureEncoder, FeatureTable, FeatureTable]:
+    """Returns the fitted encoder and the encoded users and videos tables."""
+    d = config.data
+    fitter = EncoderFitter(config.features)
+    users_seen, videos_seen = _Counts(), _Counts()
+    ctx_cols = [f.source_column for f in config.features if f.source == "context"]
+    cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols]))
+    rows = 0
+    bar = tqdm(desc="fit encoder", unit=" rows", disable=not progress, unit_scale=True)
+    for f, rb in log.record_batches("train", columns=cols, batch_size=1 << 18):
+        fitter.update(rb, "context", f)
+        users_seen.add(rb.column(d.user_key))
+        videos_seen.add(rb.column(d.video_key))
+        rows += rb.num_rows
+        bar.update(rb.num_rows)
+    bar.close()
+    if rows == 0:
+        raise DataError(
+            f"impression log {log.path}: no training rows before the time cutoff {log.cutoff}"
+        )
+    users = read_table(str(d.users), "users")
+    videos = read_table(str(d.videos), "videos")
+    _fit_entity(fitter, users, d.user_key, users_seen, "user", str(d.users))
+    _fit_entity(fitter, videos, d.video_key, videos_seen, "video", str(d.videos))
+    encoder = fitter.finish()
+    return (
+        encoder,
+        FeatureTable.build(users, d.user_key, encoder, "user", str(d.users)),
+        FeatureTable.build(videos, d.video_key, encoder, "video", str(d.videos)),
+    )

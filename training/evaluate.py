@@ -1,0 +1,140 @@
+"""Offline evaluation: every head's metrics on a split of the log, as a table and as JSON.
+
+Binary heads: AUC, GAUC (grouped by user), logloss, calibration error; regression heads: RMSE,
+MAE and XAUC in the served units (seconds for watch time, stars for rating), on the rows that
+count for the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ranker.config import Config
+from ranker.heads import head_prediction
+from ranker.metrics import binary_summary, regression_summary
+from ranker.model import RankingModel
+from training.data import BatchBuilder, ImpressionLog, Split
+
+
+@dataclass
+class Predictions:
+    """A split's served predictions and labels, as numpy arrays of equal length."""
+
+    preds: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    users: np.ndarray
+    requests: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@torch.inference_mode()
+def predict_split(
+    model: RankingModel,
+    builder: BatchBuilder,
+    log: ImpressionLog,
+    split: Split,
+    batch_size: int = 8192,
+    progress: bool = False,
+    device: str = "cpu",
+) -> Predictions:
+    was_training = model.training
+    model.eval()
+    tasks = builder.config.tasks
+    out: dict[str, list[np.ndarray]] = {}
+
+    def put(key: str, x: torch.Tensor) -> None:
+        out.setdefault(key, []).append(x.detach().cpu().numpy())
+
+    bar = tqdm(desc=f"predict {split}", unit=" rows", unit_scale=True, disable=not progress)
+    for f, rb in log.record_batches(split, columns=_columns(builder, log), batch_size=batch_size):
+        b = builder.build(rb, f)
+        raw = model(b.cat.to(device), b.num.to(device))
+        for t in tasks:
+            put(f"p:{t.name}", head_prediction(t, raw[t.name]).double())
+            put(f"y:{t.name}", b.labels[t.name])
+            put(f"m:{t.name}", b.masks[t.name])
+        put("users", b.users)
+        put("requests", b.requests)
+        for k, v in b.extra.items():
+            put(f"x:{k}", v)
+        bar.update(len(b))
+    bar.close()
+    model.train(was_training)
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    if not cat:
+        empty = np.zeros(0)
+        return Predictions(
+            {t.name: empty for t in tasks}, {t.name: empty for t in tasks},
+            {t.name: empty.astype(bool) for t in tasks}, empty.astype(np.int64), empty.astype(np.int64),
+        )
+    return Predictions(
+        preds={t.name: cat[f"p:{t.name}"] for t in tasks},
+        labels={t.name: cat[f"y:{t.name}"].astype(np.float64) for t in tasks},
+        masks={t.name: cat[f"m:{t.name}"] for t in tasks},
+        users=cat["users"],
+        requests=cat["requests"],
+        extra={k[2:]: v for k, v in cat.items() if k.startswith("x:")},
+    )
+
+
+def _columns(builder: BatchBuilder, log: ImpressionLog) -> list[str]:
+    have = set(log.dataset.schema.names)
+    return log.required_columns() + [c for c in builder.extra_columns if c in have]
+
+
+def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
+    """Metrics per head on the rows that count for it."""
+    result: dict[str, dict[str, float]] = {}
+    for t in config.tasks:
+        m = p.masks[t.name]
+        y, pred, users = p.labels[t.name][m], p.preds[t.name][m], p.users[m]
+        if len(y) == 0:
+            result[t.name] = {"count": 0.0}
+        elif t.kind == "binary":
+            result[t.name] = binary_summary(y, pred, users)
+        else:
+            result[t.name] = regression_summary(y, pred, users)
+    return result
+
+
+COLUMNS = ("count", "auc", "gauc", "logloss", "ece", "rmse", "mae", "xauc")
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A fixed-width table, one row per head; blank where a metric does not apply."""
+    head = f"{'head':<12}" + "".join(f"{c:>10}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for task, m in metrics.items():
+        cells = []
+        for c in COLUMNS:
+            v = m.get(c)
+            if v is None:
+                cells.append(f"{'':>10}")
+            elif c == "count":
+                cells.append(f"{int(v):>10d}")
+            else:
+                cells.append(f"{v:>10.4f}")
+        lines.append(f"{task:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def json_ready(obj: Any) -> Any:
+    """NaN/inf become None so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

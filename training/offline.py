@@ -1,0 +1,66 @@
+"""Jobs on finished models: evaluate an artifact on a log, export an artifact from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ranker.artifact import build_model, load_artifact, save_artifact
+from ranker.config import Config
+from ranker.errors import ArtifactError
+from ranker.features import FeatureEncoder
+from ranker.tables import FeatureTable
+from training.data import BatchBuilder, ImpressionLog, Split
+from training.evaluate import format_table, head_metrics, json_ready, predict_split
+
+
+def evaluate_artifact(
+    artifact_path: Path,
+    log: str | None = None,
+    split: Split = "validation",
+    progress: bool = True,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Per-head metrics of an exported model on a log, with the artifact's own encoder."""
+    artifact = load_artifact(artifact_path)
+    config = artifact.config
+    if log:
+        config = Config.model_validate(
+            config.model_dump() | {"data": config.data.model_dump() | {"log": Path(log)}}
+        )
+    d = config.data
+    impressions = ImpressionLog(config)
+    users = FeatureTable.from_parquet(d.users, d.user_key, artifact.encoder, "user")
+    videos = FeatureTable.from_parquet(d.videos, d.video_key, artifact.encoder, "video")
+    builder = BatchBuilder(config, artifact.encoder, users, videos)
+    preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
+    metrics = head_metrics(config, preds)
+    result = json_ready(
+        {"artifact": str(artifact.path), "version": artifact.version, "split": split,
+         "rows": len(preds), "heads": metrics}
+    )
+    print(f"{artifact.version} on {impressions.path} ({split}, {len(preds)} rows)")
+    print(format_table(metrics))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"metrics: {out}")
+    return result
+
+
+def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
+    """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"checkpoint {checkpoint} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise ArtifactError(f"checkpoint {checkpoint} is unreadable: {e}") from None
+    config = Config.model_validate_json(state["config"])
+    encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
+    model = build_model(config, encoder)
+    model.load_state_dict(state["model"])
+    return save_artifact(model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root)
