@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 import ranker
@@ -63,7 +62,11 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True,
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return f"{ranker.__version__}+g{sha}"
     except (OSError, subprocess.SubprocessError):
@@ -72,7 +75,9 @@ def code_version() -> str:
 
 def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
     """The model a config and a fitted encoder describe (the same call on both sides)."""
-    return RankingModel(encoder.cardinalities, len(encoder.numeric), config.task_names, config.model)
+    return RankingModel(
+        encoder.cardinalities, len(encoder.numeric), config.task_names, config.model
+    )
 
 
 def save_artifact(
@@ -157,7 +162,9 @@ def load_artifact(path: Path) -> Artifact:
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ArtifactError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise ArtifactError(
+                f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
     except ArtifactError:
         raise
     except Exception as e:  # noqa: BLE001 - any decode failure means a broken artifact
@@ -170,4 +177,3 @@ def load_artifact(path: Path) -> Artifact:
 
 def manifest_summary(artifact: Artifact) -> dict[str, Any]:
     return {k: artifact.manifest.get(k) for k in ("name", "version", "created", "code_version")}
-

@@ -15,7 +15,11 @@ from ranker.errors import RankerError
 
 def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.epochs=1 (TOML value syntax)",
     )
 
@@ -60,7 +64,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     config = load_config(a.config, a.overrides)
     result = train(config, progress=not a.quiet, export=not a.no_export)
-    print(f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)")
+    print(
+        f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)"
+    )
     print(format_table(result.metrics))
     if result.artifact:
         print(f"artifact: {result.artifact}")
@@ -112,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-requests", dest="n_requests", type=int)
     g.add_argument("--quiet", action="store_true")
     g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="any world setting, e.g. --set position_bias=0.5 (see docs/synthetic-world.md)",
     )
     g.set_defaults(func=cmd_generate)

@@ -149,7 +149,10 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        for what, names in (("features", [f.name for f in self.features]), ("tasks", self.task_names)):
+        for what, names in (
+            ("features", [f.name for f in self.features]),
+            ("tasks", self.task_names),
+        ):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what}: duplicate names {dup}")

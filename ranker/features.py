@@ -116,7 +116,9 @@ def _column(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, origin: str) ->
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if spec.kind == "numeric" and not (
-        pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)
+        pa.types.is_integer(col.type)
+        or pa.types.is_floating(col.type)
+        or pa.types.is_boolean(col.type)
     ):
         raise DataError(f"{origin}: numeric feature column {name!r} has type {col.type}")
     return col
@@ -162,7 +164,9 @@ class FeatureEncoder:
     def encode(self, table: pa.Table | pa.RecordBatch, source: Source, origin: str = "") -> Encoded:
         """Encodes one source's columns of ``table``: ``cat (n, C_s)``, ``num (n, N_s)``."""
         n = table.num_rows
-        cats = [self._encode_cat(_column(table, f, origin), f) for f in self.of(source, "categorical")]
+        cats = [
+            self._encode_cat(_column(table, f, origin), f) for f in self.of(source, "categorical")
+        ]
         nums = [
             self.stats[f.name].apply(_column(table, f, origin), f.transform)
             for f in self.of(source, "numeric")
@@ -319,7 +323,9 @@ class EncoderFitter:
                     x = np.log1p(np.maximum(x, 0.0))
                 self.moments[f.name].add(x)
 
-    def update_many(self, batches: Iterable[pa.RecordBatch], source: Source, origin: str = "") -> None:
+    def update_many(
+        self, batches: Iterable[pa.RecordBatch], source: Source, origin: str = ""
+    ) -> None:
         for b in batches:
             self.update(b, source, origin)
 

@@ -54,6 +54,15 @@ class RankingModel(nn.Module):
             {t: mlp(h, config.tower_hidden, 1, config.dropout) for t in tasks}
         )
 
+    @torch.no_grad()
+    def init_head_bias(self, bias: dict[str, float]) -> None:
+        """Starts each head at its base value (logit of the base rate, mean label), so early
+        steps learn structure instead of the label's offset."""
+        for t, b in bias.items():
+            last = self.towers[t][-1]
+            assert isinstance(last, nn.Linear)
+            last.bias.fill_(b)
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task's loss flows through (what gradient-based weighting balances)."""
         return [*self.embed.parameters(), *self.experts.parameters()]

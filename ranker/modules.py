@@ -59,7 +59,9 @@ class ExpertBank(nn.Module):
     start different and the gates have something to choose between.
     """
 
-    def __init__(self, num_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if num_experts < 1 or not hidden:
             raise ValueError("an expert bank needs >= 1 expert and >= 1 hidden layer")

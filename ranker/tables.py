@@ -46,7 +46,9 @@ class FeatureTable:
         cls, table: pa.Table, key: str, encoder: FeatureEncoder, source: Source, origin: str
     ) -> FeatureTable:
         if key not in table.schema.names:
-            raise DataError(f"{origin}: key column {key!r} is missing; columns are {table.schema.names}")
+            raise DataError(
+                f"{origin}: key column {key!r} is missing; columns are {table.schema.names}"
+            )
         ids = as_int64_ids(table.column(key), f"{origin} column {key!r}")
         # Duplicate keys: the last row wins (tables are appended to over time).
         order = np.argsort(ids, kind="stable")
@@ -55,7 +57,9 @@ class FeatureTable:
         order, sorted_ids = order[last], sorted_ids[last]
         enc = encoder.encode(table, source, origin).take(order)
         default = encoder.defaults(source)
-        rows = Encoded(np.concatenate([enc.cat, default.cat]), np.concatenate([enc.num, default.num]))
+        rows = Encoded(
+            np.concatenate([enc.cat, default.cat]), np.concatenate([enc.num, default.num])
+        )
         return cls(source, sorted_ids, rows)
 
     @classmethod

@@ -66,7 +66,9 @@ def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) ->
         else:
             vocab = encoder.vocabs[f.name]
             if value is None:
-                columns[f.source_column] = pa.array([None], type=pa.int64() if vocab.is_int else pa.string())
+                columns[f.source_column] = pa.array(
+                    [None], type=pa.int64() if vocab.is_int else pa.string()
+                )
             elif vocab.is_int:
                 if isinstance(value, str) or float(value) != int(value):
                     raise RequestError(f"context.{f.name}: must be an integer")
@@ -91,7 +93,11 @@ def score_rows(
     """One forward pass over all candidates: user and context rows broadcast to every video."""
     n = len(lookup.videos)
     rows = Encoded.concat_columns(
-        [lookup.user.take(np.zeros(n, np.int64)), lookup.videos, context.take(np.zeros(n, np.int64))]
+        [
+            lookup.user.take(np.zeros(n, np.int64)),
+            lookup.videos,
+            context.take(np.zeros(n, np.int64)),
+        ]
     )
     preds = model.predictor.predict(rows)
     return formula.score(preds), preds

@@ -16,8 +16,12 @@ class Settings(BaseSettings):
         description="an artifact version directory, or a directory whose newest version is served",
     )
     ranking_config: Path = Path("configs/ranking.toml")
-    users: Path | None = Field(default=None, description="users table; default: the artifact config's")
-    videos: Path | None = Field(default=None, description="videos table; default: the artifact config's")
+    users: Path | None = Field(
+        default=None, description="users table; default: the artifact config's"
+    )
+    videos: Path | None = Field(
+        default=None, description="videos table; default: the artifact config's"
+    )
     max_candidates: int = Field(default=2000, gt=0)
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads")
     host: str = "127.0.0.1"

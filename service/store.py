@@ -48,7 +48,11 @@ class InProcessStore:
 
     @classmethod
     def from_tables(
-        cls, config: Config, encoder: FeatureEncoder, users: Path | None = None, videos: Path | None = None
+        cls,
+        config: Config,
+        encoder: FeatureEncoder,
+        users: Path | None = None,
+        videos: Path | None = None,
     ) -> InProcessStore:
         d = config.data
         return cls(

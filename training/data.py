@@ -61,8 +61,13 @@ class Batch:
             return {k: v[idx] for k, v in d.items()}
 
         return Batch(
-            self.cat[idx], self.num[idx], tk(self.labels), tk(self.masks),
-            self.users[idx], self.requests[idx], tk(self.extra),
+            self.cat[idx],
+            self.num[idx],
+            tk(self.labels),
+            tk(self.masks),
+            self.users[idx],
+            self.requests[idx],
+            tk(self.extra),
         )
 
     @staticmethod
@@ -71,12 +76,17 @@ class Batch:
             return parts[0]
 
         def cc(key: str) -> dict[str, Tensor]:
-            return {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
+            return {
+                k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)
+            }
 
         return Batch(
-            torch.cat([p.cat for p in parts]), torch.cat([p.num for p in parts]),
-            cc("labels"), cc("masks"),
-            torch.cat([p.users for p in parts]), torch.cat([p.requests for p in parts]),
+            torch.cat([p.cat for p in parts]),
+            torch.cat([p.num for p in parts]),
+            cc("labels"),
+            cc("masks"),
+            torch.cat([p.users for p in parts]),
+            torch.cat([p.requests for p in parts]),
             cc("extra"),
         )
 
@@ -125,8 +135,12 @@ class ImpressionLog:
         schema = self.dataset.schema
         for t in self.config.tasks:
             typ = schema.field(t.label).type
-            if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
-                raise DataError(f"impression log {self.path}: label column {t.label!r} has type {typ}")
+            if not (
+                pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+            ):
+                raise DataError(
+                    f"impression log {self.path}: label column {t.label!r} has type {typ}"
+                )
         for key in (self.config.data.user_key, self.config.data.video_key):
             if not pa.types.is_integer(schema.field(key).type):
                 raise DataError(
@@ -207,7 +221,9 @@ class BatchBuilder:
         c = self.encoder.encode(rb, "context", origin)
         return Encoded.concat_columns([u, v, c]), uid, vid
 
-    def labels(self, rb: pa.RecordBatch, origin: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def labels(
+        self, rb: pa.RecordBatch, origin: str
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         labels: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
         for t in self.config.tasks:
@@ -217,11 +233,17 @@ class BatchBuilder:
             ok = np.isfinite(y)
             bad = ~ok & ~np.asarray(col.is_null(), dtype=bool)
             if bad.any():
-                raise DataError(f"{origin}: label column {t.label!r} has {int(bad.sum())} NaN/inf values")
+                raise DataError(
+                    f"{origin}: label column {t.label!r} has {int(bad.sum())} NaN/inf values"
+                )
             if t.kind == "binary" and ok.any() and not np.isin(y[ok], (0.0, 1.0)).all():
-                raise DataError(f"{origin}: binary label column {t.label!r} has values other than 0/1")
+                raise DataError(
+                    f"{origin}: binary label column {t.label!r} has values other than 0/1"
+                )
             if t.kind == "regression" and t.loss != "mse" and ok.any() and (y[ok] < 0).any():
-                raise DataError(f"{origin}: label column {t.label!r} has negative values for a log1p loss")
+                raise DataError(
+                    f"{origin}: label column {t.label!r} has negative values for a log1p loss"
+                )
             if t.only_where:
                 w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
                 ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
@@ -235,14 +257,21 @@ class BatchBuilder:
         req = as_int64_ids(rb.column(self.config.data.request_key), f"{origin} request ids").copy()
         extra = {
             c: torch.from_numpy(
-                pc.cast(rb.column(c), pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
+                pc.cast(rb.column(c), pa.float64())
+                .to_numpy(zero_copy_only=False)
+                .astype(np.float32)
             )
             for c in self.extra_columns
             if c in rb.schema.names
         }
         return Batch(
-            torch.from_numpy(enc.cat), torch.from_numpy(enc.num), labels, masks,
-            torch.from_numpy(uid.copy()), torch.from_numpy(req), extra,
+            torch.from_numpy(enc.cat),
+            torch.from_numpy(enc.num),
+            labels,
+            masks,
+            torch.from_numpy(uid.copy()),
+            torch.from_numpy(req),
+            extra,
         )
 
 

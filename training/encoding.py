@@ -8,13 +8,15 @@ an id seen only in validation stays in the unknown bucket (as it would in produc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ranker.config import Config, Source
+from ranker.config import Config, Source, TaskSpec
 from ranker.errors import DataError
 from ranker.features import EncoderFitter, FeatureEncoder, _Counts
 from ranker.tables import FeatureTable
@@ -34,7 +36,9 @@ def _fit_entity(
     fitter: EncoderFitter, table: pa.Table, key: str, seen: _Counts, source: Source, origin: str
 ) -> None:
     if key not in table.schema.names:
-        raise DataError(f"{origin}: key column {key!r} is missing; columns are {table.schema.names}")
+        raise DataError(
+            f"{origin}: key column {key!r} is missing; columns are {table.schema.names}"
+        )
     seen._reduce()
     if not seen.keys:
         return
@@ -50,21 +54,46 @@ def _fit_entity(
     fitter.update(table.take(pa.array(rows)), source, origin, weights=counts[pos[rows]])
 
 
-def fit_encoder(
-    config: Config, log: ImpressionLog, progress: bool = True
-) -> tuple[FeatureEncoder, FeatureTable, FeatureTable]:
-    """Returns the fitted encoder and the encoded users and videos tables."""
+@dataclass
+class Fitted:
+    encoder: FeatureEncoder
+    users: FeatureTable
+    videos: FeatureTable
+    head_bias: dict[str, float]  # per task: the best constant raw output on the training rows
+
+
+def _head_space(task: TaskSpec, y: np.ndarray) -> np.ndarray:
+    """Labels in the space of the head's raw output (what a constant prediction would be fit to)."""
+    return np.log1p(np.maximum(y, 0.0)) if task.loss in ("mse_log1p", "huber_log1p") else y
+
+
+def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fitted:
+    """Fits the encoder in one streamed pass over the training split, encodes the users and
+    videos tables, and measures each head's base value (so the heads start at it: a rating head
+    starting at 0 instead of ~3.5 stars would otherwise swamp the shared layers' first steps)."""
     d = config.data
     fitter = EncoderFitter(config.features)
     users_seen, videos_seen = _Counts(), _Counts()
     ctx_cols = [f.source_column for f in config.features if f.source == "context"]
-    cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols]))
+    label_cols = [c for t in config.tasks for c in (t.label, t.only_where) if c]
+    cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols, *label_cols]))
+    sums = dict.fromkeys(config.task_names, 0.0)
+    counts = dict.fromkeys(config.task_names, 0)
     rows = 0
     bar = tqdm(desc="fit encoder", unit=" rows", disable=not progress, unit_scale=True)
     for f, rb in log.record_batches("train", columns=cols, batch_size=1 << 18):
         fitter.update(rb, "context", f)
         users_seen.add(rb.column(d.user_key))
         videos_seen.add(rb.column(d.video_key))
+        for t in config.tasks:
+            y = pc.cast(rb.column(t.label), pa.float64()).to_numpy(zero_copy_only=False)
+            y = np.asarray(y, dtype=np.float64) * t.label_scale
+            ok = np.isfinite(y)
+            if t.only_where:
+                w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
+                ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
+            sums[t.name] += float(_head_space(t, y[ok]).sum())
+            counts[t.name] += int(ok.sum())
         rows += rb.num_rows
         bar.update(rb.num_rows)
     bar.close()
@@ -77,8 +106,16 @@ def fit_encoder(
     _fit_entity(fitter, users, d.user_key, users_seen, "user", str(d.users))
     _fit_entity(fitter, videos, d.video_key, videos_seen, "video", str(d.videos))
     encoder = fitter.finish()
-    return (
+    head_bias: dict[str, float] = {}
+    for t in config.tasks:
+        mean = sums[t.name] / counts[t.name] if counts[t.name] else 0.0
+        if t.kind == "binary":
+            mean = float(np.clip(mean, 1e-4, 1 - 1e-4))
+            mean = float(np.log(mean / (1 - mean)))
+        head_bias[t.name] = mean
+    return Fitted(
         encoder,
         FeatureTable.build(users, d.user_key, encoder, "user", str(d.users)),
         FeatureTable.build(videos, d.video_key, encoder, "video", str(d.videos)),
+        head_bias,
     )

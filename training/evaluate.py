@@ -73,8 +73,11 @@ def predict_split(
     if not cat:
         empty = np.zeros(0)
         return Predictions(
-            {t.name: empty for t in tasks}, {t.name: empty for t in tasks},
-            {t.name: empty.astype(bool) for t in tasks}, empty.astype(np.int64), empty.astype(np.int64),
+            {t.name: empty for t in tasks},
+            {t.name: empty for t in tasks},
+            {t.name: empty.astype(bool) for t in tasks},
+            empty.astype(np.int64),
+            empty.astype(np.int64),
         )
     return Predictions(
         preds={t.name: cat[f"p:{t.name}"] for t in tasks},

@@ -73,9 +73,12 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     device = torch.device(t.device)
 
     log = ImpressionLog(config)
-    encoder, users, videos = fit_encoder(config, log, progress)
+    fitted = fit_encoder(config, log, progress)
+    encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
     builder = BatchBuilder(config, encoder, users, videos)
-    model = build_model(config, encoder).to(device)
+    model = build_model(config, encoder)
+    model.init_head_bias(fitted.head_bias)
+    model = model.to(device)
     weighting = build_weighting(config.weighting, config.task_names).to(device)
     params = list(model.parameters()) + list(weighting.parameters())
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -100,14 +103,19 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
             for f, rb in log.record_batches("train", batch_size=t.batch_size, shuffle_files=rng)
         )
         bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step",
-            disable=not progress, mininterval=1.0,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{t.epochs}",
+            unit="step",
+            disable=not progress,
+            mininterval=1.0,
         )
         for batch in shuffled_batches(stream, t.batch_size, t.shuffle_buffer, gen):
             batch = batch.to(device)
             out = model.forward_detailed(batch.cat, batch.num)
             losses = {
-                task.name: head_loss(task, out.raw[task.name], batch.labels[task.name], batch.masks[task.name])
+                task.name: head_loss(
+                    task, out.raw[task.name], batch.labels[task.name], batch.masks[task.name]
+                )
                 for task in config.tasks
             }
             for name, value in losses.items():
@@ -116,7 +124,9 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
                         f"non-finite loss for task {name!r} at step {step} (epoch {epoch}): {value.item()}"
                     )
             optimizer.zero_grad(set_to_none=True)
-            weights = weighting.backward(losses, SharedPart(model.shared_parameters(), out.representation))
+            weights = weighting.backward(
+                losses, SharedPart(model.shared_parameters(), out.representation)
+            )
             optimizer.step()
             step += 1
             n_steps += 1
@@ -125,7 +135,12 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
             for k, v in loss_values.items():
                 sums[k] += v
             if step % 10 == 0 or n_steps == 1:
-                record: dict[str, Any] = {"step": step, "epoch": epoch, "losses": loss_values, "weights": weights}
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": epoch,
+                    "losses": loss_values,
+                    "weights": weights,
+                }
                 if out.gates is not None:
                     record["gates"] = out.gates.detach().mean(0).tolist()  # (T, E)
                 telemetry.write(record)
@@ -146,7 +161,12 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
         weighting.epoch_end(mean_losses)
         preds = predict_split(model, builder, log, "validation", device=str(device))
         metrics = head_metrics(config, preds)
-        entry = {"epoch": epoch, "train_loss": mean_losses, "validation": metrics, "rows": len(preds)}
+        entry = {
+            "epoch": epoch,
+            "train_loss": mean_losses,
+            "validation": metrics,
+            "rows": len(preds),
+        }
         history.append(entry)
         telemetry.write(entry)
         if progress:
@@ -167,7 +187,13 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     telemetry.close()
     model = model.cpu().eval()
     result = TrainResult(
-        config, model, encoder, users, videos, metrics, history,
+        config,
+        model,
+        encoder,
+        users,
+        videos,
+        metrics,
+        history,
         seconds=time.perf_counter() - started,
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
     )

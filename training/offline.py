@@ -39,8 +39,13 @@ def evaluate_artifact(
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
     result = json_ready(
-        {"artifact": str(artifact.path), "version": artifact.version, "split": split,
-         "rows": len(preds), "heads": metrics}
+        {
+            "artifact": str(artifact.path),
+            "version": artifact.version,
+            "split": split,
+            "rows": len(preds),
+            "heads": metrics,
+        }
     )
     print(f"{artifact.version} on {impressions.path} ({split}, {len(preds)} rows)")
     print(format_table(metrics))
@@ -63,4 +68,6 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
-    return save_artifact(model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root)
+    return save_artifact(
+        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root
+    )

@@ -35,7 +35,7 @@ WeightingConfig: Any = Annotated[Union[_CONFIGS], Field(discriminator="name")]  
 
 def build_weighting(config: WeightingConfigBase, tasks: list[str]) -> Weighting:
     """Instantiates the strategy a validated config names."""
-    name = getattr(config, "name")
+    name = config.name
     return registry()[name](tasks, config)
 
 

@@ -176,7 +176,9 @@ class GradientWeighting(Weighting):
             # gradient; the correction on the representation replaces the sum of task gradients
             # reaching the shared part by the chosen direction (the Jacobian is linear).
             correction = (direction - grads.sum(0)).view_as(rep)
-            torch.autograd.backward([stacked.sum(), rep], [torch.ones_like(stacked.sum()), correction])
+            torch.autograd.backward(
+                [stacked.sum(), rep], [torch.ones_like(stacked.sum()), correction]
+            )
         else:
             stacked.sum().backward()
             offset = 0

@@ -21,16 +21,22 @@ Choices where the paper leaves room or the interface forces one:
   strategy gets per step and cannot run the model, so the update is deferred to the next call:
   each :meth:`backward` first updates ``xi`` from the previous call's log-losses and the current
   ones, i.e. the losses at the updated parameters, measured on the next batch instead of the
-  same one (an unbiased but noisier estimate of the same loss change, without the extra forward),
-  then computes this step's weights from the updated ``xi``. On a full-batch problem this is
-  exactly Algorithm 1. The first call has no previous losses and skips the update.
+  same one (noisier, as batch-to-batch variation adds to the measured change, but with no extra
+  forward pass), then computes this step's weights from the updated ``xi``: as in the official
+  loop, step ``t`` uses logits updated from every loss change up to ``t``. On a full-batch
+  problem this is exactly Algorithm 1.
 * The logits optimizer: ``adam`` (default, as the official code: ``torch.optim.Adam`` with
   ``lr=xi_lr``, ``weight_decay=gamma``, betas (0.9, 0.999)), or ``sgd``, Algorithm 1's plain step.
   ``xi`` and the Adam moments are buffers, not parameters, so the trainer's optimizer does not
   touch them and ``state_dict()`` carries them for a resume.
-* Positivity: FAMO needs ``L_t > 0``. Losses are floored at ``eps`` (``max(L_t, eps)``) both in
-  the objective and in the logits update (the official code adds ``1e-8`` instead); a task whose
-  loss is below ``eps`` gets no gradient that step.
+* Positivity: FAMO needs ``L_t > 0``. Losses are floored at ``eps`` (``max(L_t, eps)``; the
+  official code adds ``1e-8`` instead). A task at or below the floor gets no gradient that step
+  (the floor is flat) and is left out of the normaliser ``c``: otherwise its ``z_t / eps`` term
+  would shrink every other task's step to nothing. This matters here because a head with no
+  labelled row in the batch (e.g. no rating) has a loss of exactly 0 (``ranker.heads.head_loss``).
+  The logits are not updated from, nor referenced to, a step with a loss at the floor or
+  non-finite: its log-loss change (``log L - log eps``) would be spurious. The first call has no
+  previous losses and skips the update.
 * Gradient clipping (``max_norm`` in the official code) is the trainer's business, not done here.
 """
 
@@ -82,16 +88,18 @@ class FAMO(Weighting):
         floored = stacked.clamp_min(self.config.eps)
         log_losses = floored.log()
         current = log_losses.detach().to(self.xi)
-        finite = bool(torch.isfinite(current).all())
-        if finite and bool(self.has_prev):
+        above = stacked.detach().to(self.xi) > self.config.eps
+        valid = bool((torch.isfinite(current) & above).all())
+        if valid and bool(self.has_prev):
             self.update(self.prev_log_losses - current)
 
         z = torch.softmax(self.xi, dim=0)
-        inv = z / floored.detach().to(z)  # z_t / max(L_t, eps)
-        c = 1.0 / inv.sum()
+        # z_t / max(L_t, eps), leaving out tasks at the floor (see the module docstring)
+        inv = torch.where(above, z / floored.detach().to(z), torch.zeros_like(z))
+        c = 1.0 / inv.sum().clamp_min(torch.finfo(z.dtype).tiny)
         (c * z).to(log_losses).mul(log_losses).sum().backward()
 
-        if finite:  # a non-finite step must not poison the next logits update
+        if valid:  # only a step with every loss usable becomes the next update's reference
             with torch.no_grad():
                 self.prev_log_losses.copy_(current)
                 self.has_prev.fill_(True)

@@ -33,6 +33,14 @@ Choices where the paper leaves room or the interface forces one:
   step cannot make a weight zero or negative.
 * ``L_t(0)`` is the loss of the first step this strategy sees (kept in a buffer, so a resumed run
   keeps its reference), floored at ``eps``.
+* A loss of exactly 0 means "no labelled row in this batch" here (``ranker.heads.head_loss``
+  returns 0 for an empty mask, e.g. a batch without ratings). Such a task is left out of that
+  step's GradNorm loss, of ``G_avg`` and of the mean of ``Ltilde`` (it has no gradient and no
+  training rate to balance), its weight is unchanged by ``L_grad``, and ``L_t(0)`` is taken from
+  the first step where the task's loss is positive.
+* The weights learn at the trainer's learning rate (the paper uses one optimizer for both).
+  ``grad_w L_grad`` has the size of the task gradient norms, so with plain SGD the weights' step
+  scales with them and can oscillate; an Adam-type optimizer (scale-free) is the safer choice.
 """
 
 from __future__ import annotations
@@ -75,7 +83,7 @@ class GradNorm(Weighting):
         n = len(self.tasks)
         self.loss_weights = nn.Parameter(torch.ones(n))
         self.register_buffer("initial_losses", torch.ones(n))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialised", torch.zeros(n, dtype=torch.bool))
 
     @torch.no_grad()
     def renormalise(self) -> None:
@@ -88,17 +96,22 @@ class GradNorm(Weighting):
         stacked = self.stack(losses)
         self.renormalise()  # the previous optimizer step's update of the weights
         detached = stacked.detach().to(self.initial_losses)
+        present = detached > 0  # see the module docstring: a loss of exactly 0 is "no labels"
         with torch.no_grad():
-            self.initial_losses.copy_(torch.where(self.initialised, self.initial_losses, detached))
-            self.initialised.fill_(True)
+            first = present & ~self.initialised
+            self.initial_losses.copy_(torch.where(first, detached, self.initial_losses))
+            self.initialised.logical_or_(present)
+        active = present.to(detached)
+        n_active = active.sum().clamp_min(1.0)
 
         norms = self._task_gradient_norms(stacked, shared).to(self.loss_weights)
         w = self.loss_weights
         g = w * norms  # G_t = ||grad_W (w_t L_t)||, differentiable in w only
-        ratio = detached / self.initial_losses.clamp_min(self.config.eps)
-        r = ratio / ratio.mean().clamp_min(self.config.eps)
-        target = (g.mean() * r.pow(self.config.alpha)).detach()
-        gradnorm_loss = (g - target).abs().sum()
+        ratio = active * detached / self.initial_losses.clamp_min(self.config.eps)
+        r = ratio / ((ratio.sum() / n_active).clamp_min(self.config.eps))
+        g_avg = (g * active).sum() / n_active
+        target = (g_avg * r.pow(self.config.alpha)).detach()
+        gradnorm_loss = ((g - target).abs() * active).sum()
         (w_grad,) = torch.autograd.grad(gradnorm_loss, w)
 
         used = w.detach().clone()

@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ranker.config import Config, load_config
+from ranker.errors import DataError
+from tests.conftest import DEFAULT_CONFIG, ROOT, tiny_overrides
+from training.data import ImpressionLog
+from training.loop import train
+from training.offline import evaluate_artifact, export_checkpoint
+
+
+def test_training_learns_something_and_exports(tiny_trained) -> None:  # noqa: ANN001
+    m = tiny_trained.metrics
+    assert set(m) == {"click", "watch_time", "like", "rating"}
+    assert m["click"]["auc"] > 0.6  # position-confounded clicks on a tiny world: far above chance
+    assert m["rating"]["count"] < m["click"]["count"]  # rating is masked to rated rows
+    log = (Path(tiny_trained.config.training.run_dir) / "train_log.jsonl").read_text().splitlines()
+    first = json.loads(log[0])
+    assert set(first["weights"]) == set(m) and set(first["losses"]) == set(m)
+
+
+def test_split_is_by_time(tiny_config: Config) -> None:
+    log = ImpressionLog(tiny_config)
+    t = pq.read_table(tiny_config.data.log, columns=["timestamp"]).column(0).to_numpy()
+    lo, hi = t.min(), t.max()
+    assert log.cutoff == pytest.approx(lo + 0.85 * (hi - lo))
+    n_val = log.dataset.count_rows(filter=log.filter("validation"))
+    assert n_val == int((t >= log.cutoff).sum()) > 0
+
+
+def test_evaluate_artifact_matches_training_validation(tiny_trained, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "m.json"
+    res = evaluate_artifact(tiny_trained.artifact, progress=False, out=str(out))
+    assert res["heads"]["click"]["auc"] == pytest.approx(
+        tiny_trained.metrics["click"]["auc"], abs=1e-6
+    )
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+
+
+def test_export_from_checkpoint(tiny_trained, tmp_path: Path) -> None:  # noqa: ANN001
+    path = export_checkpoint(Path(tiny_trained.config.training.run_dir) / "checkpoint.pt", tmp_path)
+    assert (path / "manifest.json").is_file()
+
+
+def test_missing_label_column_names_column_and_file(tiny_world: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.mkdir()
+    t = pq.read_table(tiny_world / "log").drop(["like"])
+    pq.write_table(t, log / "part.parquet")
+    cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), f'data.log="{log}"'])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['like'\]"):
+        train(cfg, progress=False, export=False)
+
+
+def test_out_of_range_binary_label_names_column_and_file(tiny_world: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.mkdir()
+    t = pq.read_table(tiny_world / "log")
+    clicks = t.column("click").to_numpy().copy()
+    clicks[0] = 3
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array(clicks))
+    pq.write_table(t, log / "part.parquet")
+    cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), f'data.log="{log}"'])
+    with pytest.raises(DataError, match=r"part.parquet: binary label column 'click'"):
+        train(cfg, progress=False, export=False)
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text(DEFAULT_CONFIG.read_text().replace("[model]", "[modle]"))
+    r = subprocess.run(
+        [sys.executable, "-m", "ranker", "train", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "modle: unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_subcommand_has_help() -> None:
+    for sub in ("generate", "train", "evaluate", "export", "serve"):
+        r = subprocess.run(
+            [sys.executable, "-m", "ranker", sub, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0 and "usage: ranker" in r.stdout
