@@ -53,8 +53,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise RankerError(f"invalid world settings: {e}") from None
     t0 = time.perf_counter()
     summary = generate(cfg, Path(a.out), progress=not a.quiet)
-    print(f"wrote {a.out} in {time.perf_counter() - t0:.1f}s")
-    print(summary.model_dump_json(indent=2) if hasattr(summary, "model_dump_json") else summary)
+    print(
+        f"wrote {a.out} in {time.perf_counter() - t0:.1f}s: {summary.n_rows:,} impressions in "
+        f"{len(summary.log_files)} files, {summary.n_users:,} users, {summary.n_videos:,} videos; "
+        f"click rate {summary.click_rate:.3f}, likes per click {summary.like_per_click:.3f}, "
+        f"ratings per click {summary.rating_per_click:.3f} (details: {a.out}/world.json)"
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> None:

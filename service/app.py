@@ -36,6 +36,14 @@ class ServingState:
     formula: RankingFormula
 
 
+def serving_state(request: Request) -> ServingState:
+    """The state current when the request arrived; the request keeps it to the end."""
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(serving_state)]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -81,11 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for e in exc.errors()
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
-
-    def serving_state(request: Request) -> ServingState:
-        return request.app.state.serving
-
-    State = Annotated[ServingState, Depends(serving_state)]
 
     @app.post("/v1/rank", response_model=RankResponse, response_class=ORJSONResponse)
     async def rank_endpoint(body: RankRequest, state: State) -> ORJSONResponse:

@@ -24,6 +24,12 @@ Choices where the paper leaves room:
   ``none`` is the direction the min-norm point of the raw gradients.
 * Line search: the paper's Algorithm 1 returns exactly 0 or 1 at the segment's ends; the official
   code clips to 0.001 / 0.999. We follow the paper.
+* Solver accuracy: plain Frank-Wolfe (Algorithm 2) converges as O(1/k) when the min-norm point
+  lies on a face of the simplex (common with 3+ tasks): after the official 250 iterations
+  ``||d||^2`` can still be ~0.3% of ``max_t ||g_t||^2`` above the minimum. By default
+  (``away_steps``) an iteration may also step *away* from the worst vertex in use, the standard
+  Frank-Wolfe variant with a linear rate; it solves the same problem to ~1e-10 in the same
+  budget. ``away_steps = false`` gives the paper's plain iteration.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class MgdaConfig(GradientConfigBase):
     tol: float = Field(
         1e-5, gt=0, description="stop when an iteration moves alpha by less (L1; official: 1e-5)"
     )
+    away_steps: bool = Field(
+        True, description="Frank-Wolfe with away steps (linear rate); false: the paper's plain FW"
+    )
 
 
 def line_solver(v1v1: float, v1v2: float, v2v2: float) -> float:
@@ -61,10 +70,18 @@ def line_solver(v1v1: float, v1v2: float, v2v2: float) -> float:
     return (v2v2 - v1v2) / (v1v1 + v2v2 - 2.0 * v1v2)
 
 
-def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-5) -> Tensor:
+def min_norm_weights(
+    gram: Tensor, max_iter: int = 250, tol: float = 1e-5, away_steps: bool = True
+) -> Tensor:
     """Simplex weights of the min-norm point of the convex hull of vectors with Gram ``gram``.
 
-    Frank-Wolfe as in the paper's Algorithm 2 (float64 Gram ``(T, T)`` in, ``(T,)`` out).
+    Frank-Wolfe from the uniform point as in the paper's Algorithm 2 (float64 Gram ``(T, T)`` in,
+    ``(T,)`` out), each toward-vertex line search solved by Algorithm 1. Plain Frank-Wolfe
+    (``away_steps=False``) converges as O(1/k) when the min-norm point lies on a face of the
+    simplex (it keeps a vanishing weight on the vertices off the face); with ``away_steps`` an
+    iteration may instead move away from the worst vertex in use (Guelat & Marcotte 1986,
+    Lacoste-Julien & Jaggi 2015), which converges linearly to the same point.
+    Stops when an iteration moves ``alpha`` by less than ``tol`` (L1), or the duality gap is 0.
     """
     n = gram.shape[0]
     if n == 1:
@@ -74,12 +91,33 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-5) -> Te
         return torch.tensor([gamma, 1.0 - gamma], dtype=gram.dtype)
     alpha = torch.full((n,), 1.0 / n, dtype=gram.dtype)
     for _ in range(max_iter):
-        m_alpha = gram @ alpha
+        m_alpha = gram @ alpha  # <g_r, x> for every vertex r, x = sum_r alpha_r g_r
+        xx = float(alpha @ m_alpha)
         t = int(torch.argmin(m_alpha))
-        # x1 = g_t (the Frank-Wolfe vertex), x2 = the current point sum_r alpha_r g_r.
-        gamma = line_solver(float(gram[t, t]), float(m_alpha[t]), float(alpha @ m_alpha))
-        new = (1.0 - gamma) * alpha
-        new[t] += gamma
+        fw_gap = xx - float(m_alpha[t])
+        away_gap = -1.0
+        if away_steps:
+            used = alpha > 0
+            v = int(torch.argmax(torch.where(used, m_alpha, torch.full_like(m_alpha, -torch.inf))))
+            away_gap = float(m_alpha[v]) - xx
+        if max(fw_gap, away_gap) <= 0.0:
+            break  # x is the min-norm point: no vertex direction decreases ||x||
+        if fw_gap >= away_gap:
+            # Toward g_t: x1 = g_t, x2 = x, new x = gamma g_t + (1 - gamma) x.
+            gamma = line_solver(float(gram[t, t]), float(m_alpha[t]), xx)
+            new = (1.0 - gamma) * alpha
+            new[t] += gamma
+        else:
+            # Away from g_v: new x = x + gamma (x - g_v), gamma in [0, alpha_v / (1 - alpha_v)].
+            a_v = float(alpha[v])
+            dist2 = xx - 2.0 * float(m_alpha[v]) + float(gram[v, v])
+            gamma_max = a_v / (1.0 - a_v) if a_v < 1.0 else 0.0
+            gamma = min(max((float(m_alpha[v]) - xx) / dist2, 0.0), gamma_max) if dist2 > 0 else 0.0
+            new = (1.0 + gamma) * alpha
+            new[v] -= gamma
+            if gamma == gamma_max:
+                new[v] = 0.0  # a drop step: g_v leaves the active set exactly
+            new = new.clamp_min(0.0)
         change = float((new - alpha).abs().sum())
         alpha = new
         if change < tol:
@@ -110,7 +148,8 @@ class Mgda(GradientWeighting):
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         g = grads.double() / self.normalizers(grads, losses)[:, None]
-        alpha = min_norm_weights((g @ g.T).cpu(), self.config.max_iter, self.config.tol)
+        cfg = self.config
+        alpha = min_norm_weights((g @ g.T).cpu(), cfg.max_iter, cfg.tol, cfg.away_steps)
         alpha = alpha.to(grads.device)
         direction = (alpha[:, None] * grads.double()).sum(0)
         return direction.to(grads.dtype), alpha.to(grads.dtype)

@@ -1,0 +1,173 @@
+"""Nash-MTL: multi-task learning as a bargaining game.
+
+Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
+Bargaining Game", ICML 2022 (https://arxiv.org/abs/2202.01017; official code
+https://github.com/AvivNavon/nash-mtl).
+
+The Nash bargaining solution for the update is ``d = sum_t alpha_t g_t`` with ``alpha > 0``
+solving the bargaining equations ``(G G^T alpha)_t = 1 / alpha_t`` for every task ``t``
+(the paper's Claim 3.1). The paper (and its cvxpy code) reaches them through a sequence of convex
+approximations. cvxpy is not available here, so we use that these equations are exactly the
+stationarity conditions of the strictly convex function
+
+    f(alpha) = 1/2 alpha^T (G G^T) alpha - sum_t log(alpha_t),   alpha > 0,
+
+(``grad f = G G^T alpha - 1/alpha``), whose unique minimiser is therefore the bargaining
+solution. It is minimised with ``scipy.optimize.minimize`` (``trust-exact``, analytic Hessian) in
+``x = log(alpha)``, which keeps ``alpha > 0`` without bounds; the stopping test is the residual
+``max_t |alpha_t (G G^T alpha)_t - 1|`` itself. The solution exists when 0 is not in the convex
+hull of the gradients (not Pareto stationary); for the stationary case a tiny ridge on ``G G^T``
+keeps it finite. As in the official code the Gram matrix is divided by its Frobenius norm for
+conditioning and the previous ``alpha`` warm-starts the solve.
+
+Scale: the paper's ``alpha`` (returned by default) makes ``||d||^2 = alpha^T G G^T alpha = T``
+whatever the gradients' size (the paper's scale invariance). The official code instead uses the
+solution for the *normalised* Gram matrix, i.e. ``alpha * ||G G^T||_F^(1/2)``, which shrinks
+with the gradients; ``official_scale = true`` reproduces that.
+
+Options from the paper's code: ``update_weights_every`` (solve every k-th step; the steps between
+reuse the last ``alpha`` and cost one extra backward instead of one per task) and ``max_norm``
+(after the backward, clip the total gradient norm of the shared parameters, as the official code
+does with ``clip_grad_norm_``; 0 disables). Both modes clip the shared *parameters'* gradient. As
+everywhere in this package, task-specific parameters get their own task's plain gradient (the
+official code's weighted-loss backward scales them by ``alpha_t``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy.optimize import minimize
+from torch import Tensor
+
+from ranker.weighting.base import GradientConfigBase, GradientWeighting, SharedPart, register
+
+
+class NashMtlConfig(GradientConfigBase):
+    name: Literal["nash_mtl"] = "nash_mtl"
+    update_weights_every: int = Field(1, ge=1, description="solve for alpha every k-th step")
+    max_norm: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="clip the shared gradient norm (0: off)"
+    )
+    max_iter: int = Field(100, ge=1, description="solver iterations at most")
+    tol: float = Field(1e-8, gt=0, lt=1, description="max |alpha_t (G G^T alpha)_t - 1| accepted")
+    official_scale: bool = Field(
+        False, description="return alpha for the Frobenius-normalised Gram (official code's scale)"
+    )
+
+
+def bargaining_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
+    """``max_t |alpha_t (gram alpha)_t - 1|``: 0 exactly at the bargaining solution."""
+    return float(np.max(np.abs(alpha * (gram @ alpha) - 1.0)))
+
+
+def solve_bargaining(
+    gram: np.ndarray, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-8
+) -> np.ndarray:
+    """``alpha > 0`` with ``gram @ alpha = 1 / alpha`` for a PSD ``gram (T, T)``, float64."""
+    n = gram.shape[0]
+    x0 = np.log(start) if start is not None and np.all(start > 0) else np.zeros(n)
+    best = np.exp(x0)
+    best_res = bargaining_residual(gram, best)
+    for ridge in (0.0, 1e-8, 1e-6):
+        m = gram + ridge * np.eye(n)
+
+        def fun(x: np.ndarray, m: np.ndarray = m) -> float:
+            a = np.exp(x)
+            return float(0.5 * a @ m @ a - x.sum())
+
+        def jac(x: np.ndarray, m: np.ndarray = m) -> np.ndarray:
+            a = np.exp(x)
+            return a * (m @ a) - 1.0
+
+        def hess(x: np.ndarray, m: np.ndarray = m) -> np.ndarray:
+            a = np.exp(x)
+            return np.diag(a * (m @ a)) + a[:, None] * m * a[None, :]
+
+        res = minimize(
+            fun, x0, jac=jac, hess=hess, method="trust-exact",
+            options={"gtol": tol * 1e-2, "maxiter": max_iter},
+        )  # fmt: skip
+        alpha = np.exp(res.x)
+        if not np.all(np.isfinite(alpha)):
+            continue
+        r = bargaining_residual(gram, alpha)
+        if r < best_res:
+            best, best_res = alpha, r
+        if r <= tol:
+            break
+    return best
+
+
+@register("nash_mtl")
+class NashMtl(GradientWeighting):
+    """The Nash bargaining update ``sum_t alpha_t g_t`` with ``alpha_t (G G^T alpha)_t = 1``."""
+
+    config_class = NashMtlConfig
+    config: NashMtlConfig
+
+    def __init__(self, tasks: list[str], config: NashMtlConfig) -> None:
+        super().__init__(tasks, config)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # The last solution (returned scale), used between solves and to warm-start the next.
+        self.register_buffer("alpha", torch.ones(len(self.tasks), dtype=torch.float64))
+
+    def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        g = grads.double()
+        gram = (g @ g.T).cpu().numpy()
+        norm = float(np.linalg.norm(gram))
+        if not norm > 0 or not math.isfinite(norm):
+            # Every gradient is zero: any weights give d = 0; keep the last ones.
+            alpha = self.alpha.cpu().numpy()
+        else:
+            # Solve for the normalised Gram, gram / norm: its solution is alpha * sqrt(norm).
+            prev = self.alpha.cpu().numpy()
+            start = prev if self.config.official_scale else prev * math.sqrt(norm)
+            a_hat = solve_bargaining(gram / norm, start, self.config.max_iter, self.config.tol)
+            alpha = a_hat if self.config.official_scale else a_hat / math.sqrt(norm)
+        self.alpha.copy_(torch.from_numpy(np.asarray(alpha, dtype=np.float64)))
+        a = self.alpha.to(g.device)
+        direction = (a[:, None] * g).sum(0)
+        return direction.to(grads.dtype), a.to(grads.dtype)
+
+    def backward(self, losses: dict[str, Tensor], shared: SharedPart) -> dict[str, float]:
+        solve = int(self.step) % self.config.update_weights_every == 0
+        self.step += 1
+        if solve:
+            weights = super().backward(losses, shared)
+        else:
+            weights = self._backward_fixed(self.stack(losses), shared)
+        if self.config.max_norm > 0:
+            params = [p for p in shared.params if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_norm)
+        return weights
+
+    def _backward_fixed(self, stacked: Tensor, shared: SharedPart) -> dict[str, float]:
+        """The base class's update with the last ``alpha`` instead of a new solve: shared part
+        gets ``sum_t alpha_t g_t``, task-specific parameters their own task's gradient; one extra
+        backward of ``sum_t (alpha_t - 1) L_t`` replaces the per-task ones."""
+        alpha = self.alpha.to(stacked)
+        use_rep = self.config.mode == "representation" and shared.representation is not None
+        if use_rep:
+            rep = shared.representation
+            assert rep is not None
+            (corr,) = torch.autograd.grad(
+                ((alpha - 1.0) * stacked).sum(), [rep], retain_graph=True, allow_unused=True
+            )
+            corr = torch.zeros_like(rep) if corr is None else corr
+            total = stacked.sum()
+            torch.autograd.backward([total, rep], [torch.ones_like(total), corr])
+        else:
+            params = list(shared.params)
+            gs = torch.autograd.grad(
+                (alpha * stacked).sum(), params, retain_graph=True, allow_unused=True
+            )
+            stacked.sum().backward()
+            for p, gp in zip(params, gs, strict=True):
+                p.grad = torch.zeros_like(p) if gp is None else gp.clone()
+        return dict(zip(self.tasks, alpha.detach().tolist(), strict=True))

@@ -1,0 +1,87 @@
+"""PCGrad: gradient surgery by projecting conflicting gradients.
+
+Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task Learning", NeurIPS 2020
+(https://arxiv.org/abs/2001.06782).
+
+The paper's Algorithm 1: for every task ``i``, start from ``g_i^PC = g_i`` and visit the other
+tasks ``j`` in a uniformly random order; whenever ``<g_i^PC, g_j> < 0`` (the gradients conflict),
+project ``g_i^PC`` onto the normal plane of ``g_j``:
+``g_i^PC <- g_i^PC - <g_i^PC, g_j> / ||g_j||^2 * g_j``. Projections are always against the
+*original* ``g_j``. The shared update is the sum ``sum_i g_i^PC`` (the paper's Algorithm 1; some
+re-implementations average instead).
+
+Randomness is seeded: step ``k`` draws its orders from ``numpy.random.default_rng([seed, k])``, and
+``k`` is a buffer, so a resumed run draws the same orders as an uninterrupted one. Every
+projection subtracts a multiple of an original gradient, so the update is exactly
+``sum_t w_t g_t``; those ``w_t`` are the returned weights (all 1 when nothing conflicts).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+
+
+class PcgradConfig(GradientConfigBase):
+    name: Literal["pcgrad"] = "pcgrad"
+    seed: int = Field(0, ge=0, description="seed of the random projection orders")
+
+
+def project_conflicting(grads: Tensor, orders: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Applies PCGrad's projections.
+
+    Args:
+        grads: task gradients ``(T, N)``.
+        orders: for each task ``i``, the other tasks in the order ``g_i`` is projected against.
+
+    Returns:
+        ``(projected (T, N), coef (T, T))`` with ``projected = coef @ grads``.
+    """
+    g = grads.double()
+    sq = (g * g).sum(1)
+    n = g.shape[0]
+    coef = torch.eye(n, dtype=torch.float64, device=g.device)
+    out = g.clone()
+    for i, order in enumerate(orders):
+        gi = out[i]
+        for j in order:
+            if j == i or sq[j] <= 0:
+                continue
+            dot = gi @ g[j]
+            if dot < 0:
+                c = dot / sq[j]
+                gi = gi - c * g[j]
+                coef[i, j] -= c
+        out[i] = gi
+    return out.to(grads.dtype), coef
+
+
+@register("pcgrad")
+class Pcgrad(GradientWeighting):
+    """Sum of the task gradients after projecting out their pairwise conflicts."""
+
+    config_class = PcgradConfig
+    config: PcgradConfig
+
+    def __init__(self, tasks: list[str], config: PcgradConfig) -> None:
+        super().__init__(tasks, config)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def orders(self, n: int) -> list[list[int]]:
+        """This step's random visiting order of the other tasks, one list per task."""
+        rng = np.random.default_rng([self.config.seed, int(self.step)])
+        return [
+            [int(j) for j in rng.permutation([k for k in range(n) if k != i])] for i in range(n)
+        ]
+
+    def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        orders = self.orders(grads.shape[0])
+        self.step += 1
+        projected, coef = project_conflicting(grads, orders)
+        return projected.sum(0), coef.sum(0).to(grads)
