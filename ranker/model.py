@@ -32,10 +32,17 @@ class RankingModel(nn.Module):
     num_numeric: number of numeric input columns.
     tasks: head names, in output order.
     config: architecture and sizes.
+    output_dims: raw outputs per head (default 1, returned as ``(B,)``; more as ``(B, K)``, e.g.
+        the cumulative logits of an ordinal head).
     """
 
     def __init__(
-        self, cardinalities: list[int], num_numeric: int, tasks: list[str], config: ModelConfig
+        self,
+        cardinalities: list[int],
+        num_numeric: int,
+        tasks: list[str],
+        config: ModelConfig,
+        output_dims: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -50,8 +57,10 @@ class RankingModel(nn.Module):
         self.n_gates = n_gates
         self.gate = nn.Linear(d_in, n_gates * n_experts) if n_gates else None
         h = self.experts.out_dim
+        dims = {t: 1 for t in tasks} | (output_dims or {})
+        self.output_dims = {t: dims[t] for t in tasks}
         self.towers = nn.ModuleDict(
-            {t: mlp(h, config.tower_hidden, 1, config.dropout) for t in tasks}
+            {t: mlp(h, config.tower_hidden, dims[t], config.dropout) for t in tasks}
         )
 
     @torch.no_grad()
@@ -79,8 +88,12 @@ class RankingModel(nn.Module):
             if self.n_gates == 1:
                 gates = gates.expand(-1, len(self.tasks), -1)
                 mixed = mixed.expand(-1, len(self.tasks), -1)
-        raw = {t: self.towers[t](mixed[:, i]).squeeze(-1) for i, t in enumerate(self.tasks)}
+        raw = {t: self._head(t, mixed[:, i]) for i, t in enumerate(self.tasks)}
         return ModelOutput(raw, rep, gates)
+
+    def _head(self, task: str, x: Tensor) -> Tensor:
+        out = self.towers[task](x)  # (B, K)
+        return out.squeeze(-1) if self.output_dims[task] == 1 else out
 
     def forward(self, cat: Tensor, num: Tensor) -> dict[str, Tensor]:
         """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw output ``(B,)`` per task."""

@@ -116,7 +116,5 @@ def test_parameters_mode_gives_the_shared_params_d_itself() -> None:
     n = sum(p.numel() for p in shared)
     d = torch.randn(n, generator=torch.Generator().manual_seed(3))
     rep, losses = model.losses(x, y)
-    Fixed(TASKS, GradientConfigBase(mode="parameters"), d).backward(
-        losses, SharedPart(shared, rep)
-    )
+    Fixed(TASKS, GradientConfigBase(mode="parameters"), d).backward(losses, SharedPart(shared, rep))
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), d)

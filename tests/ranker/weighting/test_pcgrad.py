@@ -30,7 +30,9 @@ def test_two_tasks_closed_form() -> None:
     # Each projected gradient is orthogonal to the other original one: no conflict left.
     projected, _ = project_conflicting(torch.stack([g1, g2]), [[1], [0]])
     assert abs(float(projected[0] @ g2)) < EPS and abs(float(projected[1] @ g1)) < EPS
-    torch.testing.assert_close(w, torch.tensor([1 - (g2 @ g1) / (g1 @ g1), 1 - (g1 @ g2) / (g2 @ g2)]))
+    torch.testing.assert_close(
+        w, torch.tensor([1 - (g2 @ g1) / (g1 @ g1), 1 - (g1 @ g2) / (g2 @ g2)])
+    )
 
 
 def test_non_conflicting_gradients_are_left_unchanged() -> None:
@@ -55,8 +57,7 @@ def test_no_conflict_with_the_gradient_last_projected_against(seed: int) -> None
     gen = torch.Generator().manual_seed(seed)
     t = 2 + seed % 3
     g = torch.randn(t, 6, generator=gen, dtype=torch.float64)
-    weighting = Pcgrad(TASKS + ["share"], PcgradConfig(seed=seed)) if t == 4 else None
-    weighting = weighting or Pcgrad(TASKS[:t], PcgradConfig(seed=seed))
+    weighting = Pcgrad([f"task{i}" for i in range(t)], PcgradConfig(seed=seed))
     orders = weighting.orders(t)
     projected, coef = project_conflicting(g, orders)
     scale = float((g * g).sum(1).max())
@@ -79,23 +80,18 @@ def test_no_conflict_with_the_gradient_last_projected_against(seed: int) -> None
 def test_seeded_and_resumable() -> None:
     g = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a, b = Pcgrad(TASKS, PcgradConfig(seed=7)), Pcgrad(TASKS, PcgradConfig(seed=7))
-    assert [a.orders(3) for _ in range(1)] == [b.orders(3)]
+    assert a.orders(3) == b.orders(3)
     a.combine(g, torch.ones(3))
     a.combine(g, torch.ones(3))
     resumed = Pcgrad(TASKS, PcgradConfig(seed=7))
     resumed.load_state_dict(a.state_dict())
     assert int(resumed.step) == 2 and resumed.orders(3) == a.orders(3)
-    # Over many steps the orders differ (they are random), and differ across seeds.
+    # Over many steps the orders differ (they are random).
     seen = set()
     for _ in range(20):
         seen.add(tuple(map(tuple, b.orders(3))))
         b.combine(g, torch.ones(3))
     assert len(seen) > 1
-    assert Pcgrad(TASKS, PcgradConfig(seed=1)).orders(3) != Pcgrad(
-        TASKS, PcgradConfig(seed=2)
-    ).orders(3) or Pcgrad(TASKS, PcgradConfig(seed=1)).orders(3) == Pcgrad(
-        TASKS, PcgradConfig(seed=1)
-    ).orders(3)
 
 
 # --- integration -------------------------------------------------------------------------------

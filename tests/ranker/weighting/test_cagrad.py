@@ -1,0 +1,151 @@
+"""Tests for CAGrad (Liu et al., NeurIPS 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
+from torch import Tensor, nn
+
+from ranker.weighting import SharedPart, Weighting, WeightingConfig, build_weighting
+from ranker.weighting.cagrad import Cagrad, CagradConfig, cagrad_dual_weights
+
+torch.set_num_threads(1)
+
+TASKS = ["click", "watch_time", "like"]
+
+
+def random_grads(t: int, seed: int, n: int = 5) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(t, n, generator=gen, dtype=torch.float64)
+    g[0] = g[0] * 4  # one dominant task
+    if t > 2:
+        g[2] = -0.5 * g[0] + 0.5 * g[2]  # and one that conflicts with it
+    return g
+
+
+def ball_points(center: Tensor, radius: float, count: int, seed: int) -> Tensor:
+    """Random points of the ball: half on the sphere (where a linear objective's optimum is),
+    half inside."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(count, center.numel(), generator=gen, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    r = torch.ones(count, 1, dtype=torch.float64)
+    r[count // 2 :] = torch.rand(count - count // 2, 1, generator=gen, dtype=torch.float64)
+    return center + radius * r * u
+
+
+# Tolerances: the dual is solved by SLSQP to ftol 1e-12 on the Gram scaled to unit max diagonal;
+# the ball constraint holds to 1e-9 relative, the objective min_t <g_t, d> to 1e-6 * max ||g_t||^2.
+@pytest.mark.parametrize("c", [0.2, 0.4, 0.8])
+@pytest.mark.parametrize("t", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_direction_maximises_the_worst_improvement_in_the_ball(c: float, t: int, seed: int) -> None:
+    g = random_grads(t, seed)
+    d, w = Cagrad(TASKS[:t], CagradConfig(c=c, rescale="none")).combine(g, torch.ones(t))
+    g0 = g.mean(0)
+    radius = c * float(g0.norm())
+    assert float((d - g0).norm()) <= radius * (1 + 1e-9)
+    tol = 1e-6 * float((g * g).sum(1).max())
+    worst = float((g @ d).min())
+    assert worst >= float((g @ g0).min()) - tol
+    others = ball_points(g0, radius, 4000, seed)
+    assert worst >= float((others @ g.T).min(1).values.max()) - tol
+    # Certificate: for any simplex w, every x in the ball has min_t <g_t, x> <= <g_w, x> <=
+    # F(w) = <g_w, g0> + radius ||g_w||, so reaching the dual value F(w*) proves optimality.
+    dual_w = torch.from_numpy(cagrad_dual_weights((g @ g.T).numpy(), c))
+    g_w = dual_w @ g
+    assert worst >= float(g_w @ g0) + radius * float(g_w.norm()) - tol
+    torch.testing.assert_close(d, w @ g)
+
+
+def test_c_zero_is_the_average_gradient() -> None:
+    g = random_grads(3, 0)
+    d, w = Cagrad(TASKS, CagradConfig(c=0.0, rescale="none")).combine(g, torch.ones(3))
+    torch.testing.assert_close(d, g.mean(0))
+    torch.testing.assert_close(w, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("rescale", "divisor"), [("1+c^2", 1 + 0.4**2), ("1+c", 1.4)])
+def test_rescale_divides_the_update(rescale: str, divisor: float) -> None:
+    g = random_grads(3, 1)
+    d0, w0 = Cagrad(TASKS, CagradConfig(rescale="none")).combine(g, torch.ones(3))
+    d, w = Cagrad(TASKS, CagradConfig(rescale=rescale)).combine(g, torch.ones(3))
+    torch.testing.assert_close(d, d0 / divisor)
+    torch.testing.assert_close(w, w0 / divisor)
+
+
+def test_tiny_gradients_give_the_same_direction_up_to_scale() -> None:
+    """SLSQP's tolerances are absolute; the solver works on a scaled Gram so tiny gradients
+    (1e-6) are solved as well as unit ones."""
+    g = random_grads(3, 2)
+    d1, _ = Cagrad(TASKS, CagradConfig(rescale="none")).combine(g, torch.ones(3))
+    d2, _ = Cagrad(TASKS, CagradConfig(rescale="none")).combine(1e-6 * g, torch.ones(3))
+    torch.testing.assert_close(d2 * 1e6, d1, rtol=1e-5, atol=1e-8)
+
+
+def test_degenerate_inputs() -> None:
+    d, w = Cagrad(TASKS, CagradConfig()).combine(torch.zeros(3, 4), torch.ones(3))
+    assert torch.equal(d, torch.zeros(4)) and torch.isfinite(w).all()
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])  # g0 = 0
+    d, _ = Cagrad(TASKS, CagradConfig()).combine(g, torch.ones(3))
+    assert torch.isfinite(d).all() and float(d.norm()) < 1e-6
+
+
+# --- integration -------------------------------------------------------------------------------
+
+
+class TinyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(5, 8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in TASKS})
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        rep = torch.relu(self.shared(x)).view(-1, 2, 4)
+        return rep, {t: h(rep.flatten(1)).squeeze(-1) for t, h in self.heads.items()}
+
+
+def train_a_few_steps(weighting: Weighting, steps: int = 3) -> list[dict[str, float]]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = TinyModel()
+    opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=1e-2)
+    logged = []
+    for _ in range(steps):
+        x = torch.randn(16, 5, generator=gen)
+        rep, out = model(x)
+        losses = {
+            "click": F.binary_cross_entropy_with_logits(out["click"], (x[:, 0] > 0).float()),
+            "watch_time": F.mse_loss(out["watch_time"], 50 * torch.rand(16, generator=gen)),
+            "like": F.binary_cross_entropy_with_logits(out["like"], (x[:, 1] > 1).float()),
+        }
+        assert all(torch.isfinite(v) for v in losses.values())
+        opt.zero_grad(set_to_none=True)
+        logged.append(weighting.backward(losses, SharedPart(list(model.shared.parameters()), rep)))
+        opt.step()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    for w in logged:
+        assert set(w) == set(TASKS) and all(math.isfinite(v) for v in w.values())
+    return logged
+
+
+@pytest.mark.parametrize("mode", ["representation", "parameters"])
+def test_integration_tiny_model(mode: str) -> None:
+    config = TypeAdapter(WeightingConfig).validate_python({"name": "cagrad", "mode": mode})
+    weighting = build_weighting(config, TASKS)
+    assert isinstance(weighting, Cagrad) and weighting.config.c == 0.4
+    train_a_few_steps(weighting)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("c", -0.1), ("c", math.inf), ("rescale", 1), ("mode", "both")]
+)
+def test_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        CagradConfig(**{field: value})
+    assert field in str(info.value)
