@@ -76,8 +76,24 @@ def code_version() -> str:
 def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
     """The model a config and a fitted encoder describe (the same call on both sides)."""
     return RankingModel(
-        encoder.cardinalities, len(encoder.numeric), config.task_names, config.model
+        encoder.cardinalities,
+        len(encoder.numeric),
+        config.task_names,
+        config.model,
+        cat_widths=encoder.cat_widths,
     )
+
+
+def position_note(config: Config) -> dict[str, Any]:
+    """What the served model does with position, for the manifest and the service."""
+    p = config.position
+    at_serving = {
+        "none": "position was ignored in training",
+        "feature": f"position is a feature, fixed to {p.serving_value} at serving",
+        "shallow_tower": "the shallow position tower was used in training and is dropped at "
+        f"serving: scores are position-free (bias added to {p.tasks} in training)",
+    }[p.mode]
+    return {"mode": p.mode, "at_serving": at_serving}
 
 
 def save_artifact(
@@ -110,6 +126,7 @@ def save_artifact(
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "flops_per_row": model.flops_per_row(),
             },
+            "position": position_note(config),
             "files": {f: _sha256(tmp / f) for f in FILES},
             "metrics": metrics or {},
         }

@@ -80,7 +80,13 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from training.offline import evaluate_artifact
 
     metrics = evaluate_artifact(
-        Path(a.artifact), log=a.log, split=a.split, progress=not a.quiet, out=a.out
+        Path(a.artifact),
+        log=a.log,
+        split=a.split,
+        progress=not a.quiet,
+        out=a.out,
+        ranking=Path(a.ranking),
+        k=a.k,
     )
     if a.json:
         print(json.dumps(metrics, indent=2))
@@ -108,6 +114,40 @@ def cmd_serve(a: argparse.Namespace) -> None:
     host = a.host or settings.host
     port = a.port if a.port is not None else settings.port
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+
+
+def cmd_push_features(a: argparse.Namespace) -> None:
+    import os
+
+    from ranker.config import load_config
+    from ranker.feature_store import DEFAULT_PREFIX, redact
+    from training.push import push_files, rollback
+
+    url = a.redis_url or os.environ.get("RANKER_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    prefix = a.prefix or os.environ.get("RANKER_REDIS_PREFIX") or DEFAULT_PREFIX
+    if a.rollback:
+        current, previous = rollback(url, prefix)
+        print(f"{redact(url)} {prefix}: version {current} is current again ({previous} kept)")
+        return
+    d = load_config(a.config, a.overrides).data
+    r = push_files(
+        url,
+        Path(a.users or d.users),
+        Path(a.videos or d.videos),
+        d.user_key,
+        d.video_key,
+        prefix,
+        a.batch_size,
+        progress=not a.quiet,
+    )
+    rows = ", ".join(f"{n:,} {s}s" for s, n in r.rows.items())
+    print(
+        f"pushed version {r.version} ({rows}) to {redact(url)} {prefix} in {r.seconds:.2f}s: "
+        f"{r.rows_per_second:,.0f} rows/s; previous version {r.previous or 'none'} kept for "
+        f"rollback; removed {r.removed or 'nothing'}"
+    )
+    for source, cols in r.skipped.items():
+        print(f"note: {source} columns of unsupported types were not pushed: {cols}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log", help="Parquet log; default: the artifact config's")
     e.add_argument("--split", choices=["validation", "train", "all"], default="validation")
     e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument(
+        "--ranking", default="configs/ranking.toml", help="ranking config for NDCG against truth"
+    )
+    e.add_argument("--k", type=int, default=10, help="cut-off for NDCG@k")
     e.add_argument("--json", action="store_true", help="also print the JSON")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -158,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
+
+    f = sub.add_parser(
+        "push-features", help="load the users and videos tables into Redis as a new version"
+    )
+    f.add_argument("--config", default="configs/default.toml", help="table paths and keys")
+    f.add_argument("--users", help="users table; default: the config's data.users")
+    f.add_argument("--videos", help="videos table; default: the config's data.videos")
+    f.add_argument("--redis-url", help="default: RANKER_REDIS_URL, else redis://127.0.0.1:6379/0")
+    f.add_argument("--prefix", help="key prefix; default: RANKER_REDIS_PREFIX, else ranker:fs")
+    f.add_argument("--batch-size", type=int, default=5000, help="rows per pipelined round trip")
+    f.add_argument("--rollback", action="store_true", help="make the previous version current")
+    f.add_argument("--quiet", action="store_true")
+    _overrides(f)
+    f.set_defaults(func=cmd_push_features)
     return p
 
 

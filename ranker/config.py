@@ -11,14 +11,26 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ranker.errors import ConfigError
 from ranker.weighting import WeightingConfig
 from ranker.weighting.equal import EqualConfig
 
-Source = Literal["user", "video", "context"]
+Source = Literal["user", "video", "context", "bias"]
 SOURCES: tuple[Source, ...] = ("user", "video", "context")
+"""Sources of the main model's input, in input order. ``bias`` features (position, device for
+the shallow tower) are encoded by the same encoder but feed only the training-time bias tower."""
+DEFAULT_MAX_VALUES = 8
+"""Values kept per row of a multi-valued feature whose ``max_values`` is not set."""
 
 
 class Strict(BaseModel):
@@ -36,18 +48,40 @@ class FeatureSpec(Strict):
     max_vocab: int | None = Field(default=None, gt=0, description="keep the most frequent values")
     min_count: int = Field(default=1, ge=1, description="rarer values share the unknown bucket")
     transform: Literal["none", "log1p"] = "none"
+    serving_default: str | int | float | None = Field(
+        default=None,
+        description="context only: the value the service uses when a request does not give one",
+    )
     separator: str | None = Field(
         default=None, description="categorical only: the column holds several values joined by it"
+    )
+    max_values: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="multi-valued only: values kept per row (known ones first, in order); "
+        f"default {DEFAULT_MAX_VALUES}; the model mean-pools their embeddings",
     )
 
     @property
     def source_column(self) -> str:
         return self.column or self.name
 
+    @property
+    def width(self) -> int:
+        """Encoded ``cat`` columns of this feature: 1, or ``max_values`` for a multi-valued one."""
+        if self.kind != "categorical":
+            return 0
+        if self.separator is None:
+            return 1
+        return self.max_values or DEFAULT_MAX_VALUES
+
     @model_validator(mode="after")
     def _kind_options(self) -> FeatureSpec:
         if self.kind == "numeric" and (self.max_vocab is not None or self.separator is not None):
             raise ValueError("max_vocab and separator apply to categorical features only")
+        if self.max_values is not None and self.separator is None:
+            raise ValueError("max_values applies to multi-valued features (set separator)")
         if self.kind == "categorical" and self.transform != "none":
             raise ValueError("transform applies to numeric features only")
         return self
@@ -99,18 +133,54 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    architecture: Literal["mmoe", "omoe", "shared_bottom"] = "mmoe"
+    """Architecture and sizes of :class:`ranker.model.RankingModel`.
+
+    ``architecture``:
+
+    * ``shared_bottom``: one shared MLP under every tower (Caruana 1997);
+    * ``omoe``: ``num_experts`` experts mixed by one softmax gate shared by all tasks (the MMoE
+      paper's one-gate ablation, Ma et al., KDD 2018);
+    * ``mmoe``: the same experts, one gate per task (Ma et al., KDD 2018);
+    * ``ple``: Progressive Layered Extraction (Tang et al., RecSys 2020): per level,
+      ``task_experts`` experts per task plus ``shared_experts`` shared experts; each task's gate
+      mixes its own and the shared experts, a shared gate mixes all of them for the next level;
+      ``ple_levels = 1`` is CGC (Customized Gate Control). Every expert of every level is an MLP
+      with ``expert_hidden`` layers.
+
+    ``gate_dropout``: in training, each expert's gate weight is dropped with this probability and
+    the remaining weights renormalised (Zhao et al., RecSys 2019, section 4.2: it keeps gates
+    from polarising onto one expert); no effect in evaluation or serving.
+    """
+
+    architecture: Literal["mmoe", "omoe", "shared_bottom", "ple"] = "mmoe"
     embedding_dim: int = Field(default=16, gt=0)
-    num_experts: int = Field(default=6, gt=0)
+    num_experts: int = Field(default=6, gt=0, description="mmoe/omoe: experts in the bank")
     expert_hidden: list[int] = Field(default=[256, 128], min_length=1)
     tower_hidden: list[int] = Field(default=[64])
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    gate_dropout: float = Field(default=0.0, ge=0, lt=1, description="gated architectures only")
+    task_experts: int = Field(default=2, ge=0, description="ple: experts per task per level")
+    shared_experts: int = Field(default=2, ge=0, description="ple: shared experts per level")
+    ple_levels: int = Field(default=1, ge=1, le=8, description="ple: levels; 1 = CGC")
 
     @field_validator("expert_hidden", "tower_hidden")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if any(h <= 0 for h in v):
             raise ValueError("layer sizes must be positive")
+        return v
+
+    @field_validator("task_experts", "shared_experts")
+    @classmethod
+    def _ple_needs_both(cls, v: int, info: ValidationInfo) -> int:
+        # Checked per field (not after the model) so that the error names the key itself.
+        if v < 1 and info.data.get("architecture") == "ple":
+            what = (
+                "without shared experts the tasks share nothing but the embeddings"
+                if info.field_name == "shared_experts"
+                else "without task experts PLE degenerates to MMoE over the shared experts"
+            )
+            raise ValueError(f"architecture 'ple' needs >= 1 ({what})")
         return v
 
 
@@ -129,6 +199,45 @@ class TrainingConfig(Strict):
     run_dir: Path = Path("runs/default")
 
 
+class PositionConfig(Strict):
+    """How the position a video was shown at is handled (Zhao et al., RecSys 2019, section 5).
+
+    * ``none``: position is ignored; clicks on top slots teach the model that top videos are good.
+    * ``feature``: position is an ordinary context feature, fixed to ``serving_value`` at serving.
+    * ``shallow_tower``: a small network on ``columns`` (position, device) outputs a logit added to
+      the ``tasks`` heads in training only; it absorbs the position effect and is dropped at
+      serving, so the main model learns position-free relevance. ``dropout`` replaces the
+      position by "unknown" on that fraction of training rows, as the paper does.
+    """
+
+    mode: Literal["none", "feature", "shallow_tower"] = "none"
+    column: str = Field(default="position", description="the log column with the shown position")
+    extra_columns: list[str] = Field(
+        default=["device"], description="shallow tower only: more bias inputs from the log"
+    )
+    tasks: list[str] = Field(default=["click"], description="heads the bias logit is added to")
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    hidden: list[int] = Field(default=[16])
+    serving_value: int = Field(
+        default=0, description="feature mode: the position assumed at serving"
+    )
+
+    def bias_features(self) -> list[FeatureSpec]:
+        """The shallow tower's inputs, as categorical features of the internal ``bias`` source."""
+        cols = [self.column, *self.extra_columns]
+        return [
+            FeatureSpec(name=f"bias_{c}", column=c, source="bias", kind="categorical") for c in cols
+        ]
+
+    def position_feature(self) -> FeatureSpec:
+        return FeatureSpec(
+            name=self.column,
+            source="context",
+            kind="categorical",
+            serving_default=self.serving_value,
+        )
+
+
 class ExportConfig(Strict):
     artifact_root: Path = Path("artifacts")
     name: str = Field(default="ranker", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -142,6 +251,16 @@ class Config(Strict):
     weighting: WeightingConfig = EqualConfig()
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
+    position: PositionConfig = PositionConfig()
+
+    @property
+    def effective_features(self) -> list[FeatureSpec]:
+        """Every feature the encoder fits: the declared ones plus what position handling adds."""
+        if self.position.mode == "feature":
+            return [*self.features, self.position.position_feature()]
+        if self.position.mode == "shallow_tower":
+            return [*self.features, *self.position.bias_features()]
+        return list(self.features)
 
     @property
     def task_names(self) -> list[str]:
@@ -156,6 +275,21 @@ class Config(Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what}: duplicate names {dup}")
+        unknown = [t for t in self.position.tasks if t not in self.task_names]
+        if unknown:
+            raise ValueError(
+                f"position.tasks: unknown task(s) {unknown}; tasks are {self.task_names}"
+            )
+        if self.position.mode != "none" and self.position.column in {
+            f.source_column for f in self.features
+        }:
+            raise ValueError(
+                f"position.column: {self.position.column!r} is also a declared feature; "
+                "position handling adds it itself"
+            )
+        for f in self.features:
+            if f.source == "bias":
+                raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:

@@ -54,7 +54,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = ServingModel.load(settings)
         formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
         app.state.serving = ServingState(model, formula)
-        log.info("serving model %s from %s", model.version, model.artifact.path)
+        log.info(
+            "serving model %s from %s; position: %s",
+            model.version,
+            model.artifact.path,
+            model.artifact.manifest.get("position", {}).get("at_serving", "unknown"),
+        )
+        ok, detail = await model.store.ready()  # warms the store; a fault only degrades
+        (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
         # Start-up objects live as long as the process: keep them out of the collector's scans,
         # which otherwise cause multi-millisecond pauses on the request path.
         gc.collect()
@@ -69,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.degraded_responses = 0  # responses ranked on defaults because of a store fault
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -102,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
         r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        if r.lookup.degraded is not None:
+            app.state.degraded_responses += 1
         tasks = list(r.predictions)
         pred_cols = [r.predictions[t].tolist() for t in tasks]
         items = [
@@ -114,6 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "ranking_version": state.formula.version,
                 "user_known": not r.lookup.user_missing,
                 "unknown_videos": int(r.lookup.videos_missing.sum()),
+                "degraded": r.lookup.degraded is not None,
+                "degraded_reason": r.lookup.degraded,
                 "items": items,
             }
         )
@@ -125,19 +137,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", response_model=Readiness)
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: a model is loaded and the feature store answers."""
+        """Readiness: a model is loaded. The feature store's state is reported (``store_ok``,
+        ``detail``, ``degraded_responses``) but does not make the replica unready: every replica
+        shares the store, so failing readiness on a store fault would turn degraded answers
+        into no answers at all."""
         state: ServingState | None = getattr(request.app.state, "serving", None)
         if state is None:
             body = Readiness(ready=False, model_version=None, ranking_version=None, store="none")
             return JSONResponse(status_code=503, content=body.model_dump())
         ok, detail = await state.model.store.ready()
         body = Readiness(
-            ready=ok,
+            ready=True,
             model_version=state.model.version,
             ranking_version=state.formula.version,
             store=state.model.store.name,
+            store_ok=ok,
+            degraded_responses=request.app.state.degraded_responses,
             detail=detail,
+            position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
         )
-        return JSONResponse(status_code=200 if ok else 503, content=body.model_dump())
+        return JSONResponse(status_code=200, content=body.model_dump())
 
     return app

@@ -38,6 +38,10 @@ class ServingModel:
     @classmethod
     def load(cls, settings: Settings, store: FeatureStore | None = None) -> ServingModel:
         artifact = load_artifact(settings.artifact)
+        if store is None and settings.redis_url is not None:
+            from service.redis_store import RedisStore
+
+            store = RedisStore.from_settings(settings, artifact.encoder)
         if store is None:
             store = InProcessStore.from_tables(
                 artifact.config, artifact.encoder, settings.users, settings.videos
@@ -58,7 +62,7 @@ def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) ->
         raise RequestError(f"context.{unknown[0]}: unknown context feature; known: {sorted(known)}")
     columns: dict[str, pa.Array] = {}
     for f in specs:
-        value = context.get(f.name)
+        value = context.get(f.name, f.serving_default)
         if f.kind == "numeric":
             if value is not None and (isinstance(value, str) or not np.isfinite(float(value))):
                 raise RequestError(f"context.{f.name}: must be a finite number")

@@ -33,6 +33,10 @@ class RankResponse(BaseModel):
     ranking_version: str
     user_known: bool
     unknown_videos: int
+    degraded: bool = Field(
+        default=False, description="ranked on default features because of a feature-store fault"
+    )
+    degraded_reason: str | None = None
     items: list[RankedItem]
 
 
@@ -45,4 +49,7 @@ class Readiness(BaseModel):
     model_version: str | None
     ranking_version: str | None
     store: str
+    store_ok: bool = True
+    degraded_responses: int = 0
     detail: str | None = None
+    position: str | None = None  # what the served model does with position (from the manifest)

@@ -38,6 +38,7 @@ class Batch:
     users: Tensor  # (B,) int64 user ids (GAUC groups)
     requests: Tensor  # (B,) int64 request ids (per-list metrics)
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. truth columns, (B,)
+    bias: Tensor | None = None  # (B, P) int64 shallow-tower inputs (position first), training only
 
     def __len__(self) -> int:
         return self.cat.shape[0]
@@ -54,6 +55,7 @@ class Batch:
             self.users,
             self.requests,
             self.extra,
+            None if self.bias is None else self.bias.to(device, non_blocking=True),
         )
 
     def take(self, idx: Tensor) -> Batch:
@@ -68,6 +70,7 @@ class Batch:
             self.users[idx],
             self.requests[idx],
             tk(self.extra),
+            None if self.bias is None else self.bias[idx],
         )
 
     @staticmethod
@@ -88,6 +91,7 @@ class Batch:
             torch.cat([p.users for p in parts]),
             torch.cat([p.requests for p in parts]),
             cc("extra"),
+            None if parts[0].bias is None else torch.cat([p.bias for p in parts]),  # type: ignore[misc]
         )
 
 
@@ -117,7 +121,11 @@ class ImpressionLog:
     def required_columns(self) -> list[str]:
         d = self.config.data
         cols = [d.user_key, d.video_key, d.request_key, d.time_column]
-        cols += [f.source_column for f in self.config.features if f.source == "context"]
+        cols += [
+            f.source_column
+            for f in self.config.effective_features
+            if f.source in ("context", "bias")
+        ]
         for t in self.config.tasks:
             cols.append(t.label)
             if t.only_where:
@@ -204,12 +212,21 @@ class BatchBuilder:
         users: FeatureTable,
         videos: FeatureTable,
         extra_columns: list[str] | None = None,
+        serving: bool = False,
     ) -> None:
         self.config = config
         self.encoder = encoder
         self.users = users
         self.videos = videos
         self.extra_columns = list(extra_columns or [])
+        # serving=True encodes the rows as the service would see them: context features that have
+        # a serving default (the position in "feature" mode) take that value, whatever was logged.
+        self.serving = serving
+        self.fixed = {
+            f.source_column: f.serving_default
+            for f in encoder.of("context")
+            if f.serving_default is not None
+        }
 
     def features(self, rb: pa.RecordBatch, origin: str) -> tuple[Encoded, np.ndarray, np.ndarray]:
         """Encoded model input for the rows, plus the user and video ids."""
@@ -218,8 +235,17 @@ class BatchBuilder:
         vid = as_int64_ids(rb.column(d.video_key), f"{origin} column {d.video_key!r}")
         u, _ = self.users.lookup(uid)
         v, _ = self.videos.lookup(vid)
+        if self.serving and self.fixed:
+            rb = self._fix_context(rb)
         c = self.encoder.encode(rb, "context", origin)
         return Encoded.concat_columns([u, v, c]), uid, vid
+
+    def _fix_context(self, rb: pa.RecordBatch) -> pa.RecordBatch:
+        for name, value in self.fixed.items():
+            i = rb.schema.get_field_index(name)
+            col = pa.array(np.full(rb.num_rows, value)).cast(rb.schema.field(i).type)
+            rb = rb.set_column(i, name, col)
+        return rb
 
     def labels(
         self, rb: pa.RecordBatch, origin: str
@@ -264,6 +290,9 @@ class BatchBuilder:
             for c in self.extra_columns
             if c in rb.schema.names
         }
+        bias = None
+        if self.config.position.mode == "shallow_tower":
+            bias = torch.from_numpy(self.encoder.encode(rb, "bias", origin).cat)
         return Batch(
             torch.from_numpy(enc.cat),
             torch.from_numpy(enc.num),
@@ -272,6 +301,7 @@ class BatchBuilder:
             torch.from_numpy(uid.copy()),
             torch.from_numpy(req),
             extra,
+            bias,
         )
 
 

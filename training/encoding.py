@@ -72,9 +72,11 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
     videos tables, and measures each head's base value (so the heads start at it: a rating head
     starting at 0 instead of ~3.5 stars would otherwise swamp the shared layers' first steps)."""
     d = config.data
-    fitter = EncoderFitter(config.features)
+    fitter = EncoderFitter(config.effective_features)
     users_seen, videos_seen = _Counts(), _Counts()
-    ctx_cols = [f.source_column for f in config.features if f.source == "context"]
+    ctx_cols = [
+        f.source_column for f in config.effective_features if f.source in ("context", "bias")
+    ]
     label_cols = [c for t in config.tasks for c in (t.label, t.only_where) if c]
     cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols, *label_cols]))
     sums = dict.fromkeys(config.task_names, 0.0)
@@ -83,6 +85,7 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
     bar = tqdm(desc="fit encoder", unit=" rows", disable=not progress, unit_scale=True)
     for f, rb in log.record_batches("train", columns=cols, batch_size=1 << 18):
         fitter.update(rb, "context", f)
+        fitter.update(rb, "bias", f)
         users_seen.add(rb.column(d.user_key))
         videos_seen.add(rb.column(d.video_key))
         for t in config.tasks:

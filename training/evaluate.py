@@ -89,9 +89,60 @@ def predict_split(
     )
 
 
+@torch.inference_mode()
+def gate_utilisation(
+    model: RankingModel,
+    builder: BatchBuilder,
+    log: ImpressionLog,
+    split: Split = "validation",
+    max_rows: int = 200_000,
+    batch_size: int = 8192,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]] | None:
+    """Mean gate weight per task per expert on (up to ``max_rows`` rows of) a split, in eval
+    mode (no gate dropout): how much each task leans on each expert. A task whose weight sits
+    on one expert (~1.0) has a collapsed gate, the polarisation Zhao et al. (RecSys 2019,
+    section 4.2) report. ``None`` for a model without gates (shared-bottom)."""
+    was_training = model.training
+    model.eval()
+    total: torch.Tensor | None = None
+    rows = 0
+    try:
+        for f, rb in log.record_batches(split, batch_size=batch_size):
+            b = builder.build(rb, f)
+            gates = model.forward_detailed(b.cat.to(device), b.num.to(device)).gates
+            if gates is None:
+                return None
+            s = gates.double().sum(0).cpu()  # (T, E)
+            total = s if total is None else total + s
+            rows += len(b)
+            if rows >= max_rows:
+                break
+    finally:
+        model.train(was_training)
+    if total is None or rows == 0:
+        return None
+    mean = (total / rows).tolist()
+    names = model.expert_names()
+    return {t: dict(zip(names, mean[i], strict=True)) for i, t in enumerate(model.tasks)}
+
+
+def format_gate_table(util: dict[str, dict[str, float]]) -> str:
+    """Gate utilisation as a fixed-width table: one row per task, one column per expert."""
+    experts = list(next(iter(util.values())))
+    w = max(8, *(len(e) + 2 for e in experts))
+    head = f"{'gate':<12}" + "".join(f"{e:>{w}}" for e in experts)
+    lines = [head, "-" * len(head)]
+    for task, row in util.items():
+        lines.append(f"{task:<12}" + "".join(f"{row[e]:>{w}.3f}" for e in experts))
+    return "\n".join(lines)
+
+
 def _columns(builder: BatchBuilder, log: ImpressionLog) -> list[str]:
     have = set(log.dataset.schema.names)
-    return log.required_columns() + [c for c in builder.extra_columns if c in have]
+    return list(
+        dict.fromkeys(log.required_columns() + [c for c in builder.extra_columns if c in have])
+    )
 
 
 def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:

@@ -24,11 +24,19 @@ from ranker.errors import TrainingError
 from ranker.features import FeatureEncoder
 from ranker.heads import head_loss
 from ranker.model import RankingModel
+from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
 from ranker.weighting import SharedPart, build_weighting
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
 from training.encoding import fit_encoder
-from training.evaluate import format_table, head_metrics, json_ready, predict_split
+from training.evaluate import (
+    format_gate_table,
+    format_table,
+    gate_utilisation,
+    head_metrics,
+    json_ready,
+    predict_split,
+)
 
 
 @dataclass
@@ -43,6 +51,7 @@ class TrainResult:
     artifact: Path | None = None
     seconds: float = 0.0
     rows_per_second: float = 0.0
+    gate_utilisation: dict[str, dict[str, float]] | None = None  # task -> expert -> mean weight
 
 
 class _Telemetry:
@@ -61,6 +70,15 @@ class _Telemetry:
         self.file.close()
 
 
+def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | None:
+    """The training-only position tower, when the config asks for one."""
+    p = config.position
+    if p.mode != "shallow_tower":
+        return None
+    cards = [len(encoder.vocabs[f.name].values) + 1 for f in encoder.of("bias")]
+    return ShallowTower(cards, p.hidden, p.dropout)
+
+
 def train(config: Config, progress: bool = True, export: bool = True) -> TrainResult:
     """Fits the encoder and the model on the training split, validates every epoch, exports."""
     started = time.perf_counter()
@@ -76,11 +94,16 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     fitted = fit_encoder(config, log, progress)
     encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
     builder = BatchBuilder(config, encoder, users, videos)
+    val_builder = BatchBuilder(config, encoder, users, videos, serving=True)
     model = build_model(config, encoder)
     model.init_head_bias(fitted.head_bias)
     model = model.to(device)
+    tower = build_bias_tower(config, encoder)
+    tower = tower.to(device) if tower is not None else None
     weighting = build_weighting(config.weighting, config.task_names).to(device)
     params = list(model.parameters()) + list(weighting.parameters())
+    if tower is not None:
+        params += list(tower.parameters())
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     telemetry = _Telemetry(t.run_dir)
     train_rows = log.dataset.count_rows(filter=log.filter("train"))
@@ -95,6 +118,8 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     train_seconds = 0.0
     for epoch in range(1, t.epochs + 1):
         model.train()
+        if tower is not None:
+            tower.train()
         epoch_start = time.perf_counter()
         sums = dict.fromkeys(config.task_names, 0.0)
         n_steps = 0
@@ -112,6 +137,10 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
         for batch in shuffled_batches(stream, t.batch_size, t.shuffle_buffer, gen):
             batch = batch.to(device)
             out = model.forward_detailed(batch.cat, batch.num)
+            if tower is not None and batch.bias is not None:
+                bias_logit = tower(batch.bias)  # (B,)
+                for name in config.position.tasks:
+                    out.raw[name] = out.raw[name] + bias_logit
             losses = {
                 task.name: head_loss(
                     task, out.raw[task.name], batch.labels[task.name], batch.masks[task.name]
@@ -143,6 +172,7 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
                 }
                 if out.gates is not None:
                     record["gates"] = out.gates.detach().mean(0).tolist()  # (T, E)
+                    record["gate_experts"] = model.expert_names()  # the E columns
                 telemetry.write(record)
             bar.update(1)
             if step % 10 == 0:
@@ -159,7 +189,7 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
             raise TrainingError("the training split produced no batches")
         mean_losses = {k: v / n_steps for k, v in sums.items()}
         weighting.epoch_end(mean_losses)
-        preds = predict_split(model, builder, log, "validation", device=str(device))
+        preds = predict_split(model, val_builder, log, "validation", device=str(device))
         metrics = head_metrics(config, preds)
         entry = {
             "epoch": epoch,
@@ -178,12 +208,21 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "weighting": weighting.state_dict(),
+                "bias_tower": None if tower is None else tower.state_dict(),
                 "config": config.model_dump_json(),
                 "encoder": json.dumps(encoder.to_json()),
                 "metrics": json.dumps(json_ready({"validation": metrics})),
             },
             t.run_dir / "checkpoint.pt",
         )
+    gates = gate_utilisation(model, val_builder, log, "validation", device=str(device))
+    if gates is not None:
+        telemetry.write({"gate_utilisation": gates})
+        if progress:
+            print(
+                f"\ngate utilisation (mean weight per expert, validation):\n"
+                f"{format_gate_table(gates)}"
+            )
     telemetry.close()
     model = model.cpu().eval()
     result = TrainResult(
@@ -196,7 +235,11 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
         history,
         seconds=time.perf_counter() - started,
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
+        gate_utilisation=gates,
     )
     if export:
-        result.artifact = save_artifact(model, encoder, config, {"validation": json_ready(metrics)})
+        report: dict[str, Any] = {"validation": json_ready(metrics)}
+        if gates is not None:
+            report["gate_utilisation"] = json_ready(gates)
+        result.artifact = save_artifact(model, encoder, config, report)
     return result

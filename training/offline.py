@@ -12,9 +12,11 @@ from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
 from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
+from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split
+from training.truth import format_truth_table, truth_columns, truth_metrics
 
 
 def evaluate_artifact(
@@ -23,8 +25,12 @@ def evaluate_artifact(
     split: Split = "validation",
     progress: bool = True,
     out: str | None = None,
+    ranking: Path | None = Path("configs/ranking.toml"),
+    k: int = 10,
 ) -> dict[str, Any]:
-    """Per-head metrics of an exported model on a log, with the artifact's own encoder."""
+    """Per-head metrics of an exported model on a log, with the artifact's own encoder; on a log
+    with truth columns (the synthetic world) also the metrics against the truth, including
+    NDCG@k of the ranking score (``ranking`` config) against the true utility."""
     artifact = load_artifact(artifact_path)
     config = artifact.config
     if log:
@@ -35,20 +41,31 @@ def evaluate_artifact(
     impressions = ImpressionLog(config)
     users = FeatureTable.from_parquet(d.users, d.user_key, artifact.encoder, "user")
     videos = FeatureTable.from_parquet(d.videos, d.video_key, artifact.encoder, "video")
-    builder = BatchBuilder(config, artifact.encoder, users, videos)
+    names = impressions.dataset.schema.names
+    extra = [*truth_columns(config, names).values()]
+    extra += [c for c in (config.position.column,) if c in names and extra]
+    builder = BatchBuilder(config, artifact.encoder, users, videos, extra, serving=True)
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
+    formula = None
+    if ranking is not None and Path(ranking).is_file():
+        formula = RankingFormula(load_ranking_config(ranking), config.task_names)
+    truth = truth_metrics(config, preds, formula, k) if extra else {}
     result = json_ready(
         {
             "artifact": str(artifact.path),
             "version": artifact.version,
             "split": split,
             "rows": len(preds),
+            "position": artifact.manifest.get("position"),
             "heads": metrics,
+            "truth": truth,
         }
     )
     print(f"{artifact.version} on {impressions.path} ({split}, {len(preds)} rows)")
     print(format_table(metrics))
+    if truth:
+        print(format_truth_table(truth))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
