@@ -19,6 +19,9 @@ effective per-task weights are ``B w`` (returned). As in the official code, eige
 ``G`` is aligned on its span (all *non-zero* singular values equal). ``scale`` picks the common
 singular value: ``min`` (the paper), ``median`` or ``rmse`` (official code options; ``rmse`` is
 ``sqrt(mean(lambda))``). The ``representation`` mode is the paper's Aligned-MTL-UB.
+
+A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: it gets weight 0 and the rule runs on the other tasks.
 """
 
 from __future__ import annotations
@@ -102,9 +105,12 @@ class AlignedMtl(GradientWeighting):
         self.register_buffer("w", torch.tensor(w, dtype=torch.float64))
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        b = alignment_matrix(grads, self.config.scale)
-        w = self.w.to(b.device)
-        coef = b @ w if bool(b.any()) else w  # all-zero gradients: nothing to align
-        coef = coef.to(grads.device)
-        direction = (coef[:, None] * grads.double()).sum(0)
+        # A task without labelled rows has an exact zero gradient: left out (its row would only
+        # add a zero singular value).
+        present = grads.abs().amax(dim=1) > 0
+        coef = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        if bool(present.any()):
+            b = alignment_matrix(grads[present], self.config.scale)
+            coef[present] = b @ self.w.to(b.device)[present]
+        direction = coef @ grads.double()
         return direction.to(grads.dtype), coef.to(grads.dtype)

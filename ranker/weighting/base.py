@@ -181,10 +181,14 @@ class GradientWeighting(Weighting):
             )
         else:
             stacked.sum().backward()
+            # As in representation mode, replace this call's sum of task gradients by the
+            # direction and keep whatever the gradients held before the call.
+            correction = direction - grads.sum(0)
             offset = 0
             for p in targets:
                 n = p.numel()
-                p.grad = direction[offset : offset + n].view_as(p).clone()
+                delta = correction[offset : offset + n].view_as(p).to(p.dtype)
+                p.grad = delta.clone() if p.grad is None else p.grad + delta
                 offset += n
         return dict(zip(self.tasks, weights.detach().tolist(), strict=True))
 

@@ -1,7 +1,8 @@
 """CAGrad: conflict-averse gradient descent.
 
 Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
-NeurIPS 2021 (https://arxiv.org/abs/2110.14048; official code https://github.com/Cranial-XIX/CAGrad).
+NeurIPS 2021 (https://arxiv.org/abs/2110.14048; official code
+https://github.com/Cranial-XIX/CAGrad).
 
 With ``g0`` the average task gradient, the update ``d`` maximises the worst local improvement
 ``min_t <g_t, d>`` over the ball ``||d - g0|| <= c ||g0||``. Its dual, over the simplex, is
@@ -19,6 +20,9 @@ as the official code does: ``none``; ``1+c^2`` (the official default); ``1+c``. 
 is that of the *average* gradient (official code), i.e. ``1/T`` of the equal-weighting sum.
 Returned weights: ``d = sum_t (1/T + lambda w_t) / rescale * g_t``, the coefficients of each task
 gradient in ``d``.
+
+A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: it gets weight 0 and the rule runs on the other tasks.
 """
 
 from __future__ import annotations
@@ -81,9 +85,15 @@ class Cagrad(GradientWeighting):
     config: CagradConfig
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        t = grads.shape[0]
+        # A task without labelled rows has an exact zero gradient: left out (kept, it would pin
+        # min_t <g_t, d> at 0 and dilute g0).
+        present = grads.abs().amax(dim=1) > 0
+        coef_all = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        if not bool(present.any()):
+            return torch.zeros_like(grads[0]), coef_all.to(grads.dtype)
+        t = int(present.sum())
         c = self.config.c
-        g = grads.double()
+        g = grads[present].double()
         gram = (g @ g.T).cpu()
         w = torch.from_numpy(cagrad_dual_weights(gram.numpy(), c))
         g0_norm = math.sqrt(max(float(gram.mean()), 0.0))  # ||g0||^2 = mean of G G^T
@@ -91,6 +101,6 @@ class Cagrad(GradientWeighting):
         lam = c * g0_norm / gw_norm if gw_norm > 0 else 0.0
         coef = torch.full((t,), 1.0 / t, dtype=torch.float64) + lam * w
         divisor = {"none": 1.0, "1+c^2": 1.0 + c * c, "1+c": 1.0 + c}[self.config.rescale]
-        coef = (coef / divisor).to(grads.device)
-        direction = (coef[:, None] * g).sum(0)
-        return direction.to(grads.dtype), coef.to(grads.dtype)
+        coef_all[present] = (coef / divisor).to(grads.device)
+        direction = coef_all @ grads.double()
+        return direction.to(grads.dtype), coef_all.to(grads.dtype)

@@ -25,8 +25,11 @@ nothing: that mode is accepted only with ``beta = 0`` (then the scaling uses the
 
 The EMA ``m`` (``grad_buffer``) and the step count are buffers, so a resumed run continues them.
 Returned weights: ``alpha_t / (L_t + eps)``, the weight the raw loss ``L_t``'s gradient receives
-(exact for ``beta = 0``; with the EMA, the weight on this step's share of ``m_t``, times
-``1 / (1 - beta_k)``).
+(exact for ``beta = 0``; with the EMA, this step's gradient enters the update with
+``(1 - beta_k)`` times that weight, the rest of ``m_t`` being past steps' gradients).
+
+A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: weight 0, and its EMA is left as it was.
 """
 
 from __future__ import annotations
@@ -95,11 +98,16 @@ class DbMtl(GradientWeighting):
         buf = self.grad_buffer
         if buf.shape != grads.shape or buf.device != grads.device:
             buf = torch.zeros_like(grads)  # first step (or the shared part changed shape)
-        buf = grads + beta_k * (buf - grads)
-        self.grad_buffer = buf.detach()
-        norms = buf.double().norm(dim=1)
-        alpha = norms.max() / (norms + 1e-8)
-        direction = (alpha[:, None] * buf.double()).sum(0)
+        # A task without labelled rows has an exact zero gradient: left out of this step, its
+        # EMA neither decays nor pushes the shared part.
+        present = grads.abs().amax(dim=1) > 0
+        buf = torch.where(present[:, None], grads + beta_k * (buf - grads), buf).detach()
+        self.grad_buffer = buf
+        norms = torch.where(present, buf.double().norm(dim=1), 0.0)
+        # max / norm; an EMA of exactly 0 has nothing to scale (the official code adds 1e-8 to
+        # the norm instead, which also perturbs the balance of small gradients).
+        alpha = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-300), 0.0)
+        direction = alpha @ buf.double()
         weights = alpha * torch.exp(-losses.double().to(alpha.device))  # alpha_t / (L_t + eps)
         return direction.to(grads.dtype), weights.to(grads.dtype)
 

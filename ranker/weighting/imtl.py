@@ -16,6 +16,9 @@ feature ``z``: the ``representation`` mode of the base class. The weights sum to
 the update is about ``1/T`` of the equal-weighting sum's size; they are returned as computed
 (they can be negative for strongly conflicting tasks; the paper does not clip them). When
 ``D U^T`` is singular (e.g. two identical gradients) the least-squares solution is used.
+
+A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: it gets weight 0 and the rule runs on the other tasks.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class Imtl(GradientWeighting):
     config: ImtlConfig
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        alpha = imtl_weights(grads)
-        direction = (alpha[:, None] * grads.double()).sum(0)
+        # A task without labelled rows has an exact zero gradient, with no direction: left out.
+        present = grads.abs().amax(dim=1) > 0
+        alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        if bool(present.any()):
+            alpha[present] = imtl_weights(grads[present])
+        direction = alpha @ grads.double()
         return direction.to(grads.dtype), alpha.to(grads.dtype)

@@ -1,7 +1,8 @@
 """MGDA-UB: the multiple-gradient descent algorithm with the Frank-Wolfe min-norm solver.
 
 Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018
-(https://arxiv.org/abs/1810.04650; official code https://github.com/isl-org/MultiObjectiveOptimization).
+(https://arxiv.org/abs/1810.04650; official code
+https://github.com/isl-org/MultiObjectiveOptimization).
 
 The shared update is the minimum-norm point of the convex hull of the task gradients,
 ``d = sum_t alpha_t g_t`` with ``alpha`` on the simplex minimising ``||d||^2``. When it is not zero
@@ -30,6 +31,9 @@ Choices where the paper leaves room:
   (``away_steps``) an iteration may also step *away* from the worst vertex in use, the standard
   Frank-Wolfe variant with a linear rate; it solves the same problem to ~1e-10 in the same
   budget. ``away_steps = false`` gives the paper's plain iteration.
+* A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+  returns an attached 0) is left out with weight 0; kept, it would put 0 in the hull and stop
+  the shared update for the step.
 """
 
 from __future__ import annotations
@@ -147,9 +151,15 @@ class Mgda(GradientWeighting):
         return gn.clamp_min(1e-12)  # a zero normaliser means a zero gradient or a zero loss
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.double() / self.normalizers(grads, losses)[:, None]
-        cfg = self.config
-        alpha = min_norm_weights((g @ g.T).cpu(), cfg.max_iter, cfg.tol, cfg.away_steps)
-        alpha = alpha.to(grads.device)
-        direction = (alpha[:, None] * grads.double()).sum(0)
+        # A task without labelled rows has an exact zero gradient: left out (else the hull
+        # contains 0 and the update vanishes).
+        present = grads.abs().amax(dim=1) > 0
+        alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        if bool(present.any()):
+            gp, lp = grads[present], losses[present]
+            g = gp.double() / self.normalizers(gp, lp)[:, None]
+            cfg = self.config
+            a = min_norm_weights((g @ g.T).cpu(), cfg.max_iter, cfg.tol, cfg.away_steps)
+            alpha[present] = a.to(grads.device)
+        direction = alpha @ grads.double()
         return direction.to(grads.dtype), alpha.to(grads.dtype)

@@ -31,6 +31,10 @@ reuse the last ``alpha`` and cost one extra backward instead of one per task) an
 does with ``clip_grad_norm_``; 0 disables). Both modes clip the shared *parameters'* gradient. As
 everywhere in this package, task-specific parameters get their own task's plain gradient (the
 official code's weighted-loss backward scales them by ``alpha_t``).
+
+A task whose gradient is exactly zero at a solve (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: weight 0, the equations are solved for the other tasks, and
+its last ``alpha`` is kept for the steps that reuse the weights.
 """
 
 from __future__ import annotations
@@ -68,11 +72,19 @@ def bargaining_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
 def solve_bargaining(
     gram: np.ndarray, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-8
 ) -> np.ndarray:
-    """``alpha > 0`` with ``gram @ alpha = 1 / alpha`` for a PSD ``gram (T, T)``, float64."""
+    """``alpha > 0`` with ``gram @ alpha = 1 / alpha`` for a PSD ``gram (T, T)``, float64.
+
+    Tries the warm ``start`` (the last solution), then the solution for orthogonal gradients,
+    ``1 / ||g_t||``. When there is no solution (0 in the convex hull of the gradients: ``f`` is
+    unbounded below) it solves ``(gram + r I) alpha = 1 / alpha`` for the first ``r`` in 1e-8,
+    1e-6 (relative to a unit Frobenius norm) that works, so ``||sum_t alpha_t g_t||^2 =
+    T - r ||alpha||^2`` stays below ``T``. Failing all, the best iterate found is returned.
+    """
     n = gram.shape[0]
-    x0 = np.log(start) if start is not None and np.all(start > 0) else np.zeros(n)
-    best = np.exp(x0)
-    best_res = bargaining_residual(gram, best)
+    diag = np.diag(gram)
+    starts = [s for s in (start,) if s is not None and np.all(s > 0) and np.all(np.isfinite(s))]
+    starts.append(1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)))
+    best, best_res = starts[0], bargaining_residual(gram, starts[0])
     for ridge in (0.0, 1e-8, 1e-6):
         m = gram + ridge * np.eye(n)
 
@@ -88,18 +100,22 @@ def solve_bargaining(
             a = np.exp(x)
             return np.diag(a * (m @ a)) + a[:, None] * m * a[None, :]
 
-        res = minimize(
-            fun, x0, jac=jac, hess=hess, method="trust-exact",
-            options={"gtol": tol * 1e-2, "maxiter": max_iter},
-        )  # fmt: skip
-        alpha = np.exp(res.x)
-        if not np.all(np.isfinite(alpha)):
-            continue
-        r = bargaining_residual(gram, alpha)
-        if r < best_res:
-            best, best_res = alpha, r
-        if r <= tol:
-            break
+        for x0 in starts:
+            try:
+                res = minimize(
+                    fun, np.log(x0), jac=jac, hess=hess, method="trust-exact",
+                    options={"gtol": tol * 1e-2, "maxiter": max_iter},
+                )  # fmt: skip
+            except (ArithmeticError, ValueError, UnboundLocalError, np.linalg.LinAlgError):
+                continue  # seen when f is unbounded below (0 in the hull)
+            alpha = np.exp(res.x)
+            if not np.all(np.isfinite(alpha)):
+                continue
+            if bargaining_residual(m, alpha) <= tol:
+                return alpha  # solves the (ridged, if it had to be) equations
+            r = bargaining_residual(gram, alpha)
+            if r < best_res:
+                best, best_res = alpha, r
     return best
 
 
@@ -117,22 +133,24 @@ class NashMtl(GradientWeighting):
         self.register_buffer("alpha", torch.ones(len(self.tasks), dtype=torch.float64))
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.double()
+        # A task without labelled rows has an exact zero gradient: left out (kept, it would make
+        # the equations unsolvable: alpha_t * 0 = 1).
+        present = (grads.abs().amax(dim=1) > 0).cpu()
+        weights = torch.zeros(grads.shape[0], dtype=torch.float64)
+        g = grads[present.to(grads.device)].double()
         gram = (g @ g.T).cpu().numpy()
         norm = float(np.linalg.norm(gram))
-        if not norm > 0 or not math.isfinite(norm):
-            # Every gradient is zero: any weights give d = 0; keep the last ones.
-            alpha = self.alpha.cpu().numpy()
-        else:
+        if norm > 0 and math.isfinite(norm):
             # Solve for the normalised Gram, gram / norm: its solution is alpha * sqrt(norm).
-            prev = self.alpha.cpu().numpy()
+            prev = self.alpha.cpu()[present].numpy()
             start = prev if self.config.official_scale else prev * math.sqrt(norm)
             a_hat = solve_bargaining(gram / norm, start, self.config.max_iter, self.config.tol)
             alpha = a_hat if self.config.official_scale else a_hat / math.sqrt(norm)
-        self.alpha.copy_(torch.from_numpy(np.asarray(alpha, dtype=np.float64)))
-        a = self.alpha.to(g.device)
-        direction = (a[:, None] * g).sum(0)
-        return direction.to(grads.dtype), a.to(grads.dtype)
+            weights[present] = torch.from_numpy(np.asarray(alpha, dtype=np.float64))
+            self.alpha[present.to(self.alpha.device)] = weights[present].to(self.alpha)
+        weights = weights.to(grads.device)
+        direction = weights @ grads.double()
+        return direction.to(grads.dtype), weights.to(grads.dtype)
 
     def backward(self, losses: dict[str, Tensor], shared: SharedPart) -> dict[str, float]:
         solve = int(self.step) % self.config.update_weights_every == 0

@@ -13,7 +13,9 @@ re-implementations average instead).
 Randomness is seeded: step ``k`` draws its orders from ``numpy.random.default_rng([seed, k])``, and
 ``k`` is a buffer, so a resumed run draws the same orders as an uninterrupted one. Every
 projection subtracts a multiple of an original gradient, so the update is exactly
-``sum_t w_t g_t``; those ``w_t`` are the returned weights (all 1 when nothing conflicts).
+``sum_t w_t g_t``; those ``w_t`` are the returned weights (all 1 when nothing conflicts; 0 for
+a task whose gradient is exactly zero, e.g. no labelled row in the batch, which conflicts with
+nothing and changes nothing).
 """
 
 from __future__ import annotations
@@ -84,4 +86,6 @@ class Pcgrad(GradientWeighting):
         orders = self.orders(grads.shape[0])
         self.step += 1
         projected, coef = project_conflicting(grads, orders)
-        return projected.sum(0), coef.sum(0).to(grads)
+        weights = coef.sum(0)
+        weights[grads.abs().amax(dim=1) == 0] = 0.0  # a task without labelled rows: no gradient
+        return projected.sum(0), weights.to(grads)

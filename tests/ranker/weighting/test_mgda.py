@@ -88,9 +88,9 @@ def test_line_solver_is_the_papers_algorithm_1() -> None:
 
 def test_edge_cases() -> None:
     assert min_norm_weights(torch.ones(1, 1, dtype=torch.float64)).tolist() == [1.0]
-    # All-zero gradients: any convex combination is the min-norm point (0).
+    # All-zero gradients (no task has a labelled row): no update, no weight.
     d, alpha = Mgda(TASKS, MgdaConfig()).combine(torch.zeros(3, 4), torch.ones(3))
-    assert torch.equal(d, torch.zeros(4)) and math.isclose(float(alpha.sum()), 1.0, rel_tol=1e-6)
+    assert torch.equal(d, torch.zeros(4)) and torch.equal(alpha, torch.zeros(3))
     # 0 in the hull (Pareto stationary): direction 0.
     g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     d, _ = Mgda(TASKS, MgdaConfig()).combine(g, torch.ones(3))
@@ -108,6 +108,19 @@ def test_normalisation_solves_on_normalised_and_weights_raw_gradients(kind: str)
     expected = min_norm_weights(gh @ gh.T)
     torch.testing.assert_close(alpha, expected)
     torch.testing.assert_close(d, alpha @ g)
+
+
+def test_a_task_without_labels_in_the_batch_is_left_out() -> None:
+    """A batch with no labelled row for a task gives it an exact zero gradient (``head_loss``
+    returns an attached 0): weight 0, and the others are combined as if it did not exist."""
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g[1] = 0.0
+    losses = torch.tensor([0.7, 0.0, 0.3], dtype=torch.float64)
+    d3, w3 = Mgda(TASKS, MgdaConfig()).combine(g, losses)
+    d2, w2 = Mgda(["click", "like"], MgdaConfig()).combine(g[[0, 2]], losses[[0, 2]])
+    assert float(w3[1]) == 0.0
+    torch.testing.assert_close(w3[[0, 2]], w2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d3, d2, rtol=1e-6, atol=1e-9)
 
 
 # --- integration -------------------------------------------------------------------------------

@@ -94,6 +94,19 @@ def test_seeded_and_resumable() -> None:
     assert len(seen) > 1
 
 
+def test_a_task_without_labels_in_the_batch_is_left_out() -> None:
+    """A batch with no labelled row for a task gives it an exact zero gradient (``head_loss``
+    returns an attached 0): weight 0, and the others are combined as if it did not exist."""
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g[1] = 0.0
+    losses = torch.tensor([0.7, 0.0, 0.3], dtype=torch.float64)
+    d3, w3 = Pcgrad(TASKS, PcgradConfig()).combine(g, losses)
+    d2, w2 = Pcgrad(["click", "like"], PcgradConfig()).combine(g[[0, 2]], losses[[0, 2]])
+    assert float(w3[1]) == 0.0
+    torch.testing.assert_close(w3[[0, 2]], w2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d3, d2, rtol=1e-6, atol=1e-9)
+
+
 # --- integration -------------------------------------------------------------------------------
 
 
