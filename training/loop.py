@@ -101,10 +101,15 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     tower = build_bias_tower(config, encoder)
     tower = tower.to(device) if tower is not None else None
     weighting = build_weighting(config.weighting, config.task_names).to(device)
-    params = list(model.parameters()) + list(weighting.parameters())
+    params = list(model.parameters())
     if tower is not None:
         params += list(tower.parameters())
-    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if any(True for _ in weighting.parameters()):
+        # A strategy's own parameters (log-variances, GradNorm weights) must not be decayed
+        # towards 0: that would bias the weighting, not regularise the model.
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     telemetry = _Telemetry(t.run_dir)
     train_rows = log.dataset.count_rows(filter=log.filter("train"))
     steps_per_epoch = math.ceil(train_rows / t.batch_size)
