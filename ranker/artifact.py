@@ -32,6 +32,7 @@ import ranker
 from ranker.config import Config
 from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
+from ranker.heads import output_dim
 from ranker.model import RankingModel
 
 FORMAT_VERSION = 1
@@ -81,6 +82,7 @@ def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
         config.task_names,
         config.model,
         cat_widths=encoder.cat_widths,
+        output_dims={t.name: output_dim(t) for t in config.tasks},
     )
 
 

@@ -88,7 +88,7 @@ class FeatureSpec(Strict):
 
 
 BINARY_LOSSES = ("bce",)
-REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p")
+REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal")
 
 
 class TaskSpec(Strict):
@@ -98,7 +98,14 @@ class TaskSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     kind: Literal["binary", "regression"]
     label: str = Field(min_length=1, description="label column in the impression log")
-    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p"]
+    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal"]
+    """``weighted_logistic``: watch time as in Covington et al. 2016 (rows with a positive label
+    are positives weighted by it, others unit-weight negatives; the odds estimate the expected
+    value). ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
+    levels: int | None = Field(default=None, ge=2, le=100, description="ordinal: number of levels")
+    weight_column: str | None = Field(
+        default=None, description="a log column whose value weights each row's loss"
+    )
     label_scale: float = Field(default=1.0, gt=0, description="label multiplier, e.g. ms -> s")
     only_where: str | None = Field(default=None, description="column that must be non-zero")
     value_range: tuple[float, float] | None = Field(
@@ -111,6 +118,8 @@ class TaskSpec(Strict):
         allowed = BINARY_LOSSES if self.kind == "binary" else REGRESSION_LOSSES
         if self.loss not in allowed:
             raise ValueError(f"loss {self.loss!r} does not fit a {self.kind} task; use {allowed}")
+        if (self.loss == "ordinal") != (self.levels is not None):
+            raise ValueError("levels is required by, and only allowed with, loss = 'ordinal'")
         if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
             raise ValueError("value_range must be (low, high) with low < high")
         return self

@@ -39,6 +39,7 @@ class Batch:
     requests: Tensor  # (B,) int64 request ids (per-list metrics)
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. truth columns, (B,)
     bias: Tensor | None = None  # (B, P) int64 shallow-tower inputs (position first), training only
+    weights: dict[str, Tensor] = field(default_factory=dict)  # task -> (B,) loss weights
 
     def __len__(self) -> int:
         return self.cat.shape[0]
@@ -56,6 +57,7 @@ class Batch:
             self.requests,
             self.extra,
             None if self.bias is None else self.bias.to(device, non_blocking=True),
+            mv(self.weights),
         )
 
     def take(self, idx: Tensor) -> Batch:
@@ -71,6 +73,7 @@ class Batch:
             self.requests[idx],
             tk(self.extra),
             None if self.bias is None else self.bias[idx],
+            tk(self.weights),
         )
 
     @staticmethod
@@ -92,6 +95,7 @@ class Batch:
             torch.cat([p.requests for p in parts]),
             cc("extra"),
             None if parts[0].bias is None else torch.cat([p.bias for p in parts]),  # type: ignore[misc]
+            cc("weights"),
         )
 
 
@@ -128,8 +132,7 @@ class ImpressionLog:
         ]
         for t in self.config.tasks:
             cols.append(t.label)
-            if t.only_where:
-                cols.append(t.only_where)
+            cols += [c for c in (t.only_where, t.weight_column) if c]
         return list(dict.fromkeys(cols))
 
     def _check_columns(self) -> None:
@@ -249,9 +252,11 @@ class BatchBuilder:
 
     def labels(
         self, rb: pa.RecordBatch, origin: str
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Labels (label units, 0 where masked), masks and loss weights per task."""
         labels: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
+        weights: dict[str, Tensor] = {}
         for t in self.config.tasks:
             col = rb.column(t.label)
             y = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -266,20 +271,42 @@ class BatchBuilder:
                 raise DataError(
                     f"{origin}: binary label column {t.label!r} has values other than 0/1"
                 )
-            if t.kind == "regression" and t.loss != "mse" and ok.any() and (y[ok] < 0).any():
+            if (
+                t.loss == "ordinal"
+                and ok.any()
+                and ((y[ok] < 1) | (y[ok] > (t.levels or 1)) | (y[ok] != np.round(y[ok]))).any()
+            ):
                 raise DataError(
-                    f"{origin}: label column {t.label!r} has negative values for a log1p loss"
+                    f"{origin}: ordinal label column {t.label!r} has values outside 1..{t.levels}"
+                )
+            if (
+                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic")
+                and ok.any()
+                and (y[ok] < 0).any()
+            ):
+                raise DataError(
+                    f"{origin}: label column {t.label!r} has negative values, which loss {t.loss!r} cannot take"
                 )
             if t.only_where:
                 w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
                 ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
+            if t.weight_column:
+                w = pc.cast(rb.column(t.weight_column), pa.float64()).to_numpy(zero_copy_only=False)
+                w = np.asarray(w, dtype=np.float64)
+                bad = ok & ~(np.isfinite(w) & (w >= 0))
+                if bad.any():
+                    raise DataError(
+                        f"{origin}: weight column {t.weight_column!r} has {int(bad.sum())} "
+                        "negative, NaN or null values on rows that count"
+                    )
+                weights[t.name] = torch.from_numpy(np.where(ok, w, 0.0).astype(np.float32))
             labels[t.name] = torch.from_numpy(np.where(ok, y, 0.0).astype(np.float32))
             masks[t.name] = torch.from_numpy(ok)
-        return labels, masks
+        return labels, masks, weights
 
     def build(self, rb: pa.RecordBatch, origin: str = "") -> Batch:
         enc, uid, _ = self.features(rb, origin)
-        labels, masks = self.labels(rb, origin)
+        labels, masks, weights = self.labels(rb, origin)
         req = as_int64_ids(rb.column(self.config.data.request_key), f"{origin} request ids").copy()
         extra = {
             c: torch.from_numpy(
@@ -302,6 +329,7 @@ class BatchBuilder:
             torch.from_numpy(req),
             extra,
             bias,
+            weights,
         )
 
 

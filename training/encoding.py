@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ranker.config import Config, Source, TaskSpec
+from ranker.config import Config, Source
 from ranker.errors import DataError
 from ranker.features import EncoderFitter, FeatureEncoder, _Counts
+from ranker.heads import HeadStats
 from ranker.tables import FeatureTable
 from training.data import ImpressionLog
 
@@ -59,12 +60,7 @@ class Fitted:
     encoder: FeatureEncoder
     users: FeatureTable
     videos: FeatureTable
-    head_bias: dict[str, float]  # per task: the best constant raw output on the training rows
-
-
-def _head_space(task: TaskSpec, y: np.ndarray) -> np.ndarray:
-    """Labels in the space of the head's raw output (what a constant prediction would be fit to)."""
-    return np.log1p(np.maximum(y, 0.0)) if task.loss in ("mse_log1p", "huber_log1p") else y
+    head_bias: dict[str, list[float]]  # per task: output-layer bias giving the base value
 
 
 def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fitted:
@@ -79,8 +75,7 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
     ]
     label_cols = [c for t in config.tasks for c in (t.label, t.only_where) if c]
     cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols, *label_cols]))
-    sums = dict.fromkeys(config.task_names, 0.0)
-    counts = dict.fromkeys(config.task_names, 0)
+    stats = {t.name: HeadStats(t) for t in config.tasks}
     rows = 0
     bar = tqdm(desc="fit encoder", unit=" rows", disable=not progress, unit_scale=True)
     for f, rb in log.record_batches("train", columns=cols, batch_size=1 << 18):
@@ -95,8 +90,7 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
             if t.only_where:
                 w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
                 ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
-            sums[t.name] += float(_head_space(t, y[ok]).sum())
-            counts[t.name] += int(ok.sum())
+            stats[t.name].add(y[ok])
         rows += rb.num_rows
         bar.update(rb.num_rows)
     bar.close()
@@ -109,13 +103,7 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
     _fit_entity(fitter, users, d.user_key, users_seen, "user", str(d.users))
     _fit_entity(fitter, videos, d.video_key, videos_seen, "video", str(d.videos))
     encoder = fitter.finish()
-    head_bias: dict[str, float] = {}
-    for t in config.tasks:
-        mean = sums[t.name] / counts[t.name] if counts[t.name] else 0.0
-        if t.kind == "binary":
-            mean = float(np.clip(mean, 1e-4, 1 - 1e-4))
-            mean = float(np.log(mean / (1 - mean)))
-        head_bias[t.name] = mean
+    head_bias = {name: st.bias() for name, st in stats.items()}
     return Fitted(
         encoder,
         FeatureTable.build(users, d.user_key, encoder, "user", str(d.users)),

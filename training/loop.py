@@ -22,7 +22,7 @@ from ranker.artifact import build_model, save_artifact
 from ranker.config import Config
 from ranker.errors import TrainingError
 from ranker.features import FeatureEncoder
-from ranker.heads import head_loss
+from ranker.heads import head_loss, init_head
 from ranker.model import RankingModel
 from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
@@ -96,7 +96,8 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     builder = BatchBuilder(config, encoder, users, videos)
     val_builder = BatchBuilder(config, encoder, users, videos, serving=True)
     model = build_model(config, encoder)
-    model.init_head_bias(fitted.head_bias)
+    for name, bias in fitted.head_bias.items():
+        init_head(model.towers[name][-1], bias)
     model = model.to(device)
     tower = build_bias_tower(config, encoder)
     tower = tower.to(device) if tower is not None else None
@@ -148,7 +149,11 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
                     out.raw[name] = out.raw[name] + bias_logit
             losses = {
                 task.name: head_loss(
-                    task, out.raw[task.name], batch.labels[task.name], batch.masks[task.name]
+                    task,
+                    out.raw[task.name],
+                    batch.labels[task.name],
+                    batch.masks[task.name],
+                    batch.weights.get(task.name),
                 )
                 for task in config.tasks
             }
