@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -22,41 +21,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ranker.config import load_config  # noqa: E402
-from ranker.scoring import RankingFormula, load_ranking_config  # noqa: E402
-from training.data import BatchBuilder, ImpressionLog  # noqa: E402
-from training.evaluate import head_metrics, predict_split  # noqa: E402
-from training.loop import train  # noqa: E402
-from training.synth import WorldConfig, generate  # noqa: E402
-from training.truth import truth_columns, truth_metrics  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, mean_std, train_and_score, world_config, world_for  # noqa: E402
 
 MODES = ("none", "feature", "shallow_tower")
 
 
 def run_one(world: Path, mode: str, seed: int, tmp: Path, epochs: int) -> dict[str, float]:
-    cfg = load_config(
-        ROOT / "configs/default.toml",
-        [
-            f'data.log="{world / "log"}"',
-            f'data.users="{world / "users.parquet"}"',
-            f'data.videos="{world / "videos.parquet"}"',
-            f'position.mode="{mode}"',
-            f"training.seed={seed}",
-            f"training.epochs={epochs}",
-            f'training.run_dir="{tmp / "run"}"',
-        ],
+    cfg = world_config(
+        world,
+        tmp / "run",
+        [f'position.mode="{mode}"', f"training.seed={seed}", f"training.epochs={epochs}"],
     )
-    r = train(cfg, progress=False, export=False)
-    log = ImpressionLog(cfg)
-    extra = [*truth_columns(cfg, log.dataset.schema.names).values(), "position"]
-    builder = BatchBuilder(cfg, r.encoder, r.users, r.videos, extra, serving=True)
-    preds = predict_split(r.model, builder, log, "validation")
-    formula = RankingFormula(load_ranking_config(ROOT / "configs/ranking.toml"), cfg.task_names)
-    logged = head_metrics(cfg, preds)
-    truth = truth_metrics(cfg, preds, formula, k=10, seed=seed)
+    _, logged, truth = train_and_score(cfg, seed)
     return {
         "logged_click_auc": logged["click"]["auc"],
         "true_click_auc": truth["click"]["auc_true_sampled"],
@@ -64,27 +41,6 @@ def run_one(world: Path, mode: str, seed: int, tmp: Path, epochs: int) -> dict[s
         "truth_ndcg@10": truth["ranking_score"]["ndcg@10"],
         "logged_policy_ndcg@10": truth["ranking_score"]["logged_policy_ndcg@10"],
     }
-
-
-def world_for(seed: int, requests: int, position_bias: float, out: Path) -> Path:
-    generate(
-        WorldConfig(
-            seed=seed,
-            n_users=max(requests // 3, 500),
-            n_videos=max(requests // 5, 500),
-            n_requests=requests,
-            position_bias=position_bias,
-        ),
-        out,
-        progress=False,
-    )
-    return out
-
-
-def mean_std(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
 def main() -> None:
@@ -103,14 +59,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for seed in range(a.seeds):
-            world = world_for(seed, a.requests, 1.0, tmp / f"world{seed}")
+            world = world_for(seed, a.requests, tmp / f"world{seed}", position_bias=1.0)
             for mode in MODES:
                 r = run_one(world, mode, seed, tmp / f"{mode}{seed}", a.epochs)
                 results[mode].append(r)
-                print(f"seed {seed} {mode:<14} {json.dumps({k: round(v, 4) for k, v in r.items()})}")
+                print(
+                    f"seed {seed} {mode:<14} {json.dumps({k: round(v, 4) for k, v in r.items()})}"
+                )
         sweep: dict[str, list[float]] = {m: [] for m in MODES}
         for strength in a.sweep:
-            world = world_for(100, a.requests, strength, tmp / f"sweep{strength}")
+            world = world_for(100, a.requests, tmp / f"sweep{strength}", position_bias=strength)
             for mode in MODES:
                 r = run_one(world, mode, 0, tmp / f"s{mode}{strength}", a.epochs)
                 sweep[mode].append(r["truth_ndcg@10"])

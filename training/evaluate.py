@@ -8,6 +8,7 @@ count for the head.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,14 @@ from tqdm import tqdm
 
 from ranker.config import Config
 from ranker.heads import head_prediction
-from ranker.metrics import binary_summary, regression_summary
+from ranker.metrics import (
+    Calibration,
+    binary_summary,
+    calibration,
+    group_auc,
+    plot_reliability,
+    regression_summary,
+)
 from ranker.model import RankingModel
 from training.data import BatchBuilder, ImpressionLog, Split
 
@@ -155,12 +163,37 @@ def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
             result[t.name] = {"count": 0.0}
         elif t.kind == "binary":
             result[t.name] = binary_summary(y, pred, users)
+            per_user, _ = group_auc(y, pred, users)
+            # The spread over users says whether a GAUC gain is broad or carried by a few users.
+            result[t.name]["gauc_user_std"] = (
+                float(np.std(per_user)) if len(per_user) else float("nan")
+            )
         else:
             result[t.name] = regression_summary(y, pred, users)
     return result
 
 
 COLUMNS = ("count", "auc", "gauc", "logloss", "ece", "rmse", "mae", "xauc")
+
+
+def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> dict[str, Any]:
+    """Writes the binary heads' reliability curves to ``path`` (PNG); returns the curve points."""
+    curves: dict[str, Calibration] = {}
+    for t in config.tasks:
+        m = p.masks[t.name]
+        if t.kind == "binary" and m.any():
+            curves[t.name] = calibration(p.labels[t.name][m], p.preds[t.name][m], bins)
+    if curves:
+        plot_reliability(curves, path)
+    return {
+        name: {
+            "ece": c.ece,
+            "mean_pred": c.bin_mean_pred.tolist(),
+            "frac_pos": c.bin_frac_pos.tolist(),
+            "count": c.bin_count.tolist(),
+        }
+        for name, c in curves.items()
+    }
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

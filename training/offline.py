@@ -15,7 +15,7 @@ from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.data import BatchBuilder, ImpressionLog, Split
-from training.evaluate import format_table, head_metrics, json_ready, predict_split
+from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
 from training.truth import format_truth_table, truth_columns, truth_metrics
 
 
@@ -67,6 +67,9 @@ def evaluate_artifact(
     if truth:
         print(format_truth_table(truth))
     if out:
+        png = Path(out).with_suffix(".reliability.png")
+        result["calibration"] = json_ready(reliability(config, preds, png))
+        print(f"reliability plot: {png}")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
         print(f"metrics: {out}")
