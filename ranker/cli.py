@@ -63,7 +63,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from ranker.config import load_config
-    from training.evaluate import format_table
+    from training.evaluate import format_gate_table, format_table
     from training.loop import train
 
     config = load_config(a.config, a.overrides)
@@ -72,6 +72,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)"
     )
     print(format_table(result.metrics))
+    if result.gate_utilisation:  # a collapsed gate (one expert ~1.0) shows here
+        print("\ngate utilisation (mean gate weight per expert on the validation split):")
+        print(format_gate_table(result.gate_utilisation))
     if result.artifact:
         print(f"artifact: {result.artifact}")
 
@@ -150,6 +153,49 @@ def cmd_push_features(a: argparse.Namespace) -> None:
         print(f"note: {source} columns of unsupported types were not pushed: {cols}")
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from training.tune import print_summary, run_tune
+
+    result, paths = run_tune(
+        Path(a.artifact),
+        Path(a.out),
+        log=a.log,
+        split=a.split,
+        ranking=Path(a.ranking),
+        maximize=a.maximize,
+        minimize=a.minimize,
+        constraints=a.constraints,
+        k=a.k,
+        formula=a.formula,
+        heads=a.heads.split(",") if a.heads else None,
+        transforms=a.transforms,
+        samples=a.samples,
+        refine=a.refine,
+        holdout=a.holdout,
+        seed=a.seed,
+        x=a.x,
+        y=a.y,
+        progress=not a.quiet,
+    )
+    print_summary(result, paths)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from training.report import build_report
+
+    index = build_report(
+        Path(a.artifact),
+        Path(a.out) if a.out else None,
+        run_dir=Path(a.run_dir) if a.run_dir else None,
+        log=a.log,
+        split=a.split,
+        gate_records=a.gate_records,
+        tune_dir=Path(a.tune) if a.tune else None,
+        progress=not a.quiet,
+    )
+    print(f"report: {index}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ranker", description="Multi-objective video ranking.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,6 +262,59 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true")
     _overrides(f)
     f.set_defaults(func=cmd_push_features)
+
+    u = sub.add_parser(
+        "tune", help="choose ranking weights from a goal; Pareto plot of the trade-off"
+    )
+    u.add_argument("--artifact", default="artifacts/default", help="version dir or its parent")
+    u.add_argument("--log", help="Parquet log; default: the artifact config's")
+    u.add_argument("--split", choices=["validation", "train", "all"], default="validation")
+    u.add_argument("--ranking", default="configs/ranking.toml", help="the current weights")
+    u.add_argument("--out", default="runs/tune", help="output folder")
+    u.add_argument("--maximize", metavar="METRIC", help="e.g. watch_time@10 (docs/tuning.md)")
+    u.add_argument("--minimize", metavar="METRIC")
+    u.add_argument(
+        "--constraint",
+        dest="constraints",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help='e.g. "likes@10>=-2%%" (relative to the current weights) or "rating@10>=3.6"',
+    )
+    u.add_argument("--k", type=int, default=10, help="default cut-off of the list metrics")
+    u.add_argument("--formula", choices=["weighted_sum", "weighted_product"])
+    u.add_argument("--heads", help="comma-separated heads that may get weight; default: all")
+    u.add_argument(
+        "--transform",
+        dest="transforms",
+        action="append",
+        default=[],
+        metavar="HEAD=NAME",
+        help="per-head transform (identity, log1p, sqrt, log); default: the current config's",
+    )
+    u.add_argument("--samples", type=int, default=1500, help="random weight settings")
+    u.add_argument("--refine", type=int, default=400, help="settings around the best")
+    u.add_argument(
+        "--holdout", type=float, default=0.3, help="share of requests kept out of the search"
+    )
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--x", help="engagement axis of the plot; default watch_time@k")
+    u.add_argument("--y", help="satisfaction axis of the plot; default likes@k")
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("report", help="one HTML page showing a trained model in pictures")
+    r.add_argument("--artifact", default="artifacts/default", help="version dir or its parent")
+    r.add_argument("--run-dir", help="training run folder; default: the artifact config's")
+    r.add_argument("--out", help="report folder; default: <run dir>/report")
+    r.add_argument("--log", help="Parquet log; default: the artifact config's")
+    r.add_argument("--split", choices=["validation", "train", "all"], default="validation")
+    r.add_argument(
+        "--gate-records", type=int, default=5, help="last gate records the heatmap averages"
+    )
+    r.add_argument("--tune", help="include a `ranker tune` output folder")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_report)
     return p
 
 
