@@ -24,3 +24,8 @@ class RequestError(RankerError):
 
 class TrainingError(RankerError):
     """Training cannot go on (for example a non-finite loss); the message names step and task."""
+
+
+class StoreError(RankerError):
+    """The feature store is unreachable, or what it holds is unusable (no current version, a
+    corrupt record); the message names the key or the server."""

@@ -6,6 +6,11 @@ Tests run on one torch thread: the machine has two cores and tests run beside ot
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,3 +68,104 @@ def tiny_trained(tiny_config: Config):  # noqa: ANN201 - TrainResult
 def tiny_artifact(tiny_trained) -> Path:  # noqa: ANN001
     assert tiny_trained.artifact is not None
     return tiny_trained.artifact
+
+
+# --- A real Redis for the feature-store tests -------------------------------------------------
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, no persistence, in its own directory.
+
+    ``stop()`` then ``start()`` brings it back on the same port (empty: nothing is saved);
+    ``pause()`` / ``resume()`` (SIGSTOP / SIGCONT) make it a server that accepts connections
+    but never answers, which is what a stalled Redis looks like to a client.
+    """
+
+    def __init__(self, directory: Path, password: str | None = None) -> None:
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail(
+                "redis-server is not installed: `apt-get install redis-server` (.ci/run does it)"
+            )
+        self.exe, self.dir, self.password = exe, directory, password
+        self.port = _free_loopback_port()
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
+        pw = password if password is not None else self.password
+        return f"redis://{f':{pw}@' if pw else ''}127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        import redis
+
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server's lifetime
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                out = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"redis-server exited with {self.proc.returncode}:\n{out}")
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer on port {self.port} in {timeout} s")
+            time.sleep(0.02)
+        client.close()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.resume()  # a stopped process would hold SIGTERM until continued
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@contextmanager
+def redis_server(directory: Path, password: str | None = None) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer`, stopped on exit whatever the test did to it."""
+    server = RedisServer(directory, password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis per test module (tests that break their server start their own)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -1,0 +1,268 @@
+"""Feature store: push throughput and lookup latency (one user + 500 videos) on a real Redis.
+
+Starts its own ``redis-server`` on a free loopback port (no persistence, a temporary directory),
+pushes the default world's users and videos tables with the push job (``--scale N`` pushes the
+tables N times over with fresh ids, for throughput on a bigger table), then times lookups of one
+random user and ``--candidates`` random videos, ``--iterations`` times after a warm-up:
+
+- ``MGET only``: the store's one round trip (command packed by hiredis, reply parsed by hiredis);
+- ``MGET, redis-py packing``: the same through ``redis.asyncio.Redis.mget``, for comparison;
+- ``RedisStore.lookup``: what a request pays: MGET + ``np.frombuffer`` + Arrow + the encoder;
+- ``InProcessStore.lookup``: the in-process tables' gather, the no-Redis default.
+
+    .venv/bin/python bench/feature_store.py                      # ~1 min on 2 cores
+    .venv/bin/python bench/feature_store.py --iterations 300     # a quick look
+
+The encoder is the artifact's (``--artifact``, default ``artifacts/default``) or, without one,
+fitted on the tables (the timings do not depend on its vocabularies' contents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ranker.config import load_config  # noqa: E402
+from ranker.features import EncoderFitter, FeatureEncoder  # noqa: E402
+from ranker.tables import FeatureTable  # noqa: E402
+
+WORLD = ["--n-users", "10000", "--n-videos", "5000", "--n-requests", "25000", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server is not installed: apt-get install redis-server")
+    port = free_port()
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [*args, "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("redis-server did not start") from None
+            time.sleep(0.02)
+
+
+def world(path: Path) -> Path:
+    """The default world, generated with ``make demo``'s settings when missing."""
+    if not (path / "users.parquet").is_file():
+        print(f"{path} is missing: generating it (as make demo does)", flush=True)
+        cmd = [sys.executable, "-m", "ranker", "generate", "--out", str(path), "--quiet", *WORLD]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return path
+
+
+def scaled(table: pa.Table, key: str, scale: int) -> pa.Table:
+    """The table ``scale`` times over, each copy with its ids shifted past the previous ones."""
+    if scale == 1:
+        return table
+    span = int(pc.max(table[key]).as_py()) + 1
+    parts = []
+    for i in range(scale):
+        t = table.set_column(table.schema.get_field_index(key), key, pc.add(table[key], i * span))
+        parts.append(t)
+    return pa.concat_tables(parts)
+
+
+def encoder_for(artifact: Path, config_path: Path, users: pa.Table, videos: pa.Table):  # noqa: ANN201
+    """``(encoder, config)``: the artifact's, or one fitted on the tables."""
+    from ranker.artifact import load_artifact
+    from ranker.errors import ArtifactError
+
+    try:
+        a = load_artifact(artifact)
+        return a.encoder, a.config, f"artifact {a.path}"
+    except ArtifactError:
+        config = load_config(config_path)
+        fitter = EncoderFitter(config.features)
+        fitter.update(users, "user")
+        fitter.update(videos, "video")
+        return fitter.finish(), config, "an encoder fitted on the tables (no artifact)"
+
+
+async def timed(fn: Callable[[int], Awaitable[object]], n: int, warmup: int) -> np.ndarray:
+    for i in range(warmup):
+        await fn(i)
+    out = np.empty(n)
+    for i in range(n):
+        t = time.perf_counter()
+        await fn(i)
+        out[i] = time.perf_counter() - t
+    return out * 1e6  # microseconds
+
+
+async def lookups(
+    url: str,
+    encoder: FeatureEncoder,
+    config,  # noqa: ANN001
+    users: pa.Table,
+    videos: pa.Table,
+    args: argparse.Namespace,
+) -> tuple[dict[str, np.ndarray], str]:
+    from service.redis_store import RedisStore
+    from service.settings import Settings
+    from service.store import InProcessStore
+
+    rng = np.random.default_rng(0)
+    user_ids = rng.choice(users["user_id"].to_numpy(), args.iterations + args.warmup)
+    all_videos = videos["video_id"].to_numpy()
+    video_ids = [
+        rng.choice(all_videos, args.candidates, replace=False).astype(np.int64)
+        for _ in range(args.iterations + args.warmup)
+    ]
+    # The service's default timeout; no retry pause, so every lookup really asks Redis.
+    store = RedisStore.from_settings(Settings(redis_url=url, redis_retry_ms=0), encoder)
+    ok, detail = await store.ready()
+    assert ok, detail
+    version = store._version
+    assert version is not None
+    d = config.data
+    in_process = InProcessStore(
+        FeatureTable.build(users, d.user_key, encoder, "user", "users"),
+        FeatureTable.build(videos, d.video_key, encoder, "video", "videos"),
+    )
+
+    def keys(i: int) -> list[str]:
+        k = [store.keys.current, f"{version.user_prefix}{user_ids[i]}"]
+        return k + [version.video_prefix + s for s in map(str, video_ids[i].tolist())]
+
+    degraded: list[int] = []
+
+    async def lookup(i: int) -> None:
+        r = await store.lookup(int(user_ids[i]), video_ids[i])
+        if r.degraded is not None:
+            assert "did not answer" in r.degraded, r.degraded
+            degraded.append(i)
+
+    n_all = args.iterations + args.warmup
+    fetched = [await store._mget(keys(i)) for i in range(n_all)]
+    ids1 = [np.array([u], np.int64) for u in user_ids]
+
+    async def decode(i: int) -> None:
+        version.user.encode(fetched[i % n_all][1:2], ids1[i])
+        version.video.encode(fetched[i % n_all][2:], video_ids[i])
+
+    async def in_proc(i: int) -> None:
+        await in_process.lookup(int(user_ids[i]), video_ids[i])
+
+    n, w = args.iterations, args.warmup
+    results = {
+        "MGET only (hiredis packing, one round trip)": await timed(
+            lambda i: store._mget(keys(i)), n, w
+        ),
+        "MGET, redis-py packing": await timed(lambda i: store.client.mget(keys(i)), n, w),
+        "decode + encode only (frombuffer, Arrow, encoder; no I/O)": await timed(decode, n, w),
+        "RedisStore.lookup (MGET + decode + encode)": await timed(lookup, n, w),
+        "InProcessStore.lookup (no Redis)": await timed(in_proc, n, w),
+    }
+    await store.close()
+    timed_out = sum(i >= w for i in degraded)  # warm-up iterations come first
+    return results, f"{timed_out} of {n} lookups hit the {store._ms} ms default timeout"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default="data/default")
+    p.add_argument("--artifact", default="artifacts/default")
+    p.add_argument("--config", default="configs/default.toml")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--scale", type=int, default=10, help="push the tables this many times over")
+    p.add_argument("--pushes", type=int, default=3, help="pushes timed (the median is shown)")
+    args = p.parse_args()
+    os.chdir(ROOT)
+
+    from training.push import push_tables
+
+    wdir = world(Path(args.world))
+    users = pq.read_table(wdir / "users.parquet")
+    videos = pq.read_table(wdir / "videos.parquet")
+    encoder, config, enc_from = encoder_for(Path(args.artifact), Path(args.config), users, videos)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    proc, port = start_redis(tmp)
+    try:
+        import redis
+
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis(port=port)
+        big = {
+            "user": (scaled(users, "user_id", args.scale), "user_id"),
+            "video": (scaled(videos, "video_id", args.scale), "video_id"),
+        }
+        rows = sum(t.num_rows for t, _ in big.values())
+        pushes = [push_tables(client, big, "bench:big", progress=False) for _ in range(args.pushes)]
+        push_rate = float(np.median([r.rows_per_second for r in pushes]))
+        memory = client.info("memory")["used_memory"]
+        client.flushdb()
+        tables = {"user": (users, "user_id"), "video": (videos, "video_id")}
+        push_tables(client, tables, "ranker:fs", progress=False)
+        timings, timeouts = asyncio.run(lookups(url, encoder, config, users, videos, args))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    load = os.getloadavg()[0]
+    print(
+        f"\nFeature store on redis-server (loopback), {os.cpu_count()} CPUs, load average "
+        f"{load:.1f} when done; encoder: {enc_from}\n"
+    )
+    print(
+        f"Push: {rows:,} rows ({args.scale}x the world's {users.num_rows:,} users and "
+        f"{videos.num_rows:,} videos), median of {args.pushes} pushes: {push_rate:,.0f} rows/s "
+        f"(whole job: pack, write, switch, clean-up); Redis memory with {min(args.pushes, 2)} "
+        f"version(s) held: "
+        f"{memory / 2**20:.0f} MiB, about {memory / (min(args.pushes, 2) * rows):.0f} bytes per "
+        f"entity.\n"
+    )
+    print(
+        f"Lookup: 1 user + {args.candidates} videos, {args.iterations} iterations after "
+        f"{args.warmup} warm-up, microseconds\n"
+    )
+    print("| path | p50 | p99 | min |")
+    print("|---|---:|---:|---:|")
+    for name, t in timings.items():
+        p50, p99 = np.percentile(t, 50), np.percentile(t, 99)
+        print(f"| {name} | {p50:,.0f} | {p99:,.0f} | {t.min():,.0f} |")
+    print(f"\n(min: the closest to an idle machine when the load average is high; {timeouts})")
+    print(
+        f"\nRerun: .venv/bin/python bench/feature_store.py --iterations {args.iterations} "
+        f"--candidates {args.candidates} --scale {args.scale}"
+    )
+
+
+if __name__ == "__main__":
+    main()

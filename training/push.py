@@ -1,0 +1,243 @@
+"""``ranker push-features``: the users and videos tables into a new Redis feature-store version.
+
+A push never touches the version the service reads. It writes every record under a new version
+number, writes the version's meta last, then switches ``P:current`` with one atomic transaction
+(keeping the old version as ``P:previous`` for rollback), and only then removes older versions.
+A reader therefore sees either the old version or the new one, whole. A push that dies half way
+leaves an unreferenced version that the next push removes, so rerunning is always safe; a lock
+key keeps two pushes from interleaving (one's clean-up would delete the other's new version).
+Layout: :mod:`ranker.feature_store` and ``docs/feature-store.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+from tqdm import tqdm
+
+from ranker.config import Source
+from ranker.errors import DataError, StoreError
+from ranker.feature_store import Keys, RecordLayout, VersionMeta, check_prefix, redact
+
+LOCK_TTL_MS = 60_000  # a crashed push blocks the next one at most this long
+MSET_KEYS = 1_000  # keys per MSET command inside one pipelined batch
+
+_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"  # noqa: E501
+# Version numbers go up by one per push but never below the Unix time in seconds, so they stay
+# unique when Redis is flushed or restored from an old snapshot: a service that cached version N's
+# layout never meets a different version N.
+_NEXT_VERSION = "local s = tonumber(redis.call('get', KEYS[1]) or '0'); local t = tonumber(ARGV[1]); if t > s then s = t end; s = s + 1; redis.call('set', KEYS[1], s); return s"  # noqa: E501
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"  # noqa: E501
+
+
+@dataclass
+class PushResult:
+    version: str
+    previous: str | None
+    rows: dict[str, int]  # source -> entities written
+    seconds: float
+    removed: list[str] = field(default_factory=list)  # versions deleted after the switch
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # source -> unpacked columns
+
+    @property
+    def rows_per_second(self) -> float:
+        return sum(self.rows.values()) / max(self.seconds, 1e-9)
+
+
+def connect(url: str, timeout_s: float = 30.0) -> redis.Redis:
+    """A synchronous client for the push job (``redis://``, ``rediss://``, password and db index
+    come from the URL); generous timeouts: a push moves megabytes per round trip."""
+    try:
+        return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=5.0)
+    except ValueError as e:
+        raise StoreError(f"invalid Redis URL {redact(url)}: {e}") from None
+
+
+class _Lock:
+    """``P:lock`` with a random token: refreshed every batch, released only by its holder."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key, self.token = client, key, os.urandom(8).hex()
+
+    def __enter__(self) -> _Lock:
+        if not self.client.set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
+            ttl = self.client.pttl(self.key)
+            raise StoreError(
+                f"another push holds {self.key} (for {max(ttl, 0) / 1000:.0f} s more unless it "
+                f"refreshes it); wait for it, or delete the key if no push is running"
+            )
+        return self
+
+    def refresh(self) -> None:
+        if not self.client.eval(_REFRESH, 1, self.key, self.token, LOCK_TTL_MS):
+            raise StoreError(f"lost {self.key} (expired or taken over); push aborted")
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(redis.RedisError):  # unreleased, it expires by itself
+            self.client.eval(_RELEASE, 1, self.key, self.token)
+
+
+def _decode(v: bytes | None) -> str | None:
+    return v.decode() if v is not None else None
+
+
+def _write_source(
+    client: redis.Redis,
+    lock: _Lock,
+    prefix: str,
+    ids: np.ndarray,
+    records: np.ndarray,
+    batch_size: int,
+    bar: tqdm,
+) -> None:
+    """Writes one source's records: one pipeline of MSETs per batch (one round trip each)."""
+    size = records.dtype.itemsize
+    for start in range(0, len(ids), batch_size):
+        stop = min(start + batch_size, len(ids))
+        buf = records[start:stop].tobytes()
+        keys = [prefix + s for s in map(str, ids[start:stop].tolist())]
+        pipe = client.pipeline(transaction=False)
+        for k0 in range(0, len(keys), MSET_KEYS):
+            chunk = keys[k0 : k0 + MSET_KEYS]
+            pipe.mset({k: buf[(k0 + j) * size : (k0 + j + 1) * size] for j, k in enumerate(chunk)})
+        pipe.execute()
+        lock.refresh()
+        bar.update(stop - start)
+
+
+def remove_versions(client: redis.Redis, keys: Keys, keep: set[str]) -> list[str]:
+    """Deletes every registered version not in ``keep`` (records, meta, registry entry), and
+    unregistered leftovers of a crashed push too; returns the versions removed."""
+    registered = {v.decode() for v in client.zrange(keys.versions, 0, -1)}
+    doomed: set[str] = set()
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=keys.scan_pattern(), count=10_000):
+        v = keys.version_of(key.decode(errors="replace"))
+        if v is not None and v not in keep:
+            doomed.add(v)
+            batch.append(key)
+            if len(batch) >= 10_000:
+                client.unlink(*batch)
+                batch.clear()
+    if batch:
+        client.unlink(*batch)
+    doomed |= registered - keep
+    if doomed:
+        client.zrem(keys.versions, *doomed)
+    return sorted(doomed, key=int)
+
+
+def push_tables(
+    client: redis.Redis,
+    tables: dict[Source, tuple[pa.Table, str]],
+    prefix: str,
+    batch_size: int = 5_000,
+    progress: bool = True,
+    origins: dict[Source, str] | None = None,
+) -> PushResult:
+    """Pushes ``source -> (table, key column)`` as a new version and makes it current.
+
+    Every table is packed before the first write, so bad data fails without touching Redis.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    keys = Keys(check_prefix(prefix))
+    origins = origins or {}
+    packed = {
+        s: RecordLayout.pack(t, key, s, origins.get(s, f"{s} table"))
+        for s, (t, key) in tables.items()
+    }
+    t0 = time.perf_counter()
+    with _Lock(client, keys.lock) as lock:
+        version = str(client.eval(_NEXT_VERSION, 1, keys.seq, int(time.time())))
+        client.zadd(keys.versions, {version: time.time()})
+        total = sum(len(ids) for _, ids, _ in packed.values())
+        with tqdm(total=total, unit="rows", disable=not progress, desc=f"version {version}") as bar:
+            for s, (_, ids, records) in packed.items():
+                _write_source(client, lock, keys.entity(version, s), ids, records, batch_size, bar)
+        meta = VersionMeta(
+            version, datetime.now(UTC).isoformat(), {s: lay for s, (lay, _, _) in packed.items()}
+        )
+        client.set(keys.meta(version), meta.to_json())
+        # The switch: both keys in one MULTI/EXEC, so readers never see a new current with an
+        # old previous (the lock keeps other pushes out between the GET and the EXEC).
+        previous = _decode(client.get(keys.current))
+        pipe = client.pipeline(transaction=True)
+        pipe.set(keys.current, version)
+        if previous is not None:
+            pipe.set(keys.previous, previous)
+        pipe.execute()
+        removed = remove_versions(client, keys, {version} | ({previous} if previous else set()))
+    return PushResult(
+        version,
+        previous,
+        {s: len(ids) for s, (_, ids, _) in packed.items()},
+        time.perf_counter() - t0,
+        removed,
+        {s: lay.skipped for s, (lay, _, _) in packed.items() if lay.skipped},
+    )
+
+
+def push_files(
+    url: str,
+    users: Path,
+    videos: Path,
+    user_key: str = "user_id",
+    video_key: str = "video_id",
+    prefix: str = "ranker:fs",
+    batch_size: int = 5_000,
+    progress: bool = True,
+) -> PushResult:
+    """Reads the two Parquet tables and pushes them (what ``ranker push-features`` runs)."""
+    tables: dict[Source, tuple[pa.Table, str]] = {}
+    for source, path, key in (("user", users, user_key), ("video", videos, video_key)):
+        try:
+            tables[source] = (pq.read_table(path), key)
+        except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read {source} table {path}: {e}") from None
+    client = connect(url)
+    try:
+        return push_tables(
+            client,
+            tables,
+            prefix,
+            batch_size,
+            progress,
+            origins={"user": str(users), "video": str(videos)},
+        )
+    except redis.RedisError as e:
+        raise StoreError(f"Redis at {redact(url)}: {type(e).__name__}: {e}") from None
+    finally:
+        client.close()
+
+
+def rollback(url: str, prefix: str = "ranker:fs") -> tuple[str, str]:
+    """Makes the previous version current again (and the current one previous); returns
+    ``(current, previous)`` after the swap. Running it twice undoes it."""
+    keys = Keys(check_prefix(prefix))
+    client = connect(url)
+    try:
+        with _Lock(client, keys.lock):
+            current, previous = map(_decode, client.mget(keys.current, keys.previous))
+            if current is None or previous is None:
+                raise StoreError(f"nothing to roll back to: {keys.previous} is not set")
+            if not client.exists(keys.meta(previous)):
+                raise StoreError(f"version {previous} is gone ({keys.meta(previous)} is missing)")
+            pipe = client.pipeline(transaction=True)
+            pipe.set(keys.current, previous)
+            pipe.set(keys.previous, current)
+            pipe.execute()
+            return previous, current
+    except redis.RedisError as e:
+        raise StoreError(f"Redis at {redact(url)}: {type(e).__name__}: {e}") from None
+    finally:
+        client.close()
