@@ -67,7 +67,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     from training.loop import train
 
     config = load_config(a.config, a.overrides)
-    result = train(config, progress=not a.quiet, export=not a.no_export)
+    result = train(config, progress=not a.quiet, export=not a.no_export, resume=a.resume)
     print(
         f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)"
     )
@@ -110,13 +110,34 @@ def cmd_serve(a: argparse.Namespace) -> None:
     for key, value in (("ARTIFACT", a.artifact), ("RANKING_CONFIG", a.ranking)):
         if value:
             os.environ[f"RANKER_{key}"] = str(value)
-    from service.app import create_app
+    from service.logs import logging_config
+    from service.observability import multiprocess_metrics
     from service.settings import Settings
 
+    if a.workers < 1:
+        raise RankerError(f"--workers {a.workers}: at least 1")
     settings = Settings()
     host = a.host or settings.host
     port = a.port if a.port is not None else settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": settings.log_level,
+        "log_config": logging_config(settings.log_level),  # JSON lines, in every worker
+        "access_log": False,  # the service's request log replaces uvicorn's
+    }
+    from service.shutdown import exit_zero_on_sigterm
+
+    exit_zero_on_sigterm()  # uvicorn re-raises SIGTERM after draining: exit 0, not 143
+    with multiprocess_metrics(a.workers):  # PROMETHEUS_MULTIPROC_DIR before workers start
+        if a.workers > 1:
+            # Each worker builds its own app from the same RANKER_* environment: uvicorn needs
+            # an import string for that, not an app object.
+            uvicorn.run("service.app:create_app", factory=True, workers=a.workers, **options)
+        else:
+            from service.app import create_app
+
+            uvicorn.run(create_app(settings), **options)
 
 
 def cmd_push_features(a: argparse.Namespace) -> None:
@@ -220,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fit the model on the log's training split, validate, export")
     t.add_argument("--config", default="configs/default.toml")
     t.add_argument("--no-export", action="store_true", help="skip writing the artifact")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from training.run_dir/checkpoint.pt (same config; epochs may grow)",
+    )
     t.add_argument("--quiet", action="store_true")
     _overrides(t)
     t.set_defaults(func=cmd_train)
@@ -247,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranking", help="ranking config TOML (RANKER_RANKING_CONFIG)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (metrics add up across them: docs/observability.md)",
+    )
     s.set_defaults(func=cmd_serve)
 
     f = sub.add_parser(

@@ -204,6 +204,9 @@ class TrainingConfig(Strict):
         default=65536, ge=0, description="rows shuffled together while streaming; 0: no shuffle"
     )
     max_steps_per_epoch: int | None = Field(default=None, gt=0)
+    checkpoint_every_steps: int = Field(
+        default=500, ge=0, description="mid-epoch checkpoints for --resume; 0: at epoch ends only"
+    )
     device: str = "cpu"
     run_dir: Path = Path("runs/default")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,6 @@ from ranker.weighting import SharedPart, build_weighting
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
 from training.encoding import fit_encoder
 from training.evaluate import (
-    format_gate_table,
     format_table,
     gate_utilisation,
     head_metrics,
@@ -55,19 +55,56 @@ class TrainResult:
 
 
 class _Telemetry:
-    """Appends JSON lines (step losses and weights, epoch metrics) to ``run_dir/train_log.jsonl``."""
+    """Appends JSON lines (step losses and weights, epoch metrics) to ``run_dir/train_log.jsonl``;
+    the schema is in docs/observability.md."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, append: bool = False) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "train_log.jsonl"
-        self.file = open(self.path, "w")  # noqa: SIM115 - closed in close()
+        self.file = open(self.path, "a" if append else "w")  # noqa: SIM115 - closed in close()
+        self.started = time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
+        # elapsed_s: throughput and where the time went (validation, gates), from the log alone
+        record = {**record, "elapsed_s": round(time.perf_counter() - self.started, 3)}
         self.file.write(json.dumps(json_ready(record)) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Writes beside the target and renames, so a kill mid-write leaves the previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config: Config) -> dict[str, Any]:
+    """Reads a checkpoint for ``--resume`` and checks it belongs to this config."""
+    if not path.is_file():
+        raise TrainingError(f"cannot resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure means an unusable file
+        raise TrainingError(f"cannot resume: checkpoint {path} is unreadable: {e}") from None
+    if "batches_done" not in state:
+        raise TrainingError(f"cannot resume: {path} was written by an older version")
+    saved = Config.model_validate_json(state["config"])
+    differ = [
+        k
+        for k in ("data", "features", "tasks", "model", "weighting", "position")
+        if getattr(saved, k) != getattr(config, k)
+    ]
+    if differ or saved.training.model_copy(update={"epochs": 0}) != config.training.model_copy(
+        update={"epochs": 0}
+    ):
+        raise TrainingError(
+            f"cannot resume: the config differs from the checkpoint's in {differ or ['training']}"
+            " (only training.epochs may change)"
+        )
+    return state
 
 
 def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | None:
@@ -79,8 +116,17 @@ def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | 
     return ShallowTower(cards, p.hidden, p.dropout)
 
 
-def train(config: Config, progress: bool = True, export: bool = True) -> TrainResult:
-    """Fits the encoder and the model on the training split, validates every epoch, exports."""
+def train(
+    config: Config, progress: bool = True, export: bool = True, resume: bool = False
+) -> TrainResult:
+    """Fits the encoder and the model on the training split, validates every epoch, exports.
+
+    With ``resume`` it continues from ``run_dir/checkpoint.pt`` (written every
+    ``checkpoint_every_steps`` steps and at every epoch end): model, optimizer, weighting and
+    bias-tower state, the random generators as they were at the start of the interrupted epoch,
+    and the data position (the batches of that epoch already trained are replayed through the
+    data pipeline without training), so a killed run ends as an uninterrupted one would.
+    """
     started = time.perf_counter()
     t = config.training
     if t.threads:
@@ -89,15 +135,24 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     rng = np.random.default_rng(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
     device = torch.device(t.device)
+    ckpt_path = t.run_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path, config) if resume else None
 
     log = ImpressionLog(config)
-    fitted = fit_encoder(config, log, progress)
-    encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
+    if state is None:
+        fitted = fit_encoder(config, log, progress)
+        encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
+    else:
+        encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
+        d = config.data
+        users = FeatureTable.from_parquet(d.users, d.user_key, encoder, "user")
+        videos = FeatureTable.from_parquet(d.videos, d.video_key, encoder, "video")
     builder = BatchBuilder(config, encoder, users, videos)
     val_builder = BatchBuilder(config, encoder, users, videos, serving=True)
     model = build_model(config, encoder)
-    for name, bias in fitted.head_bias.items():
-        init_head(model.towers[name][-1], bias)
+    if state is None:
+        for name, bias in fitted.head_bias.items():
+            init_head(model.towers[name][-1], bias)
     model = model.to(device)
     tower = build_bias_tower(config, encoder)
     tower = tower.to(device) if tower is not None else None
@@ -111,7 +166,7 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
         # towards 0: that would bias the weighting, not regularise the model.
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
-    telemetry = _Telemetry(t.run_dir)
+    telemetry = _Telemetry(t.run_dir, append=state is not None)
     train_rows = log.dataset.count_rows(filter=log.filter("train"))
     steps_per_epoch = math.ceil(train_rows / t.batch_size)
     if t.max_steps_per_epoch:
@@ -122,13 +177,60 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
     step = 0
     rows_seen = 0
     train_seconds = 0.0
-    for epoch in range(1, t.epochs + 1):
+    first_epoch, skip = 1, 0
+    resumed_sums: dict[str, float] | None = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        weighting.load_state_dict(state["weighting"])
+        if tower is not None and state.get("bias_tower") is not None:
+            tower.load_state_dict(state["bias_tower"])
+        first_epoch, skip, step = state["epoch"], state["batches_done"], state["step"]
+        history = json.loads(state["history"])
+        metrics = json.loads(state["metrics"]).get("validation", {})
+        resumed_sums = json.loads(state["sums"])
+        rng.bit_generator.state = json.loads(state["rng_numpy"])
+        gen.set_state(state["rng_shuffle"])
+        if skip == 0:
+            torch.set_rng_state(state["rng_torch"])
+        if progress:
+            print(f"resuming {ckpt_path}: epoch {first_epoch}, {skip} batches done, step {step}")
+
+    def checkpoint(epoch: int, batches_done: int, sums: dict[str, float], epoch_rng: Any) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "weighting": weighting.state_dict(),
+                "bias_tower": None if tower is None else tower.state_dict(),
+                "config": config.model_dump_json(),
+                "encoder": json.dumps(encoder.to_json()),
+                "metrics": json.dumps(json_ready({"validation": metrics})),
+                "history": json.dumps(json_ready(history)),
+                "sums": json.dumps(sums),
+                "rng_numpy": json.dumps(epoch_rng[0]),
+                "rng_shuffle": epoch_rng[1],
+                "rng_torch": torch.get_rng_state(),
+            },
+        )
+
+    for epoch in range(first_epoch, t.epochs + 1):
         model.train()
         if tower is not None:
             tower.train()
         epoch_start = time.perf_counter()
+        # The generators as they are at the epoch's start: a mid-epoch checkpoint stores these,
+        # so a resume rebuilds the same file order and shuffle and skips what was trained.
+        epoch_rng = (rng.bit_generator.state, gen.get_state())
         sums = dict.fromkeys(config.task_names, 0.0)
         n_steps = 0
+        if resumed_sums is not None and skip:
+            sums = resumed_sums
+        resumed_sums = None
         stream = (
             builder.build(rb, f)
             for f, rb in log.record_batches("train", batch_size=t.batch_size, shuffle_files=rng)
@@ -141,6 +243,13 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
             mininterval=1.0,
         )
         for batch in shuffled_batches(stream, t.batch_size, t.shuffle_buffer, gen):
+            if skip:
+                skip -= 1
+                n_steps += 1
+                bar.update(1)
+                if skip == 0 and state is not None:
+                    torch.set_rng_state(state["rng_torch"])
+                continue
             batch = batch.to(device)
             out = model.forward_detailed(batch.cat, batch.num)
             if tower is not None and batch.bias is not None:
@@ -191,6 +300,8 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
                     | {f"w_{k}": f"{v:.2f}" for k, v in weights.items()},
                     refresh=False,
                 )
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                checkpoint(epoch, n_steps, sums, epoch_rng)
             if t.max_steps_per_epoch and n_steps >= t.max_steps_per_epoch:
                 break
         bar.close()
@@ -211,28 +322,11 @@ def train(config: Config, progress: bool = True, export: bool = True) -> TrainRe
         telemetry.write(entry)
         if progress:
             print(f"\nvalidation after epoch {epoch} ({len(preds)} rows):\n{format_table(metrics)}")
-        torch.save(
-            {
-                "epoch": epoch,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "weighting": weighting.state_dict(),
-                "bias_tower": None if tower is None else tower.state_dict(),
-                "config": config.model_dump_json(),
-                "encoder": json.dumps(encoder.to_json()),
-                "metrics": json.dumps(json_ready({"validation": metrics})),
-            },
-            t.run_dir / "checkpoint.pt",
-        )
+        next_rng = (rng.bit_generator.state, gen.get_state())
+        checkpoint(epoch + 1, 0, dict.fromkeys(config.task_names, 0.0), next_rng)
     gates = gate_utilisation(model, val_builder, log, "validation", device=str(device))
     if gates is not None:
         telemetry.write({"gate_utilisation": gates})
-        if progress:
-            print(
-                f"\ngate utilisation (mean weight per expert, validation):\n"
-                f"{format_gate_table(gates)}"
-            )
     telemetry.close()
     model = model.cpu().eval()
     result = TrainResult(
