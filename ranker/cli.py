@@ -62,12 +62,32 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    import os
+
     from ranker.config import load_config
     from training.evaluate import format_gate_table, format_table
     from training.loop import train
 
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # The shortcut re-launches this command under torchrun, one process per rank.
+        load_config(a.config, a.overrides)  # fail fast, before starting N processes
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={a.nproc}", "-m", "ranker", "train", "--config", str(a.config),
+        ]
+        for o in a.overrides:
+            cmd += ["--set", o]
+        cmd += [f for f, on in (("--quiet", a.quiet), ("--no-export", a.no_export)) if on]
+        import subprocess
+
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0:
+            raise RankerError(f"distributed training failed (torchrun exit code {rc})")
+        return
     config = load_config(a.config, a.overrides)
     result = train(config, progress=not a.quiet, export=not a.no_export, resume=a.resume)
+    if result.artifact is None and "WORLD_SIZE" in os.environ:
+        return  # not rank 0: rank 0 reports
     print(
         f"\ntrained in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s while training)"
     )
@@ -241,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fit the model on the log's training split, validate, export")
     t.add_argument("--config", default="configs/default.toml")
     t.add_argument("--no-export", action="store_true", help="skip writing the artifact")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train data-parallel in N processes (torchrun --standalone --nproc-per-node N)",
+    )
     t.add_argument(
         "--resume",
         action="store_true",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as ds
 import torch
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
 from ranker.weighting import SharedPart, build_weighting
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
+from training.distributed import Dist, parameter_digest, shard_files
 from training.encoding import fit_encoder
 from training.evaluate import (
     format_table,
@@ -58,10 +60,12 @@ class _Telemetry:
     """Appends JSON lines (step losses and weights, epoch metrics) to ``run_dir/train_log.jsonl``;
     the schema is in docs/observability.md."""
 
-    def __init__(self, run_dir: Path, append: bool = False) -> None:
+    def __init__(self, run_dir: Path, append: bool = False, enabled: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "train_log.jsonl"
-        self.file = open(self.path, "a" if append else "w")  # noqa: SIM115 - closed in close()
+        self.enabled = enabled
+        # Only one process writes (rank 0 under torchrun); the others log nowhere.
+        self.file = open(self.path if enabled else os.devnull, "a" if append else "w")  # noqa: SIM115
         self.started = time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -136,12 +140,28 @@ def train(
     gen = torch.Generator().manual_seed(t.seed)
     device = torch.device(t.device)
     ckpt_path = t.run_dir / "checkpoint.pt"
+    dctx = Dist.from_env(t.device)
+    if dctx.enabled and resume:
+        raise TrainingError("--resume runs single-process only; resume without torchrun")
+    progress = progress and dctx.is_main
     state = load_checkpoint(ckpt_path, config) if resume else None
 
     log = ImpressionLog(config)
     if state is None:
-        fitted = fit_encoder(config, log, progress)
-        encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
+        # Fitted once, on rank 0, and shared: every rank encodes exactly alike.
+        fitted = fit_encoder(config, log, progress) if dctx.is_main else None
+        shared = dctx.broadcast_object(
+            None if fitted is None else (json.dumps(fitted.encoder.to_json()), fitted.head_bias)
+        )
+        if fitted is not None:
+            encoder, users, videos = fitted.encoder, fitted.users, fitted.videos
+            head_bias = fitted.head_bias
+        else:
+            encoder = FeatureEncoder.from_json(json.loads(shared[0]))
+            head_bias = shared[1]
+            d = config.data
+            users = FeatureTable.from_parquet(d.users, d.user_key, encoder, "user")
+            videos = FeatureTable.from_parquet(d.videos, d.video_key, encoder, "video")
     else:
         encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
         d = config.data
@@ -151,7 +171,7 @@ def train(
     val_builder = BatchBuilder(config, encoder, users, videos, serving=True)
     model = build_model(config, encoder)
     if state is None:
-        for name, bias in fitted.head_bias.items():
+        for name, bias in head_bias.items():
             init_head(model.towers[name][-1], bias)
     model = model.to(device)
     tower = build_bias_tower(config, encoder)
@@ -166,9 +186,19 @@ def train(
         # towards 0: that would bias the weighting, not regularise the model.
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
-    telemetry = _Telemetry(t.run_dir, append=state is not None)
-    train_rows = log.dataset.count_rows(filter=log.filter("train"))
-    steps_per_epoch = math.ceil(train_rows / t.batch_size)
+    dctx.broadcast_parameters([m for m in (model, tower, weighting) if m is not None])
+    trainable = [p for g in groups for p in g["params"]]
+    telemetry = _Telemetry(t.run_dir, append=state is not None, enabled=dctx.is_main)
+    my_files = shard_files(log.files, dctx)
+    train_rows = sum(
+        ds.dataset(f, format="parquet").count_rows(filter=log.filter("train"))
+        for f in (my_files if my_files is not None else log.files)
+    )
+    if dctx.enabled and my_files is None:
+        train_rows //= dctx.world
+    # Ranks step in lock-step (one all-reduce per step): every rank runs the smallest share.
+    steps_per_epoch = dctx.min_int(math.ceil(train_rows / t.batch_size))
+    step_limit = steps_per_epoch if dctx.enabled else None
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
 
@@ -197,6 +227,8 @@ def train(
             print(f"resuming {ckpt_path}: epoch {first_epoch}, {skip} batches done, step {step}")
 
     def checkpoint(epoch: int, batches_done: int, sums: dict[str, float], epoch_rng: Any) -> None:
+        if not dctx.is_main:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -231,10 +263,12 @@ def train(
         if resumed_sums is not None and skip:
             sums = resumed_sums
         resumed_sums = None
-        stream = (
-            builder.build(rb, f)
-            for f, rb in log.record_batches("train", batch_size=t.batch_size, shuffle_files=rng)
+        batches = log.record_batches(
+            "train", batch_size=t.batch_size, shuffle_files=rng, files=my_files
         )
+        if dctx.enabled and my_files is None:  # fewer files than ranks: stride over batches
+            batches = (fb for i, fb in enumerate(batches) if i % dctx.world == dctx.rank)
+        stream = (builder.build(rb, f) for f, rb in batches)
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{t.epochs}",
@@ -275,6 +309,7 @@ def train(
             weights = weighting.backward(
                 losses, SharedPart(model.shared_parameters(), out.representation)
             )
+            dctx.average_gradients(trainable)
             optimizer.step()
             step += 1
             n_steps += 1
@@ -304,30 +339,41 @@ def train(
                 checkpoint(epoch, n_steps, sums, epoch_rng)
             if t.max_steps_per_epoch and n_steps >= t.max_steps_per_epoch:
                 break
+            if step_limit is not None and n_steps >= step_limit:
+                break
         bar.close()
         train_seconds += time.perf_counter() - epoch_start
         if n_steps == 0:
             raise TrainingError("the training split produced no batches")
-        mean_losses = {k: v / n_steps for k, v in sums.items()}
+        mean_losses = dctx.mean_dict({k: v / n_steps for k, v in sums.items()})
         weighting.epoch_end(mean_losses)
-        preds = predict_split(model, val_builder, log, "validation", device=str(device))
-        metrics = head_metrics(config, preds)
-        entry = {
-            "epoch": epoch,
-            "train_loss": mean_losses,
-            "validation": metrics,
-            "rows": len(preds),
-        }
-        history.append(entry)
-        telemetry.write(entry)
-        if progress:
-            print(f"\nvalidation after epoch {epoch} ({len(preds)} rows):\n{format_table(metrics)}")
+        if dctx.is_main:  # ranks hold identical weights: rank 0 validates on the whole split
+            preds = predict_split(model, val_builder, log, "validation", device=str(device))
+            metrics = head_metrics(config, preds)
+            entry = {
+                "epoch": epoch,
+                "train_loss": mean_losses,
+                "validation": metrics,
+                "rows": len(preds),
+            }
+            history.append(entry)
+            telemetry.write(entry)
+            if progress:
+                table = format_table(metrics)
+                print(f"\nvalidation after epoch {epoch} ({len(preds)} rows):\n{table}")
         next_rng = (rng.bit_generator.state, gen.get_state())
         checkpoint(epoch + 1, 0, dict.fromkeys(config.task_names, 0.0), next_rng)
-    gates = gate_utilisation(model, val_builder, log, "validation", device=str(device))
+        dctx.barrier()
+    gates = None
+    if dctx.is_main:
+        gates = gate_utilisation(model, val_builder, log, "validation", device=str(device))
     if gates is not None:
         telemetry.write({"gate_utilisation": gates})
     telemetry.close()
+    if dctx.enabled:
+        (t.run_dir / f"params-rank{dctx.rank}.sha256").write_text(parameter_digest(model))
+        dctx.barrier()
+        dctx.close()
     model = model.cpu().eval()
     result = TrainResult(
         config,
@@ -341,7 +387,7 @@ def train(
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
         gate_utilisation=gates,
     )
-    if export:
+    if export and dctx.is_main:
         report: dict[str, Any] = {"validation": json_ready(metrics)}
         if gates is not None:
             report["gate_utilisation"] = json_ready(gates)
