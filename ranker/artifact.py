@@ -141,16 +141,24 @@ def save_artifact(
     return final
 
 
-def resolve(path: Path) -> Path:
-    """A version directory itself, or the newest version under a name or root directory."""
+def list_versions(path: Path) -> list[Path]:
+    """Every version directory ``path`` holds: itself when it is one, else the versions one or
+    two levels down (a name directory, or a root of names); temporary (dot) directories never
+    count. The service's reload picks versions by name from this list only, so nothing outside
+    the configured root is ever loaded."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        return path
+        return [path]
     if not path.is_dir():
         raise ArtifactError(f"artifact path {path} does not exist")
     versions = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
     versions += sorted(p.parent for p in path.glob(f"*/*/{MANIFEST}"))
-    versions = [v for v in versions if not v.name.startswith(".")]
+    return [v for v in versions if not v.name.startswith(".")]
+
+
+def resolve(path: Path) -> Path:
+    """A version directory itself, or the newest version under a name or root directory."""
+    versions = list_versions(path)
     if not versions:
         raise ArtifactError(f"no artifact (no {MANIFEST}) under {path}")
     return max(versions, key=lambda v: v.name)

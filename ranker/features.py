@@ -2,10 +2,15 @@
 
 Categorical values map to ``1..V`` and everything unseen, rare or null to ``0`` (the unknown
 bucket); numerics are optionally ``log1p``-ed, standardised, and null becomes ``0`` (the mean).
+A multi-valued categorical (a ``separator``-joined column such as KuaiRand's ``tag = "3,17,5"``)
+encodes into ``max_values`` columns: the codes of its known values in order, duplicates dropped,
+padded with ``0``; the model mean-pools their embeddings, skipping the padding.
 The state is plain JSON inside the artifact, so the service encodes exactly as the trainer did.
 
 Encoding works on whole Arrow columns at once: integer vocabularies use ``numpy.searchsorted``,
-string vocabularies Arrow's hash lookup; no per-row Python anywhere.
+string vocabularies Arrow's hash lookup, multi-valued columns Arrow's list kernels
+(``split_pattern``, ``list_flatten``, ``list_parent_indices``) and one numpy scatter; no per-row
+Python anywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import pyarrow.compute as pc
 from ranker.config import SOURCES, FeatureSpec, Source
 from ranker.errors import DataError
 
-FORMAT = 1
+FORMAT = 2
+"""2: multi-valued features encode into ``max_values`` columns (1 encoded only the first value;
+a format-1 state without multi-valued features encodes identically and still loads)."""
 
 
 @dataclass
@@ -124,9 +131,50 @@ def _column(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, origin: str) ->
     return col
 
 
-def _split_multi(col: pa.Array, sep: str) -> pa.Array:
-    """Flattened values of a multi-valued string column (``"3,17,5"``)."""
-    return pc.list_flatten(pc.split_pattern(col.cast(pa.string()), pattern=sep))
+def _split_multi(col: pa.Array, sep: str) -> tuple[pa.Array, np.ndarray]:
+    """Values of a multi-valued string column (``"3, 17,5"``), flattened and whitespace-trimmed,
+    empty ones dropped, and the row each came from: ``(values (m,), rows (m,) int64)``; rows are
+    non-decreasing and values keep their order within a row. A null row has no values."""
+    lists = pc.split_pattern(col.cast(pa.string()), pattern=sep)
+    values = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+    rows = np.asarray(pc.list_parent_indices(lists), dtype=np.int64)
+    keep = np.asarray(pc.not_equal(values, "").fill_null(False), dtype=bool)
+    return values.filter(pa.array(keep)), rows[keep]
+
+
+def pack_multi(codes: np.ndarray, rows: np.ndarray, n: int, width: int) -> np.ndarray:
+    """Packs value codes into a padded ``(n, width)`` int64 matrix.
+
+    Args:
+        codes: ``(m,)`` codes of every value, ``0`` for unknown ones (they are dropped, so a
+            rare value never takes the slot of a known one).
+        rows: ``(m,)`` row of each value, non-decreasing.
+        n: rows in the output.
+        width: slots per row; values after the first ``width`` known distinct ones are cut.
+
+    Returns:
+        ``(n, width)``: per row its known codes in order of appearance, each once, then zeros.
+    """
+    keep = codes > 0
+    codes, rows = codes[keep], rows[keep]
+    m = len(codes)
+    if m:
+        # Drop repeats of a code within a row, keeping its first occurrence (order preserved).
+        order = np.lexsort((np.arange(m), codes, rows))
+        dup_sorted = np.r_[
+            False, (rows[order][1:] == rows[order][:-1]) & (codes[order][1:] == codes[order][:-1])
+        ]
+        dup = np.empty(m, bool)
+        dup[order] = dup_sorted
+        codes, rows = codes[~dup], rows[~dup]
+        m = len(codes)
+    idx = np.arange(m)
+    first = np.r_[True, rows[1:] != rows[:-1]] if m else np.zeros(0, bool)
+    slot = idx - np.maximum.accumulate(np.where(first, idx, 0))  # position within its row
+    fit = slot < width
+    out = np.zeros((n, width), np.int64)
+    out[rows[fit], slot[fit]] = codes[fit]
+    return out
 
 
 @dataclass
@@ -158,8 +206,14 @@ class FeatureEncoder:
 
     @property
     def cardinalities(self) -> list[int]:
-        """Embedding rows per categorical feature, in ``cat`` column order (unknown bucket included)."""
+        """Embedding rows per categorical feature, in feature order (unknown bucket included)."""
         return [len(self.vocabs[f.name].values) + 1 for f in self.categorical]
+
+    @property
+    def cat_widths(self) -> list[int]:
+        """``cat`` columns per categorical feature, in feature order: 1, or ``max_values`` for a
+        multi-valued one (whose columns the model mean-pools)."""
+        return [f.width for f in self.categorical]
 
     def encode(self, table: pa.Table | pa.RecordBatch, source: Source, origin: str = "") -> Encoded:
         """Encodes one source's columns of ``table``: ``cat (n, C_s)``, ``num (n, N_s)``."""
@@ -172,24 +226,24 @@ class FeatureEncoder:
             for f in self.of(source, "numeric")
         ]
         return Encoded(
-            np.stack(cats, axis=1) if cats else np.zeros((n, 0), np.int64),
+            np.concatenate(cats, axis=1) if cats else np.zeros((n, 0), np.int64),
             np.stack(nums, axis=1) if nums else np.zeros((n, 0), np.float32),
         )
 
     def defaults(self, source: Source, n: int = 1) -> Encoded:
         """The encoding of a row whose features are all unknown: what a missing entity gets."""
         return Encoded(
-            np.zeros((n, len(self.of(source, "categorical"))), np.int64),
+            np.zeros((n, sum(f.width for f in self.of(source, "categorical"))), np.int64),
             np.zeros((n, len(self.of(source, "numeric"))), np.float32),
         )
 
     def _encode_cat(self, col: pa.Array, spec: FeatureSpec) -> np.ndarray:
+        """Codes ``(n, width)`` of one categorical column."""
         vocab = self.vocabs[spec.name]
         if spec.separator is None:
-            return vocab.lookup(col)
-        # Multi-valued: the first value's code stands for the row (a simple, fast choice).
-        first = pc.list_element(pc.split_pattern(col.cast(pa.string()), pattern=spec.separator), 0)
-        return vocab.lookup(first)
+            return vocab.lookup(col)[:, None]
+        values, rows = _split_multi(col, spec.separator)
+        return pack_multi(vocab.lookup(values), rows, len(col), spec.width)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,10 +255,17 @@ class FeatureEncoder:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FeatureEncoder:
-        if d.get("format") != FORMAT:
+        if d.get("format") not in (1, FORMAT):
             raise DataError(f"encoder state format {d.get('format')} is not {FORMAT}")
+        features = [FeatureSpec.model_validate(f) for f in d["features"]]
+        multi = [f.name for f in features if f.separator is not None]
+        if d["format"] == 1 and multi:
+            raise DataError(
+                f"encoder state format 1 encoded multi-valued feature(s) {multi} by their first "
+                f"value only; this code pools up to max_values values: retrain or re-export"
+            )
         return cls(
-            features=[FeatureSpec.model_validate(f) for f in d["features"]],
+            features=features,
             vocabs={k: Vocabulary.from_json(v) for k, v in d["vocabs"].items()},
             stats={k: NumericStats(**v) for k, v in d["stats"].items()},
         )
@@ -307,12 +368,9 @@ class EncoderFitter:
             if f.kind == "categorical":
                 w = weights
                 if f.separator is not None:
+                    col, rows = _split_multi(col, f.separator)
                     if w is not None:
-                        lengths = pc.list_value_length(
-                            pc.split_pattern(col.cast(pa.string()), pattern=f.separator)
-                        )
-                        w = np.repeat(w, np.asarray(lengths.fill_null(0), dtype=np.int64))
-                    col = _split_multi(col, f.separator)
+                        w = np.asarray(w)[rows]  # each value counts as much as its row
                 elif not (pa.types.is_integer(col.type) or pa.types.is_string(col.type)):
                     col = col.cast(pa.string())
                 self.counts[f.name].add(col, w)

@@ -1,11 +1,23 @@
-"""Multi-task ranking models: MMoE (Ma et al., KDD 2018) and its baselines from the same parts.
+"""Multi-task ranking models: shared-bottom, OMoE, MMoE and PLE/CGC, built from the same parts.
 
-* ``mmoe``: shared embeddings -> E expert MLPs -> one softmax gate per task mixes the experts ->
-  one tower per task.
-* ``omoe``: the same with one gate shared by every task (the MMoE paper's ablation).
-* ``shared_bottom``: one shared MLP feeds every tower (Caruana 1997), no gates.
+* ``shared_bottom``: one shared MLP feeds every tower (Caruana, "Multitask Learning", 1997), no
+  gates: the baseline every claim about gating needs.
+* ``omoe``: ``E`` expert MLPs mixed by one softmax gate shared by every task (the one-gate
+  ablation of Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate
+  Mixture-of-Experts", KDD 2018).
+* ``mmoe``: the same experts, one gate per task (Ma et al., KDD 2018), so tasks that conflict
+  can lean on different experts.
+* ``ple``: Progressive Layered Extraction (Tang et al., "Progressive Layered Extraction (PLE): A
+  Novel Multi-Task Learning (MTL) Model for Personalized Recommendations", RecSys 2020). Each
+  level holds task-specific experts for every task plus shared experts; task ``t``'s gate mixes
+  its own and the shared experts (Customized Gate Control, CGC), and on every level but the last
+  a shared gate mixes *all* experts into the shared experts' input for the next level. Explicitly
+  separated task experts are PLE's answer to the "seesaw" (one task improving at another's
+  cost) that MMoE's all-shared experts show on weakly related tasks. One level is CGC.
 
 The model returns raw head outputs keyed by task name; losses, weighting and devices live outside.
+The state-dict keys of ``mmoe``, ``omoe`` and ``shared_bottom`` (``embed``, ``experts``, ``gate``,
+``towers``) are those of earlier versions, so their artifacts still load.
 """
 
 from __future__ import annotations
@@ -16,24 +28,129 @@ import torch
 from torch import Tensor, nn
 
 from ranker.config import ModelConfig
-from ranker.modules import ExpertBank, FeatureEmbedding, mlp
+from ranker.modules import ExpertBank, FeatureEmbedding, GateBank, gate_softmax, mlp
 
 
 @dataclass
 class ModelOutput:
-    raw: dict[str, Tensor]  # task -> (B,)
-    representation: Tensor  # (B, E, H): the shared part's output
-    gates: Tensor | None  # (B, T, E) softmax weights, None for shared-bottom
+    raw: dict[str, Tensor]  # task -> (B,) (or (B, K) for a head with K raw outputs)
+    representation: Tensor
+    """The shared part's output that every task's loss flows through (what gradient-based
+    weighting differentiates in ``representation`` mode): ``(B, E, H)`` expert outputs for
+    mmoe/omoe, ``(B, 1, H)`` the bottom's output for shared-bottom, ``(B, S, H)`` the *last
+    level's shared experts* for ple (the only part of PLE's last level that every task reads;
+    task-specific experts are left out because only their own task's loss reaches them)."""
+    gates: Tensor | None
+    """``(B, T, E)`` gate weights of each task over :meth:`RankingModel.expert_names` (each row
+    sums to 1; for ple the last level's gates, 0 on the other tasks' experts, which a task's gate
+    cannot see); ``None`` for shared-bottom, which has no gate."""
+
+
+class ExtractionLevel(nn.Module):
+    """One PLE level (alone: a CGC layer), Tang et al., RecSys 2020, section 4.2-4.3.
+
+    Args:
+        num_tasks: ``T``.
+        task_experts: ``m_t``, experts per task.
+        shared_experts: ``m_s``.
+        in_dim: input size (the embeddings for level 1, the expert size ``H`` after it).
+        hidden: layer sizes of every expert MLP.
+        dropout: dropout inside the experts.
+        gate_dropout: see :func:`ranker.modules.gate_softmax`.
+        last: the last level has no shared gate (nothing above reads the shared mixture).
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        task_experts: int,
+        shared_experts: int,
+        in_dim: int,
+        hidden: list[int],
+        dropout: float,
+        gate_dropout: float,
+        last: bool,
+    ) -> None:
+        super().__init__()
+        t, mt, ms = num_tasks, task_experts, shared_experts
+        self.num_tasks, self.task_experts, self.shared_experts = t, mt, ms
+        self.task_bank = ExpertBank(t * mt, in_dim, hidden, dropout)  # task i: [i*mt, (i+1)*mt)
+        self.shared_bank = ExpertBank(ms, in_dim, hidden, dropout)
+        self.task_gates = GateBank(t, in_dim, mt + ms, gate_dropout)
+        self.shared_gate = None if last else GateBank(1, in_dim, t * mt + ms, gate_dropout)
+        self.out_dim = self.task_bank.out_dim
+        # owner[k]: the task whose input expert k of the task bank reads (deeper levels)
+        self.register_buffer(
+            "owner", torch.arange(t).repeat_interleave(mt), persistent=False
+        )  # (T*mt,)
+        # slots[i]: where task i's gate weights go among all T*mt + ms experts
+        slots = [
+            list(range(i * mt, (i + 1) * mt)) + list(range(t * mt, t * mt + ms)) for i in range(t)
+        ]
+        self.register_buffer("slots", torch.tensor(slots, dtype=torch.long), persistent=False)
+
+    def forward(
+        self, task_in: Tensor, shared_in: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Args:
+            task_in: ``(B, In)`` (level 1: every task reads the embeddings) or ``(B, T, In)``.
+            shared_in: ``(B, In)``.
+
+        Returns:
+            ``task_out (B, T, H)``, ``shared_out (B, H)`` or ``None`` on the last level,
+            ``shared (B, m_s, H)`` the shared experts' outputs, and the task gates
+            ``(B, T, m_t + m_s)`` (own experts first; :meth:`full_gates` spreads them out).
+        """
+        t, mt = self.num_tasks, self.task_experts
+        per_expert = task_in if task_in.dim() == 2 else task_in[:, self.owner]  # (B, T*mt, In)
+        own = self.task_bank(per_expert)  # (B, T*mt, H)
+        shared = self.shared_bank(shared_in)  # (B, ms, H)
+        b, h = own.shape[0], own.shape[-1]
+        g = self.task_gates(task_in)  # (B, T, mt+ms)
+        # Weighted sums as broadcasts, not B tiny matmuls (bmm/einsum are ~3x slower on CPU).
+        task_out = (g[:, :, :mt, None] * own.view(b, t, mt, h)).sum(2)  # (B, T, H)
+        task_out = task_out + (g[:, :, mt:, None] * shared.unsqueeze(1)).sum(2)  # (B, T, H)
+        shared_out = None
+        if self.shared_gate is not None:
+            gs = self.shared_gate(shared_in).squeeze(1)  # (B, T*mt+ms)
+            everything = torch.cat([own, shared], dim=1)  # (B, T*mt+ms, H)
+            shared_out = (gs.unsqueeze(-1) * everything).sum(1)  # (B, H)
+        return task_out, shared_out, shared, g
+
+    def full_gates(self, g: Tensor) -> Tensor:
+        """Task gates ``(B, T, m_t + m_s)`` placed among all experts: ``(B, T, T*m_t + m_s)``,
+        0 where a task's gate cannot see an expert (for utilisation reports)."""
+        t, mt, ms = self.num_tasks, self.task_experts, self.shared_experts
+        full = torch.zeros(g.shape[0], t, t * mt + ms, dtype=g.dtype, device=g.device)
+        return full.scatter(2, self.slots.expand(g.shape[0], -1, -1), g)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every task's loss reaches: the shared experts; below the last level also
+        the task experts and the shared gate, which feed the next level's shared experts."""
+        params = list(self.shared_bank.parameters())
+        if self.shared_gate is not None:
+            params += [*self.task_bank.parameters(), *self.shared_gate.parameters()]
+        return params
+
+    def flops_per_row(self) -> int:
+        t, mt, ms, h = self.num_tasks, self.task_experts, self.shared_experts, self.out_dim
+        total = self.task_bank.flops_per_row() + self.shared_bank.flops_per_row()
+        total += self.task_gates.flops_per_row() + 2 * t * (mt + ms) * h  # gates, mixing
+        if self.shared_gate is not None:
+            total += self.shared_gate.flops_per_row() + 2 * (t * mt + ms) * h
+        return total
 
 
 class RankingModel(nn.Module):
     """Args:
-    cardinalities: embedding rows per categorical input column (unknown bucket included).
+    cardinalities: embedding rows per categorical feature (unknown bucket included).
     num_numeric: number of numeric input columns.
     tasks: head names, in output order.
     config: architecture and sizes.
     output_dims: raw outputs per head (default 1, returned as ``(B,)``; more as ``(B, K)``, e.g.
         the cumulative logits of an ordinal head).
+    cat_widths: ``cat`` columns per categorical feature (default 1 each; ``max_values`` for a
+        multi-valued feature, whose embeddings are mean-pooled).
     """
 
     def __init__(
@@ -43,20 +160,44 @@ class RankingModel(nn.Module):
         tasks: list[str],
         config: ModelConfig,
         output_dims: dict[str, int] | None = None,
+        cat_widths: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("a ranking model needs at least one task")
         self.tasks = list(tasks)
         self.config = config
-        self.embed = FeatureEmbedding(cardinalities, num_numeric, config.embedding_dim)
+        self.arch = config.architecture
+        self.embed = FeatureEmbedding(cardinalities, num_numeric, config.embedding_dim, cat_widths)
         d_in = self.embed.out_dim
-        n_experts = 1 if config.architecture == "shared_bottom" else config.num_experts
-        self.experts = ExpertBank(n_experts, d_in, config.expert_hidden, config.dropout)
-        n_gates = {"mmoe": len(tasks), "omoe": 1, "shared_bottom": 0}[config.architecture]
-        self.n_gates = n_gates
-        self.gate = nn.Linear(d_in, n_gates * n_experts) if n_gates else None
-        h = self.experts.out_dim
+        self.experts: ExpertBank | None = None
+        self.gate: nn.Linear | None = None
+        self.levels = nn.ModuleList()  # ple only
+        self.n_gates = 0
+        if self.arch == "ple":
+            if config.task_experts < 1 or config.shared_experts < 1:
+                raise ValueError("ple needs >= 1 task expert and >= 1 shared expert per level")
+            d = d_in
+            for level in range(config.ple_levels):
+                lvl = ExtractionLevel(
+                    len(tasks),
+                    config.task_experts,
+                    config.shared_experts,
+                    d,
+                    config.expert_hidden,
+                    config.dropout,
+                    config.gate_dropout,
+                    last=level == config.ple_levels - 1,
+                )
+                self.levels.append(lvl)
+                d = lvl.out_dim
+            h = d
+        else:
+            n_experts = 1 if self.arch == "shared_bottom" else config.num_experts
+            self.experts = ExpertBank(n_experts, d_in, config.expert_hidden, config.dropout)
+            self.n_gates = {"mmoe": len(tasks), "omoe": 1, "shared_bottom": 0}[self.arch]
+            self.gate = nn.Linear(d_in, self.n_gates * n_experts) if self.n_gates else None
+            h = self.experts.out_dim
         dims = {t: 1 for t in tasks} | (output_dims or {})
         self.output_dims = {t: dims[t] for t in tasks}
         self.towers = nn.ModuleDict(
@@ -72,23 +213,70 @@ class RankingModel(nn.Module):
             assert isinstance(last, nn.Linear)
             last.bias.fill_(b)
 
+    def expert_names(self) -> list[str]:
+        """Names of the experts the ``gates`` of :class:`ModelOutput` weigh, in their order:
+        ``e0..`` (mmoe, omoe), ``bottom`` (shared-bottom), ``<task>.<i>`` then ``shared.<i>``
+        (ple, last level)."""
+        if self.arch == "ple":
+            c = self.config
+            own = [f"{t}.{i}" for t in self.tasks for i in range(c.task_experts)]
+            return own + [f"shared.{i}" for i in range(c.shared_experts)]
+        assert self.experts is not None
+        if self.arch == "shared_bottom":
+            return ["bottom"]
+        return [f"e{i}" for i in range(self.experts.num_experts)]
+
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters every task's loss flows through (what gradient-based weighting balances)."""
-        return [*self.embed.parameters(), *self.experts.parameters()]
+        """Parameters every task's loss flows through (what gradient-based weighting balances):
+        the embeddings and the experts (mmoe, omoe, shared-bottom) and omoe's single gate; for
+        ple the embeddings, every level's shared experts and, below the last level, the task
+        experts and shared gates that feed the next level's shared experts. Per-task gates (stored
+        as one tensor, one slice per task) and towers are not shared."""
+        params = list(self.embed.parameters())
+        if self.experts is not None:
+            params += list(self.experts.parameters())
+        if self.gate is not None and self.n_gates == 1:  # omoe: one gate for every task
+            params += list(self.gate.parameters())
+        for lvl in self.levels:
+            assert isinstance(lvl, ExtractionLevel)
+            params += lvl.shared_parameters()
+        return params
 
     def forward_detailed(self, cat: Tensor, num: Tensor) -> ModelOutput:
+        """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw outputs, the shared
+        representation and the gates (see :class:`ModelOutput`)."""
+        return self._run(cat, num, with_gates=True)
+
+    def _run(self, cat: Tensor, num: Tensor, with_gates: bool) -> ModelOutput:
         x = self.embed(cat, num)  # (B, In)
-        rep = self.experts(x)  # (B, E, H)
-        if self.gate is None:
-            mixed = rep[:, 0:1, :].expand(-1, len(self.tasks), -1)  # (B, T, H)
-            gates = None
+        t = len(self.tasks)
+        if self.arch == "ple":
+            task_in: Tensor = x
+            shared_in: Tensor = x
+            rep, gates = x, None
+            for lvl in self.levels:
+                task_in, shared_out, rep, gates = lvl(task_in, shared_in)  # (B, T, H), ...
+                if shared_out is not None:
+                    shared_in = shared_out  # (B, H)
+            mixed = task_in  # (B, T, H)
+            if with_gates and gates is not None:
+                last = self.levels[-1]
+                assert isinstance(last, ExtractionLevel)
+                gates = last.full_gates(gates)  # (B, T, E_all)
         else:
-            gates = torch.softmax(self.gate(x).view(x.shape[0], self.n_gates, -1), dim=-1)
-            mixed = torch.bmm(gates, rep)  # (B, G, H)
-            if self.n_gates == 1:
-                gates = gates.expand(-1, len(self.tasks), -1)
-                mixed = mixed.expand(-1, len(self.tasks), -1)
-        raw = {t: self._head(t, mixed[:, i]) for i, t in enumerate(self.tasks)}
+            assert self.experts is not None
+            rep = self.experts(x)  # (B, E, H)
+            if self.gate is None:
+                mixed = rep[:, 0:1, :].expand(-1, t, -1)  # (B, T, H)
+                gates = None
+            else:
+                logits = self.gate(x).view(x.shape[0], self.n_gates, -1)  # (B, G, E)
+                gates = gate_softmax(logits, self.config.gate_dropout, self.training)
+                mixed = torch.bmm(gates, rep)  # (B, G, H)
+                if self.n_gates == 1:
+                    gates = gates.expand(-1, t, -1)
+                    mixed = mixed.expand(-1, t, -1)
+        raw = {name: self._head(name, mixed[:, i]) for i, name in enumerate(self.tasks)}
         return ModelOutput(raw, rep, gates)
 
     def _head(self, task: str, x: Tensor) -> Tensor:
@@ -97,7 +285,7 @@ class RankingModel(nn.Module):
 
     def forward(self, cat: Tensor, num: Tensor) -> dict[str, Tensor]:
         """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw output ``(B,)`` per task."""
-        return self.forward_detailed(cat, num).raw
+        return self._run(cat, num, with_gates=False).raw
 
     def flops_per_row(self) -> int:
         """Multiply-adds x2 of one forward for one candidate (embedding gathers not counted)."""
@@ -105,8 +293,11 @@ class RankingModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 total += 2 * m.in_features * m.out_features
-        for w in self.experts.weights:
-            total += 2 * w.numel()
-        if self.gate is not None:
-            total += 2 * self.n_gates * self.experts.num_experts * self.experts.out_dim
+        if self.experts is not None:
+            total += self.experts.flops_per_row()
+            if self.gate is not None:
+                total += 2 * self.n_gates * self.experts.num_experts * self.experts.out_dim
+        for lvl in self.levels:
+            assert isinstance(lvl, ExtractionLevel)
+            total += lvl.flops_per_row()
         return total

@@ -1,4 +1,9 @@
-"""Building blocks of the ranking models: embeddings, MLPs and a fused bank of expert MLPs."""
+"""Building blocks of the ranking models: embeddings (with mean-pooled multi-valued features),
+MLPs, a fused bank of expert MLPs and a bank of softmax gates (with gate dropout).
+
+Every architecture in :mod:`ranker.model` (shared-bottom, OMoE, MMoE, PLE/CGC) is these parts
+arranged differently, so a comparison between them measures the arrangement, not the parts.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +29,50 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int | None, dropout: float = 0.
 
 class FeatureEmbedding(nn.Module):
     """One table for all categorical features (offsets select each feature's rows), so the
-    lookup is a single gather; numerics are appended as they are (already standardised)."""
+    lookup is a single gather; numerics are appended as they are (already standardised).
 
-    def __init__(self, cardinalities: list[int], num_numeric: int, dim: int) -> None:
+    A multi-valued feature (``widths[f] > 1``, e.g. a video's tags) arrives as ``widths[f]``
+    columns of codes padded with ``0``; its embedding is the mean over its non-zero codes
+    (padding and unknown values excluded), as YouTube's candidate model averages the embeddings
+    of a bag of watched ids (Covington et al., RecSys 2016, section 3.1). A row with no known
+    value gets the embedding of code ``0``, the feature's learned "nothing known" vector.
+
+    Args:
+        cardinalities: embedding rows per categorical feature (unknown bucket included).
+        num_numeric: numeric input columns.
+        dim: embedding size ``D``.
+        widths: ``cat`` columns per categorical feature (default: 1 each).
+    """
+
+    def __init__(
+        self,
+        cardinalities: list[int],
+        num_numeric: int,
+        dim: int,
+        widths: list[int] | None = None,
+    ) -> None:
         super().__init__()
         if any(c < 1 for c in cardinalities):
             raise ValueError(f"every cardinality must be >= 1, got {cardinalities}")
+        widths = [1] * len(cardinalities) if widths is None else list(widths)
+        if len(widths) != len(cardinalities) or any(w < 1 for w in widths):
+            raise ValueError(f"widths {widths} must give >= 1 column per feature")
         self.num_cat = len(cardinalities)
         self.num_numeric = num_numeric
         self.dim = dim
-        offsets = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("offsets", offsets[: len(cardinalities)], persistent=False)
+        self.widths = widths
+        self.pooled = any(w > 1 for w in widths)
+        starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
+        starts = starts[: len(cardinalities)]
+        width_t = torch.tensor(widths, dtype=torch.long)
+        feature_of = torch.repeat_interleave(torch.arange(len(widths)), width_t)  # (C,)
+        first = torch.zeros(len(feature_of), dtype=torch.bool)  # (C,) first column of a feature
+        first[width_t.cumsum(0) - width_t] = True
+        # Buffers are derived from the constructor arguments, never saved (state_dict unchanged).
+        self.register_buffer("offsets", starts[feature_of], persistent=False)  # (C,)
+        self.register_buffer("feature_of", feature_of, persistent=False)  # (C,)
+        self.register_buffer("single", (width_t == 1)[feature_of], persistent=False)  # (C,)
+        self.register_buffer("first", first, persistent=False)  # (C,)
         self.table = nn.Embedding(max(sum(cardinalities), 1), dim)
         nn.init.normal_(self.table.weight, std=0.05)
 
@@ -42,19 +80,42 @@ class FeatureEmbedding(nn.Module):
     def out_dim(self) -> int:
         return self.num_cat * self.dim + self.num_numeric
 
+    @property
+    def num_columns(self) -> int:
+        """``cat`` columns the input must have (sum of the widths)."""
+        return sum(self.widths)
+
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
-        """``cat (B, C)`` int64, ``num (B, N)`` float -> ``(B, C*D + N)``."""
+        """``cat (B, C)`` int64, ``num (B, N)`` float -> ``(B, F*D + N)`` (``F`` features)."""
         parts = [num]
         if self.num_cat:
             e = self.table(cat + self.offsets)  # (B, C, D)
+            if self.pooled:
+                e = self._pool(cat, e)  # (B, F, D)
             parts.insert(0, e.flatten(1))
         return torch.cat(parts, dim=1)
 
+    def _pool(self, cat: Tensor, e: Tensor) -> Tensor:
+        """Mean over each feature's columns whose code is non-zero: ``(B, C, D) -> (B, F, D)``."""
+        b, f = cat.shape[0], self.num_cat
+        valid = (cat != 0) | self.single  # (B, C): single-valued columns always count
+        count = torch.zeros(b, f, device=cat.device).index_add_(
+            1, self.feature_of, valid.to(e.dtype)
+        )  # (B, F)
+        # nothing known: the first column (code 0) stands for the feature
+        valid = valid | (self.first & (count[:, self.feature_of] == 0))  # (B, C)
+        count = count.clamp_min(1.0)
+        w = valid.to(e.dtype) / count[:, self.feature_of]  # (B, C)
+        out = torch.zeros(b, f, e.shape[-1], device=e.device, dtype=e.dtype)
+        return out.index_add_(1, self.feature_of, e * w.unsqueeze(-1))  # (B, F, D)
+
 
 class ExpertBank(nn.Module):
-    """``E`` independent MLPs on the same input, computed as one matmul for the first layer and
-    batched matmuls after it, instead of ``E`` separate small matmuls.
+    """``E`` independent MLPs, computed as one matmul for the first layer and batched matmuls
+    after it, instead of ``E`` separate small matmuls.
 
+    The input is shared by every expert ``(B, In)`` (MMoE, the first level of PLE) or given per
+    expert ``(B, E, In)`` (deeper PLE levels, whose task experts read their task's mixture).
     Each expert is initialised like its own ``nn.Linear`` stack (independent draws), so experts
     start different and the gates have something to choose between.
     """
@@ -82,11 +143,75 @@ class ExpertBank(nn.Module):
         self.out_dim = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x (B, In)`` -> ``(B, E, H)``."""
+        """``x (B, In)`` or ``(B, E, In)`` -> ``(B, E, H)``."""
         w0 = self.weights[0]  # (E, In, H1)
         e, d_in, h1 = w0.shape
-        h = (x @ w0.permute(1, 0, 2).reshape(d_in, e * h1)).view(-1, e, h1).transpose(0, 1)
-        h = self.dropout(torch.relu(h + self.biases[0]))  # (E, B, H1)
+        if x.dim() == 2:
+            h = (x @ w0.permute(1, 0, 2).reshape(d_in, e * h1)).view(-1, e, h1).transpose(0, 1)
+            h = h + self.biases[0]  # (E, B, H1)
+        else:
+            h = torch.baddbmm(self.biases[0], x.transpose(0, 1), w0)  # (E, B, H1)
+        h = self.dropout(torch.relu(h))
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
             h = self.dropout(torch.relu(torch.baddbmm(b, h, w)))  # (E, B, H)
         return h.transpose(0, 1)  # (B, E, H)
+
+    def flops_per_row(self) -> int:
+        return 2 * sum(w.numel() for w in self.weights)
+
+
+def gate_softmax(logits: Tensor, dropout: float, training: bool) -> Tensor:
+    """Softmax over the experts (last dim); in training each expert is dropped with probability
+    ``dropout`` and the rest renormalised.
+
+    Why: Zhao et al., "Recommending What Video to Watch Next", RecSys 2019, section 4.2, found
+    MMoE gates polarise (one expert gets ~all the weight on distributed training) and fixed it
+    with dropout on the gating network, "setting the utilization of experts to 0 with 10%
+    probability and renormalizing the softmax outputs". Masking the logits to ``-inf`` before the
+    softmax is exactly that renormalisation. A row whose every expert was drawn for dropping keeps
+    them all (a gate always mixes something).
+
+    Args:
+        logits: ``(..., E)``.
+    Returns:
+        ``(..., E)`` non-negative, summing to 1 over the last dim.
+    """
+    if training and dropout > 0:
+        drop = torch.rand_like(logits) < dropout  # (..., E)
+        drop &= ~drop.all(-1, keepdim=True)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+class GateBank(nn.Module):
+    """``G`` softmax gates over ``E`` experts each, computed together.
+
+    The input is shared ``(B, In)`` or per gate ``(B, G, In)`` (PLE: each task's gate at a deeper
+    level reads that task's mixture from the level below). Each gate is a linear map initialised
+    like ``nn.Linear``, followed by :func:`gate_softmax`.
+    """
+
+    def __init__(self, num_gates: int, in_dim: int, num_experts: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_gates < 1 or num_experts < 1:
+            raise ValueError("a gate bank needs >= 1 gate over >= 1 expert")
+        self.num_gates = num_gates
+        self.num_experts = num_experts
+        self.dropout = dropout
+        bound = 1 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(
+            torch.empty(num_gates, in_dim, num_experts).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(num_gates, num_experts).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, In)`` or ``(B, G, In)`` -> gate weights ``(B, G, E)``."""
+        g, d_in, e = self.weight.shape
+        if x.dim() == 2:  # one matmul for every gate: (B, In) @ (In, G*E)
+            logits = (x @ self.weight.permute(1, 0, 2).reshape(d_in, g * e)).view(-1, g, e)
+        else:  # one matmul per gate: (G, B, In) @ (G, In, E)
+            logits = torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # (B, G, E)
+        return gate_softmax(logits + self.bias, self.dropout, self.training)
+
+    def flops_per_row(self) -> int:
+        return 2 * self.weight.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from ranker.weighting.base import LossWeighting, WeightingConfigBase, register
@@ -15,10 +15,14 @@ class StaticConfig(WeightingConfigBase):
     name: Literal["static"] = "static"
     weights: dict[str, float] = Field(description="weight per task name; every task needs one")
 
-    def model_post_init(self, __context: object) -> None:
-        bad = {k: v for k, v in self.weights.items() if not v >= 0 or v != v or v == float("inf")}
+    @field_validator("weights")
+    @classmethod
+    def _finite_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        # A field validator (not a model-level check) so that the error names weighting.weights.
+        bad = {k: x for k, x in v.items() if not 0 <= x < float("inf")}
         if bad:
             raise ValueError(f"static weights must be finite and >= 0, got {bad}")
+        return v
 
     def check_tasks(self, tasks: list[str]) -> None:
         missing = [t for t in tasks if t not in self.weights]

@@ -1,0 +1,228 @@
+"""Shared-bottom vs MMoE vs PLE (CGC) on the synthetic video world: per-head validation metrics.
+
+One world (``training.synth.generate``, objectives that conflict: clickbait, long videos, niche
+videos) is generated into a temporary directory and each architecture is trained on it with
+``training.loop.train`` and config overrides, for several training seeds. Sizes are matched:
+MMoE has ``E`` experts of ``[H1, H2]``; the shared-bottom's and PLE's first layer is widened or
+narrowed until their non-embedding parameter count is within a few percent of MMoE's (printed).
+
+    .venv/bin/python bench/architectures.py                  # 3 seeds, ~3 min
+    .venv/bin/python bench/architectures.py --seeds 1 --requests 3000   # a quick look
+
+Prints the markdown tables for ``docs/architectures.md`` (mean ± std over seeds, gate
+utilisation of one seed) and writes the raw numbers to ``bench/results/architectures.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ranker.config import SOURCES, Config, ModelConfig, load_config  # noqa: E402
+from ranker.model import RankingModel  # noqa: E402
+from ranker.scoring import RankingFormula, load_ranking_config  # noqa: E402
+from training.data import BatchBuilder, ImpressionLog  # noqa: E402
+from training.evaluate import predict_split  # noqa: E402
+from training.loop import TrainResult, train  # noqa: E402
+from training.synth import WorldConfig, generate  # noqa: E402
+from training.truth import truth_columns, truth_metrics  # noqa: E402
+
+ARCHS = ("shared_bottom", "mmoe", "ple")
+METRICS = {"binary": ("auc", "gauc", "logloss"), "regression": ("rmse", "xauc")}
+TRUTH = {"binary": ("auc_true_sampled", "spearman"), "regression": ("spearman",)}
+
+
+def head_params(model: RankingModel) -> int:
+    """Parameters outside the embedding table (which is the same for every architecture)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
+
+
+def sized(arch: str, base: ModelConfig, n_tasks: int, d_in: int) -> tuple[ModelConfig, int]:
+    """``base`` with ``architecture = arch`` and the first expert layer resized so that the
+    non-embedding parameters match MMoE's ``base`` (same second layer, towers and gates)."""
+    tasks = [f"t{i}" for i in range(n_tasks)]
+
+    def count(cfg: ModelConfig) -> int:
+        return head_params(RankingModel([], d_in, tasks, cfg))
+
+    target = count(base.model_copy(update={"architecture": "mmoe"}))
+    if arch == "mmoe":
+        return base, target
+    best: tuple[int, ModelConfig] | None = None
+    for h1 in range(8, 8 * base.expert_hidden[0] + 1, 4):
+        cfg = base.model_copy(
+            update={"architecture": arch, "expert_hidden": [h1, *base.expert_hidden[1:]]}
+        )
+        gap = abs(count(cfg) - target)
+        if best is None or gap < best[0]:
+            best = (gap, cfg)
+    assert best is not None
+    return best[1], count(best[1])
+
+
+def overrides(world: Path, run_dir: Path, seed: int, epochs: int, model: ModelConfig) -> list[str]:
+    return [
+        f'data.log="{world / "log"}"',
+        f'data.users="{world / "users.parquet"}"',
+        f'data.videos="{world / "videos.parquet"}"',
+        f'model.architecture="{model.architecture}"',
+        f"model.embedding_dim={model.embedding_dim}",
+        f"model.num_experts={model.num_experts}",
+        f"model.expert_hidden={model.expert_hidden}",
+        f"model.tower_hidden={model.tower_hidden}",
+        f"model.task_experts={model.task_experts}",
+        f"model.shared_experts={model.shared_experts}",
+        f"training.seed={seed}",
+        f"training.epochs={epochs}",
+        "training.batch_size=1024",
+        "training.lr=0.002",
+        "training.threads=1",
+        f'training.run_dir="{run_dir}"',
+    ]
+
+
+def against_truth(cfg: Config, r: TrainResult, seed: int) -> dict[str, dict[str, float]]:
+    """The validation split against the world's truth (``training/truth.py``): AUC on clicks and
+    likes re-sampled from the true probabilities, rank correlation of every head with its true
+    expectation, and NDCG@10 of the serving score (``configs/ranking.toml``) vs true utility."""
+    log = ImpressionLog(cfg)
+    extra = [*truth_columns(cfg, log.dataset.schema.names).values(), "position"]
+    builder = BatchBuilder(cfg, r.encoder, r.users, r.videos, extra, serving=True)
+    preds = predict_split(r.model, builder, log, "validation")
+    formula = RankingFormula(load_ranking_config(ROOT / "configs/ranking.toml"), cfg.task_names)
+    return truth_metrics(cfg, preds, formula, k=10, seed=seed)
+
+
+def table(cfg: Config, runs: list[dict[str, Any]], truth: bool = False) -> str:
+    if truth:
+        cols = [(t.name, m) for t in cfg.tasks for m in TRUTH[t.kind]]
+        cols.append(("ranking_score", "ndcg@10"))
+    else:
+        cols = [(t.name, m) for t in cfg.tasks for m in METRICS[t.kind]]
+    key = "truth" if truth else "metrics"
+    head = "| model | params (non-emb.) | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(cols)]
+    for arch in ARCHS:
+        rs = [r for r in runs if r["arch"] == arch]
+        cells = []
+        for t, m in cols:
+            v = [r[key][t][m] for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells.append(f"{statistics.mean(v):.4f} ± {sd:.4f}")
+        lines.append(f"| {arch} | {rs[0]['params']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gate_table(util: dict[str, dict[str, float]]) -> str:
+    experts = list(next(iter(util.values())))
+    lines = ["| gate | " + " | ".join(experts) + " |", "|---|" + "---:|" * len(experts)]
+    for task, row in util.items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[e]:.2f}" for e in experts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=8000, help="world size: requests of 20")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--hidden", type=int, nargs=2, default=[64, 32])
+    ap.add_argument("--json", type=Path, default=ROOT / "bench/results/architectures.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    base = ModelConfig(
+        architecture="mmoe",
+        embedding_dim=8,
+        num_experts=args.experts,
+        expert_hidden=list(args.hidden),
+        tower_hidden=[16],
+        task_experts=1,
+        shared_experts=2,
+    )
+    runs: list[dict[str, Any]] = []
+    gates: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        world = WorldConfig(
+            n_users=4000, n_videos=3000, n_channels=300, n_requests=args.requests, days=14.0
+        )
+        generate(world, tmp / "world", progress=False)
+        probe = load_config(
+            ROOT / "configs/default.toml", overrides(tmp / "world", tmp / "run", 0, 1, base)
+        )
+        inputs = [f for f in probe.effective_features if f.source in SOURCES]
+        d_in = sum(
+            base.embedding_dim if f.kind == "categorical" else 1 for f in inputs
+        )  # the embedding layer's output width, the same for every architecture
+        models: dict[str, tuple[ModelConfig, int]] = {}
+        for arch in ARCHS:
+            models[arch] = sized(arch, base, len(probe.tasks), d_in)
+            print(f"{arch}: {models[arch][0].expert_hidden}, {models[arch][1]:,} parameters")
+        for seed in range(args.seeds):
+            for arch in ARCHS:
+                model, _ = models[arch]
+                cfg = load_config(
+                    ROOT / "configs/default.toml",
+                    overrides(tmp / "world", tmp / "run", seed, args.epochs, model),
+                )
+                t0 = time.perf_counter()
+                r = train(cfg, progress=False, export=False)
+                runs.append(
+                    {
+                        "arch": arch,
+                        "seed": seed,
+                        "metrics": r.metrics,
+                        "truth": against_truth(cfg, r, seed),
+                        "params": head_params(r.model),
+                        "flops_per_row": r.model.flops_per_row(),
+                        "expert_hidden": model.expert_hidden,
+                        "gates": r.gate_utilisation,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                if seed == 0 and r.gate_utilisation is not None:
+                    gates[arch] = r.gate_utilisation
+                summary = ", ".join(
+                    f"{t.name} "
+                    + (
+                        f"auc {r.metrics[t.name]['auc']:.4f}"
+                        if t.kind == "binary"
+                        else f"rmse {r.metrics[t.name]['rmse']:.3f}"
+                    )
+                    for t in cfg.tasks
+                )
+                ndcg = runs[-1]["truth"]["ranking_score"]["ndcg@10"]
+                print(
+                    f"seed {seed} {arch}: {summary}, truth ndcg@10 {ndcg:.4f} "
+                    f"({runs[-1]['seconds']:.0f} s)",
+                    flush=True,
+                )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1)
+    )
+    print(f"\n{args.seeds} seeds, {time.perf_counter() - started:.0f} s\n")
+    print(f"position handling: {cfg.position.mode}\n\nlogged labels:\n")
+    print(table(cfg, runs))
+    print("\nagainst the truth:\n")
+    print(table(cfg, runs, truth=True))
+    for arch, util in gates.items():
+        print(f"\ngate utilisation, {arch} (seed 0, validation):\n\n{gate_table(util)}")
+    print(f"\nraw: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
