@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
-from torch import Tensor, nn
+from pydantic import ValidationError
 
-from ranker.weighting import SharedPart, Weighting, WeightingConfig, build_weighting
+from ranker.weighting import SharedPart
 from ranker.weighting.db_mtl import LOG_EPS, DbMtl, DbMtlConfig
+from tests.ranker.weighting.toy import (
+    Linear3,
+    build_from_raw,
+    train_a_few_steps,
+)
 
 torch.set_num_threads(1)
 
@@ -42,28 +45,11 @@ def test_scaled_log_gradients_have_the_max_norm_with_the_ema(beta: float, sigma:
     assert int(weighting.step) == 5
 
 
-class Linear3:
-    def __init__(self) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(16, 5, generator=gen)
-        self.y = torch.randn(16, 3, generator=gen) * torch.tensor([1.0, 10.0, 0.1])
-        torch.manual_seed(0)
-        self.shared = nn.Linear(5, 6)
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in TASKS])
-
-    def losses(self) -> tuple[Tensor, dict[str, Tensor]]:
-        rep = self.shared(self.x)
-        return rep, {
-            t: F.mse_loss(h(rep).squeeze(-1), self.y[:, i])
-            for i, (t, h) in enumerate(zip(TASKS, self.heads, strict=True))
-        }
-
-
 @pytest.mark.parametrize("mode", ["representation", "parameters"])
 def test_backward_balances_gradients_of_the_log_losses(mode: str) -> None:
     """beta = 0: shared params get sum_t alpha_t grad log L_t with alpha_t = max / ||grad log
     L_t|| (norms on the mode's target), heads get grad log L_t (the whole objective is log)."""
-    m = Linear3()
+    m = Linear3(TASKS)
     rep, losses = m.losses()
     shared = list(m.shared.parameters())
     target = [rep] if mode == "representation" else shared
@@ -92,7 +78,7 @@ def test_backward_balances_gradients_of_the_log_losses(mode: str) -> None:
 
 
 def test_negative_losses_are_refused() -> None:
-    m = Linear3()
+    m = Linear3(TASKS)
     rep, losses = m.losses()
     losses["like"] = -losses["like"]
     with pytest.raises(ValueError, match="needs them >= 0"):
@@ -136,50 +122,13 @@ def test_a_task_without_labels_in_the_batch_is_left_out() -> None:
 # --- integration -------------------------------------------------------------------------------
 
 
-class TinyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Linear(5, 8)
-        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in TASKS})
-
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        rep = torch.relu(self.shared(x)).view(-1, 2, 4)
-        return rep, {t: h(rep.flatten(1)).squeeze(-1) for t, h in self.heads.items()}
-
-
-def train_a_few_steps(weighting: Weighting, steps: int = 3) -> list[dict[str, float]]:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = TinyModel()
-    opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=1e-2)
-    logged = []
-    for _ in range(steps):
-        x = torch.randn(16, 5, generator=gen)
-        rep, out = model(x)
-        losses = {
-            "click": F.binary_cross_entropy_with_logits(out["click"], (x[:, 0] > 0).float()),
-            "watch_time": F.mse_loss(out["watch_time"], 50 * torch.rand(16, generator=gen)),
-            "like": F.binary_cross_entropy_with_logits(out["like"], (x[:, 1] > 1).float()),
-        }
-        assert all(torch.isfinite(v) for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        logged.append(weighting.backward(losses, SharedPart(list(model.shared.parameters()), rep)))
-        opt.step()
-    for p in model.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    for w in logged:
-        assert set(w) == set(TASKS) and all(math.isfinite(v) for v in w.values())
-    return logged
-
-
 @pytest.mark.parametrize(
     "raw", [{"mode": "parameters"}, {"mode": "representation", "beta": 0.0}], ids=str
 )
 def test_integration_tiny_model(raw: dict[str, object]) -> None:
-    config = TypeAdapter(WeightingConfig).validate_python({"name": "db_mtl", **raw})
-    weighting = build_weighting(config, TASKS)
+    weighting = build_from_raw({"name": "db_mtl", **raw}, TASKS)
     assert isinstance(weighting, DbMtl)
-    for w in train_a_few_steps(weighting):
+    for w in train_a_few_steps(weighting, TASKS):
         assert min(w.values()) > 0
 
 

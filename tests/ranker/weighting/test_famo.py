@@ -6,55 +6,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from ranker.weighting import SharedPart, Weighting, WeightingConfig, build_weighting, registry
 from ranker.weighting.equal import Equal, EqualConfig
 from ranker.weighting.famo import FAMO, FAMOConfig
+from tests.ranker.weighting.toy import click_watch_losses, train_a_few_steps
 
 torch.set_num_threads(1)
 
 TASKS = ["click", "watch_time"]
-
-
-class TinyModel(nn.Module):
-    """Shared layer (the 'experts', output (B, E, H)) and one head per task."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Linear(5, 8)
-        self.click = nn.Linear(8, 1)
-        self.watch = nn.Linear(8, 1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rep = torch.relu(self.shared(x)).view(-1, 2, 4)
-        flat = rep.flatten(1)
-        return rep, self.click(flat).squeeze(-1), self.watch(flat).squeeze(-1)
-
-
-def train_a_few_steps(weighting: Weighting, steps: int = 4) -> list[dict[str, float]]:
-    gen = torch.Generator().manual_seed(0)
-    model = TinyModel()
-    opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=1e-2)
-    logged = []
-    for _ in range(steps):
-        x = torch.randn(16, 5, generator=gen)
-        clicked = (torch.rand(16, generator=gen) < 0.3).float()
-        watch = 100 * torch.rand(16, generator=gen)
-        rep, click_logit, watch_pred = model(x)
-        losses = {
-            "click": F.binary_cross_entropy_with_logits(click_logit, clicked),
-            "watch_time": F.mse_loss(watch_pred, watch),
-        }
-        assert all(torch.isfinite(v) for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        logged.append(weighting.backward(losses, SharedPart(list(model.shared.parameters()), rep)))
-        opt.step()
-    for p in model.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    return logged
 
 
 def scalar_losses(values: list[float]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -195,7 +157,7 @@ def test_state_survives_a_resume() -> None:
 
 def test_integration_tiny_model() -> None:
     w = FAMO(TASKS, FAMOConfig())
-    logged = train_a_few_steps(w, steps=5)
+    logged = train_a_few_steps(w, TASKS, steps=5, losses=click_watch_losses)
     for entry in logged:
         assert set(entry) == set(TASKS)
         assert all(math.isfinite(v) and v > 0 for v in entry.values())

@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
-from torch import Tensor, nn
+from pydantic import ValidationError
+from torch import Tensor
 
-from ranker.weighting import SharedPart, Weighting, WeightingConfig, build_weighting
 from ranker.weighting.mgda import Mgda, MgdaConfig, line_solver, min_norm_weights
+from tests.ranker.weighting.toy import (
+    assert_zero_gradient_task_is_left_out,
+    build_from_raw,
+    train_a_few_steps,
+)
 
 torch.set_num_threads(1)
 
@@ -111,63 +114,17 @@ def test_normalisation_solves_on_normalised_and_weights_raw_gradients(kind: str)
 
 
 def test_a_task_without_labels_in_the_batch_is_left_out() -> None:
-    """A batch with no labelled row for a task gives it an exact zero gradient (``head_loss``
-    returns an attached 0): weight 0, and the others are combined as if it did not exist."""
-    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    g[1] = 0.0
-    losses = torch.tensor([0.7, 0.0, 0.3], dtype=torch.float64)
-    d3, w3 = Mgda(TASKS, MgdaConfig()).combine(g, losses)
-    d2, w2 = Mgda(["click", "like"], MgdaConfig()).combine(g[[0, 2]], losses[[0, 2]])
-    assert float(w3[1]) == 0.0
-    torch.testing.assert_close(w3[[0, 2]], w2, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(d3, d2, rtol=1e-6, atol=1e-9)
+    assert_zero_gradient_task_is_left_out(lambda tasks: Mgda(tasks, MgdaConfig()), TASKS)
 
 
 # --- integration -------------------------------------------------------------------------------
 
 
-class TinyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Linear(5, 8)
-        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in TASKS})
-
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        rep = torch.relu(self.shared(x)).view(-1, 2, 4)
-        return rep, {t: h(rep.flatten(1)).squeeze(-1) for t, h in self.heads.items()}
-
-
-def train_a_few_steps(weighting: Weighting, steps: int = 3) -> list[dict[str, float]]:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = TinyModel()
-    opt = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=1e-2)
-    logged = []
-    for _ in range(steps):
-        x = torch.randn(16, 5, generator=gen)
-        rep, out = model(x)
-        losses = {
-            "click": F.binary_cross_entropy_with_logits(out["click"], (x[:, 0] > 0).float()),
-            "watch_time": F.mse_loss(out["watch_time"], 50 * torch.rand(16, generator=gen)),
-            "like": F.binary_cross_entropy_with_logits(out["like"], (x[:, 1] > 1).float()),
-        }
-        assert all(torch.isfinite(v) for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        logged.append(weighting.backward(losses, SharedPart(list(model.shared.parameters()), rep)))
-        opt.step()
-    for p in model.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    for w in logged:
-        assert set(w) == set(TASKS) and all(math.isfinite(v) for v in w.values())
-    return logged
-
-
 @pytest.mark.parametrize("mode", ["representation", "parameters"])
 def test_integration_tiny_model(mode: str) -> None:
-    config = TypeAdapter(WeightingConfig).validate_python({"name": "mgda", "mode": mode})
-    weighting = build_weighting(config, TASKS)
+    weighting = build_from_raw({"name": "mgda", "mode": mode}, TASKS)
     assert isinstance(weighting, Mgda)
-    for w in train_a_few_steps(weighting):
+    for w in train_a_few_steps(weighting, TASKS):
         assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-5) and min(w.values()) >= 0
 
 
