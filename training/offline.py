@@ -16,7 +16,12 @@ from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
-from training.truth import format_truth_table, truth_columns, truth_metrics
+from training.truth import (
+    format_truth_table,
+    logged_ranking_metrics,
+    truth_columns,
+    truth_metrics,
+)
 
 
 def evaluate_artifact(
@@ -51,6 +56,7 @@ def evaluate_artifact(
     if ranking is not None and Path(ranking).is_file():
         formula = RankingFormula(load_ranking_config(ranking), config.task_names)
     truth = truth_metrics(config, preds, formula, k) if extra else {}
+    ranking_score = logged_ranking_metrics(preds, formula, k) if formula is not None else {}
     result = json_ready(
         {
             "artifact": str(artifact.path),
@@ -59,11 +65,18 @@ def evaluate_artifact(
             "rows": len(preds),
             "position": artifact.manifest.get("position"),
             "heads": metrics,
+            "ranking_score_logged": ranking_score,
             "truth": truth,
         }
     )
     print(f"{artifact.version} on {impressions.path} ({split}, {len(preds)} rows)")
     print(format_table(metrics))
+    if ranking_score:
+        print(
+            f"ranking score vs logged utility: ndcg@{k} {ranking_score[f'ndcg@{k}']:.4f} "
+            f"(per-request std {ranking_score[f'ndcg@{k}_std']:.4f}, "
+            f"{int(ranking_score['requests'])} requests)"
+        )
     if truth:
         print(format_truth_table(truth))
     if out:

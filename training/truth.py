@@ -75,6 +75,23 @@ def truth_metrics(
     return out
 
 
+def logged_ranking_metrics(
+    p: Predictions, formula: RankingFormula, k: int = 10
+) -> dict[str, float]:
+    """NDCG@k of the ranking score against the *logged* utility: the same formula applied to the
+    logged labels (a label that does not count for its head, e.g. a missing rating, adds 0).
+
+    Works on any log, real ones included; on logged data it is biased towards the logging
+    policy's order (what was not shown high was rarely clicked), so prefer the truth version
+    where a world provides one. Also the spread of per-request NDCG, so a gain can be told from
+    noise."""
+    heads = [h for h, w in formula.config.heads.items() if w.weight != 0]
+    labels = {h: np.where(p.masks[h], p.labels[h], 0.0) for h in heads}
+    utility = np.maximum(formula.score(labels), 0.0)
+    ndcg, per = ndcg_at_k(utility, formula.score(p.preds), p.requests, k)
+    return {f"ndcg@{k}": ndcg, f"ndcg@{k}_std": float(np.std(per)), "requests": float(len(per))}
+
+
 def format_truth_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = []
     for name, m in metrics.items():

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ranker.config import Config, load_config
-from ranker.errors import DataError
+from ranker.errors import DataError, TrainingError
 from tests.conftest import DEFAULT_CONFIG, ROOT, tiny_overrides
 from training.data import ImpressionLog
 from training.loop import train
@@ -41,6 +41,9 @@ def test_evaluate_artifact_matches_training_validation(tiny_trained, tmp_path: P
         tiny_trained.metrics["click"]["auc"], abs=1e-6
     )
     assert json.loads(out.read_text())["rows"] == res["rows"]
+    assert 0 < res["ranking_score_logged"]["ndcg@10"] <= 1
+    assert 0 < res["truth"]["ranking_score"]["ndcg@10"] <= 1
+    assert out.with_suffix(".reliability.png").stat().st_size > 1000
 
 
 def test_export_from_checkpoint(tiny_trained, tmp_path: Path) -> None:  # noqa: ANN001
@@ -94,3 +97,41 @@ def test_every_subcommand_has_help() -> None:
             timeout=60,
         )
         assert r.returncode == 0 and "usage: ranker" in r.stdout
+
+
+def _write_log(tiny_world: Path, tmp_path: Path, mutate) -> Path:  # noqa: ANN001
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(mutate(pq.read_table(tiny_world / "log")), log / "part.parquet")
+    return log
+
+
+def test_nan_label_names_column_and_file(tiny_world: Path, tmp_path: Path) -> None:
+    def mutate(t: pa.Table) -> pa.Table:
+        w = t.column("watch_time").to_numpy().copy()
+        w[5] = float("nan")
+        return t.set_column(t.schema.get_field_index("watch_time"), "watch_time", pa.array(w))
+
+    log = _write_log(tiny_world, tmp_path, mutate)
+    cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), f'data.log="{log}"'])
+    with pytest.raises(DataError, match=r"part.parquet: label column 'watch_time' has 1 NaN"):
+        train(cfg, progress=False, export=False)
+
+
+def test_wrong_label_dtype_names_the_column(tiny_world: Path, tmp_path: Path) -> None:
+    def mutate(t: pa.Table) -> pa.Table:
+        i = t.schema.get_field_index("like")
+        return t.set_column(i, "like", t.column("like").cast(pa.string()))
+
+    log = _write_log(tiny_world, tmp_path, mutate)
+    cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), f'data.log="{log}"'])
+    with pytest.raises(DataError, match=r"label column 'like' has type string"):
+        train(cfg, progress=False, export=False)
+
+
+def test_non_finite_loss_names_step_and_task(tiny_config: Config) -> None:
+    cfg = Config.model_validate(
+        tiny_config.model_dump() | {"training": tiny_config.training.model_dump() | {"lr": 1e30}}
+    )
+    with pytest.raises(TrainingError, match=r"non-finite loss for task '\w+' at step \d+"):
+        train(cfg, progress=False, export=False)
