@@ -72,8 +72,16 @@ def cmd_train(a: argparse.Namespace) -> None:
         # The shortcut re-launches this command under torchrun, one process per rank.
         load_config(a.config, a.overrides)  # fail fast, before starting N processes
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={a.nproc}", "-m", "ranker", "train", "--config", str(a.config),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={a.nproc}",
+            "-m",
+            "ranker",
+            "train",
+            "--config",
+            str(a.config),
         ]
         for o in a.overrides:
             cmd += ["--set", o]

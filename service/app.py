@@ -22,7 +22,17 @@ import ranker
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingFormula
 from service.engine import ServingModel, load_formula, rank
-from service.schemas import Health, RankRequest, RankResponse, Readiness
+from service.limits import BodyLimitMiddleware, check_rank_limits
+from service.observability import install_observability, note_ranked
+from service.reload import Reloader, install_admin
+from service.schemas import (
+    Health,
+    Problem,
+    RankRequest,
+    RankResponse,
+    Readiness,
+    ValidationProblem,
+)
 from service.settings import Settings
 
 log = logging.getLogger("ranker.service")
@@ -66,8 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # which otherwise cause multi-millisecond pauses on the request path.
         gc.collect()
         gc.freeze()
+        app.state.reloader = Reloader(app, settings)  # polls when reload_interval_s > 0
+        app.state.reloader.start()
+        # The state holds them; this frame stays suspended at the yield and must not, or the
+        # first model would outlive every reload.
+        del model, formula
         yield
-        await app.state.serving.model.store.close()
+        await app.state.reloader.stop()
+        await app.state.serving.model.store.close()  # a Redis pool is shared by every reload
 
     app = FastAPI(
         title="ranker",
@@ -98,18 +114,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    @app.post("/v1/rank", response_model=RankResponse, response_class=ORJSONResponse)
+    @app.post(
+        "/v1/rank",
+        response_model=RankResponse,
+        response_class=ORJSONResponse,
+        responses={
+            400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
+            413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
+            422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
+        },
+    )
     async def rank_endpoint(body: RankRequest, state: State) -> ORJSONResponse:
         """Ranks the candidates for the user; best first, with every head's prediction."""
-        if len(body.candidates) > settings.max_candidates:
-            raise RequestError(
-                f"candidates: {len(body.candidates)} candidates, at most {settings.max_candidates}"
-            )
+        check_rank_limits(len(body.candidates), body.top_k, settings.max_candidates)
         ids = np.fromiter((c.video_id for c in body.candidates), np.int64, len(body.candidates))
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
         r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1
         tasks = list(r.predictions)
@@ -135,7 +158,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness: the process answers."""
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Readiness)
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "no model loaded yet"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: a model is loaded. The feature store's state is reported (``store_ok``,
         ``detail``, ``degraded_responses``) but does not make the replica unready: every replica
@@ -156,6 +183,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             detail=detail,
             position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
         )
+        reloader: Reloader | None = getattr(request.app.state, "reloader", None)
+        if reloader is not None:
+            body.reloads = reloader.reloads
+            body.last_reload_error = reloader.last_error
+            body.pinned_version = reloader.pinned.name if reloader.pinned else None
         return JSONResponse(status_code=200, content=body.model_dump())
 
+    install_admin(app, settings)  # /admin/* only with RANKER_ADMIN_TOKEN
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_observability(app)  # last: its middleware is the outermost, /metrics is added
     return app

@@ -25,6 +25,12 @@ from service.store import FeatureStore, InProcessStore, Lookup
 ContextValue = str | int | float | None
 
 
+def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
+    """The artifact's model on the configured scoring backend (``RANKER_BACKEND``), built here
+    so that start-up and reload cannot serve on different backends."""
+    return Predictor(artifact.model, artifact.config.tasks, settings.backend, settings.threads)
+
+
 @dataclass
 class ServingModel:
     artifact: Artifact
@@ -46,7 +52,7 @@ class ServingModel:
             store = InProcessStore.from_tables(
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
-        return cls(artifact, Predictor(artifact.model, artifact.config.tasks), store)
+        return cls(artifact, make_predictor(artifact, settings), store)
 
 
 def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
@@ -74,8 +80,10 @@ def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) ->
                     [None], type=pa.int64() if vocab.is_int else pa.string()
                 )
             elif vocab.is_int:
-                if isinstance(value, str) or float(value) != int(value):
-                    raise RequestError(f"context.{f.name}: must be an integer")
+                # finite and within int64 first: int(nan) and 2**64 would be 500s, not 422s
+                whole = not isinstance(value, str) and bool(np.isfinite(float(value)))
+                if not (whole and float(value) == int(value) and -(2**63) <= int(value) < 2**63):
+                    raise RequestError(f"context.{f.name}: must be an integer within int64")
                 columns[f.source_column] = pa.array([int(value)], type=pa.int64())
             else:
                 columns[f.source_column] = pa.array([str(value)], type=pa.string())
@@ -88,12 +96,13 @@ class Ranked:
     scores: np.ndarray  # (k,)
     predictions: dict[str, np.ndarray]  # task -> (k,)
     lookup: Lookup
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    started: float = 0.0  # perf_counter() at the start: observability times what came before
+    all_scores: np.ndarray | None = None  # (n,) every candidate, request order (for metrics)
+    all_predictions: dict[str, np.ndarray] | None = None  # task -> (n,), request order
 
 
-def score_rows(
-    model: ServingModel, formula: RankingFormula, lookup: Lookup, context: Encoded
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
     """One forward pass over all candidates: user and context rows broadcast to every video."""
     n = len(lookup.videos)
     rows = Encoded.concat_columns(
@@ -103,7 +112,14 @@ def score_rows(
             context.take(np.zeros(n, np.int64)),
         ]
     )
-    preds = model.predictor.predict(rows)
+    return model.predictor.predict(rows)
+
+
+def score_rows(
+    model: ServingModel, formula: RankingFormula, lookup: Lookup, context: Encoded
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every candidate's score and head predictions: the forward pass, then the formula."""
+    preds = forward_rows(model, lookup, context)
     return formula.score(preds), preds
 
 
@@ -120,15 +136,21 @@ async def rank(
     ctx = encode_context(model.artifact.encoder, context)
     lookup = await model.store.lookup(user_id, video_ids)
     t1 = time.perf_counter()
-    scores, preds = score_rows(model, formula, lookup, ctx)
+    preds = forward_rows(model, lookup, ctx)
     t2 = time.perf_counter()
+    scores = formula.score(preds)
     order = np.argsort(-scores, kind="stable")
     if top_k is not None:
         order = order[:top_k]
+    top = {k: v[order] for k, v in preds.items()}
+    t3 = time.perf_counter()
     return Ranked(
         video_ids[order],
         scores[order],
-        {k: v[order] for k, v in preds.items()},
+        top,
         lookup,
-        {"features": t1 - t0, "forward": t2 - t1},
+        {"features": t1 - t0, "forward": t2 - t1, "combine": t3 - t2},
+        started=t0,
+        all_scores=scores,
+        all_predictions=preds,
     )

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
-ContextValue = str | int | float | None
+# Context values: JSON's NaN / Infinity literals (which Python's json accepts) and integers
+# outside int64 are refused here with a 422 naming the key, not met later as a 500.
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+ContextValue = str | Int64 | FiniteFloat | None
 
 
 class Candidate(BaseModel):
@@ -13,13 +19,30 @@ class Candidate(BaseModel):
 
 
 class RankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": 42,
+                    "context": {"device": "ios", "hour": 20},
+                    "candidates": [{"video_id": 1}, {"video_id": 2}, {"video_id": 3}],
+                    "top_k": 2,
+                }
+            ]
+        },
+    )
     user_id: int = Field(ge=-(2**63), lt=2**63)
     context: dict[str, ContextValue] = Field(
         default_factory=dict, description="request context features by name (device, hour, ...)"
     )
     candidates: list[Candidate] = Field(min_length=1)
-    top_k: int | None = Field(default=None, ge=1, description="return only the best k")
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**9,
+        description="return only the best k (at most RANKER_MAX_CANDIDATES)",
+    )
 
 
 class RankedItem(BaseModel):
@@ -53,3 +76,48 @@ class Readiness(BaseModel):
     degraded_responses: int = 0
     detail: str | None = None
     position: str | None = None  # what the served model does with position (from the manifest)
+    reloads: int = Field(default=0, description="model or ranking swaps since start")
+    last_reload_error: str | None = Field(
+        default=None,
+        description="why the newest artifact or ranking config was refused (the old one serves)",
+    )
+    pinned_version: str | None = Field(
+        default=None, description="the version POST /admin/reload pinned, if any"
+    )
+
+
+class ProblemItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class ValidationProblem(BaseModel):
+    """422: one entry per wrong field; ``loc`` names it (``["body", "candidates", 0, ...]``)."""
+
+    detail: list[ProblemItem]
+
+
+class Problem(BaseModel):
+    """Any other 4xx / 5xx: one message (413 body too large, 401, 404, 503, ...)."""
+
+    detail: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="a version directory name under the artifact root, to pin (a rollback); "
+        "unset: the newest version, ending any pin",
+    )
+
+
+class ReloadResult(BaseModel):
+    model_version: str
+    ranking_version: str
+    model_changed: bool
+    ranking_changed: bool
+    pinned_version: str | None = None
+    error: str | None = Field(default=None, description="what was refused; the old one serves")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,29 @@ class Settings(BaseSettings):
         default=None, description="videos table; default: the artifact config's"
     )
     max_candidates: int = Field(default=2000, gt=0)
+    # 1 MiB: 2000 candidates as {"video_id": <19 digits>} take about 66 kB; a body 16 times that
+    # is no ranking request, and reading it would only cost memory (docs/reliability.md).
+    max_body_bytes: int = Field(
+        default=1 << 20, gt=0, description="request bodies larger than this get a 413"
+    )
+    reload_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="poll the artifact root and the ranking config this often and load what "
+        "changed; 0: never (POST /admin/reload still works)",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token for /admin/*; unset: the admin endpoints answer 404",
+    )
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads")
+    # eager is the reference; the others are built from the same weights at start-up and are
+    # checked against it (tests/ranker/test_backends.py, docs/performance.md)
+    backend: Literal["eager", "torchscript", "onnx", "onnx-int8"] = Field(
+        default="eager",
+        description="scoring backend: eager, torchscript, onnx or onnx-int8 (ONNX Runtime uses "
+        "`threads` intra-op threads)",
+    )
     redis_url: SecretStr | None = Field(
         default=None,
         description="feature store: redis://[:password@]host:port/db (rediss:// for TLS); "
