@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ranker.backends import build_scorer
 from ranker.config import TaskSpec
 from ranker.features import Encoded
 from ranker.heads import head_prediction
@@ -16,14 +17,27 @@ from ranker.model import RankingModel
 
 
 class Predictor:
-    def __init__(self, model: RankingModel, tasks: list[TaskSpec]) -> None:
+    """``backend`` picks the engine that runs the forward pass (:mod:`ranker.backends`:
+    ``eager``, ``torchscript``, ``onnx``, ``onnx-int8``); ``threads`` sets ONNX Runtime's
+    intra-op threads. The head transforms stay in torch for every backend, so they cannot
+    drift apart."""
+
+    def __init__(
+        self,
+        model: RankingModel,
+        tasks: list[TaskSpec],
+        backend: str = "eager",
+        threads: int | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tasks = list(tasks)
+        self.backend = backend
+        self.scorer = build_scorer(self.model, backend, threads)
 
     @torch.inference_mode()
     def predict(self, rows: Encoded) -> dict[str, np.ndarray]:
         """One batched forward pass; ``task -> (n,)`` float64 in served units."""
-        raw = self.model(torch.from_numpy(rows.cat), torch.from_numpy(rows.num))
+        raw = self.scorer(rows.cat, rows.num)
         return {
             t.name: head_prediction(t, raw[t.name]).to(torch.float64).numpy() for t in self.tasks
         }

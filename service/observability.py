@@ -567,6 +567,7 @@ def install_observability(app: FastAPI) -> Observability:
             serving = getattr(a.state, "serving", None)
             if serving is not None:
                 obs.serving(serving.model, serving.formula)
+            del serving  # this frame waits at the yield: it must not keep the first model alive
             flusher = asyncio.create_task(_flush_every(obs, FLUSH_SECONDS))
             try:
                 yield state

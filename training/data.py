@@ -292,7 +292,7 @@ class BatchBuilder:
                 raise DataError(
                     f"{origin}: label column {t.label!r} has {int(bad.sum())} NaN/inf values"
                 )
-            # == 0 | == 1, not np.isin: the same test without isin's sort (a third of labels())
+            # == 0 | == 1, not np.isin: the same test without isin's sort
             if t.kind == "binary" and ok.any() and not ((y[ok] == 0.0) | (y[ok] == 1.0)).all():
                 raise DataError(
                     f"{origin}: binary label column {t.label!r} has values other than 0/1"

@@ -1,0 +1,372 @@
+"""End-to-end serving benchmark: 500-candidate requests against the real service, per backend.
+
+One command starts a real ``redis-server`` on a free loopback port, pushes the artifact's user and
+video tables into it (``training/push.py``), starts one service process per scoring backend
+(``ranker serve``, 1 worker, ``RANKER_BACKEND``, ``RANKER_THREADS``, features from Redis) and
+replays the same request bodies against all of them, *interleaved* (a block of requests to each
+backend in turn), at concurrency 1 and 8. The machine is shared and noisy: interleaving makes
+the backends see the same noise, so compare them as ratios.
+
+The client is lean on purpose (an httpx client adds 0.5-1.7 ms per request): one keep-alive
+``http.client`` connection per client thread, bodies pre-encoded with orjson.
+
+It also times the bare forward pass of each backend in this process on a 500-row batch built
+the way the service builds it (same thread count), so the table shows how much of a request is
+the model; and it scrapes the service's stage histograms (``ranker_stage_duration_seconds`` at
+``/metrics``) for a per-stage breakdown (means: a histogram's sum over its count).
+
+    .venv/bin/python bench/serve.py --requests 300 --threads 1 --backends eager,torchscript,onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ranker.artifact import Artifact, load_artifact  # noqa: E402
+from ranker.backends import build_scorer  # noqa: E402
+from ranker.features import Encoded  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, proc: subprocess.Popen, timeout: float) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready in {timeout} s")
+        time.sleep(0.1)
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence); yields its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    log = open(directory / "redis.log", "wb")  # noqa: SIM115 - the server's lifetime
+    proc = subprocess.Popen([*args, "--dir", str(directory)], stdout=log, stderr=log)
+    try:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=1.0)
+        _wait(lambda: client.ping(), "redis-server", proc, 10.0)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@contextmanager
+def service(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[int]:
+    """``ranker serve`` in its own process on a free port; yields the port once ``/readyz``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ranker", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    out = open(log, "w")  # noqa: SIM115 - the service's lifetime
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | env, stdout=out, stderr=out)
+    try:
+        _wait(lambda: _get(port, "/readyz")[0] == 200, f"service ({log})", proc, timeout)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
+def request_bodies(artifact: Artifact, n_bodies: int, candidates: int, seed: int) -> list[bytes]:
+    """Distinct 500-candidate requests over real user and video ids, orjson-encoded."""
+    d = artifact.config.data
+    users = pq.read_table(d.users, columns=[d.user_key]).column(0).to_numpy()
+    videos = pq.read_table(d.videos, columns=[d.video_key]).column(0).to_numpy()
+    known = {f.name for f in artifact.encoder.of("context")}
+    context = {k: v for k, v in {"device": "ios", "hour": 20}.items() if k in known}
+    rng = np.random.default_rng(seed)
+    return [
+        orjson.dumps(
+            {
+                "user_id": int(rng.choice(users)),
+                "context": context,
+                "candidates": [
+                    {"video_id": int(v)} for v in rng.choice(videos, candidates, replace=False)
+                ],
+            }
+        )
+        for _ in range(n_bodies)
+    ]
+
+
+def replay(port: int, bodies: list[bytes], concurrency: int, deadline: float) -> list[float]:
+    """POSTs every body once (split over ``concurrency`` keep-alive connections, one thread
+    each); returns each request's latency in seconds. Stops early at ``deadline``."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker(part: list[bytes]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"content-type": "application/json"}
+        mine = []
+        for body in part:
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/rank", body, headers)
+            r = conn.getresponse()
+            data = r.read()
+            mine.append(time.perf_counter() - t0)
+            if r.status != 200:
+                errors.append(f"{r.status}: {data[:200]!r}")
+                break
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [
+        threading.Thread(target=worker, args=(bodies[i::concurrency],)) for i in range(concurrency)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"service answered {errors[0]}")
+    return latencies
+
+
+_STAGE = re.compile(
+    r'^ranker_stage_duration_seconds_(sum|count)\{[^}]*stage="([^"]+)"[^}]*\}\s+(\S+)$', re.M
+)
+
+
+def stage_totals(port: int) -> dict[str, tuple[float, float]]:
+    """``stage -> (sum seconds, count)`` from the service's Prometheus histograms ({} if the
+    service has no ``/metrics``)."""
+    status, text = _get(port, "/metrics")
+    if status != 200:
+        return {}
+    out: dict[str, list[float]] = {}
+    for kind, stage, value in _STAGE.findall(text.decode()):
+        out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def forward_rows(artifact: Artifact, candidates: int, seed: int) -> Encoded:
+    """A 500-row model input as the service builds it: one user and one context row broadcast
+    beside 500 videos (real encoded rows of the artifact's tables)."""
+    from ranker.tables import FeatureTable
+
+    d, enc = artifact.config.data, artifact.encoder
+    users = FeatureTable.from_parquet(d.users, d.user_key, enc, "user")
+    videos = FeatureTable.from_parquet(d.videos, d.video_key, enc, "video")
+    rng = np.random.default_rng(seed)
+    v = videos.rows.take(rng.choice(len(videos), candidates, replace=False))
+    u = users.rows.take(np.zeros(candidates, np.int64))
+    c = enc.defaults("context", 1).take(np.zeros(candidates, np.int64))
+    return Encoded.concat_columns([u, v, c])
+
+
+def bare_forward(
+    artifact: Artifact, backends: list[str], threads: int, rows: Encoded, calls: int
+) -> dict[str, float]:
+    """Median seconds of one forward pass per backend, the backends interleaved call by call."""
+    import torch
+
+    torch.set_num_threads(threads)
+    scorers = {b: build_scorer(artifact.model, b, threads) for b in backends}
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for b in backends:  # warm-up (first calls allocate, ORT/JIT specialise)
+        for _ in range(5):
+            scorers[b](rows.cat, rows.num)
+    for _ in range(calls):
+        for b in backends:
+            t0 = time.perf_counter()
+            scorers[b](rows.cat, rows.num)
+            times[b].append(time.perf_counter() - t0)
+    return {b: float(np.median(t)) for b, t in times.items()}
+
+
+def _pct(x: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(x) * 1000, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--artifact", type=Path, default=ROOT / "artifacts" / "default")
+    ap.add_argument("--backends", default="eager,torchscript,onnx,onnx-int8")
+    ap.add_argument("--requests", type=int, default=300, help="per backend and concurrency")
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--threads", type=int, default=1, help="RANKER_THREADS of each service")
+    ap.add_argument("--block", type=int, default=20, help="requests per backend per turn")
+    ap.add_argument("--max-seconds", type=float, default=240.0, help="per concurrency level")
+    ap.add_argument("--forward-calls", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    backends = args.backends.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    artifact = load_artifact(args.artifact)
+    flops = artifact.model.flops_per_row()
+    bodies = request_bodies(artifact, 64, args.candidates, args.seed)
+    rows = forward_rows(artifact, args.candidates, args.seed)
+    forward = bare_forward(artifact, backends, args.threads, rows, args.forward_calls)
+
+    lat: dict[tuple[str, int], list[float]] = {(b, c): [] for b in backends for c in levels}
+    wall: dict[tuple[str, int], float] = {k: 0.0 for k in lat}
+    stages: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, ExitStack() as stack:
+        tmpdir = Path(tmp)
+        url = stack.enter_context(redis_server(tmpdir))
+        from training.push import push_files
+
+        d = artifact.config.data
+        push_files(url, Path(d.users), Path(d.videos), d.user_key, d.video_key, progress=False)
+        ports = {}
+        for b in backends:
+            env = {
+                "RANKER_ARTIFACT": str(args.artifact),
+                "RANKER_REDIS_URL": url,
+                "RANKER_BACKEND": b,
+                "RANKER_THREADS": str(args.threads),
+                "RANKER_LOG_LEVEL": "warning",
+            }
+            ports[b] = stack.enter_context(service(env, tmpdir / f"service-{b}.log"))
+        for b in backends:  # warm-up, then the stage counters start from here
+            replay(ports[b], bodies[:16], 1, time.monotonic() + 60)
+        before = {b: stage_totals(ports[b]) for b in backends}
+        for c in levels:
+            deadline = time.monotonic() + args.max_seconds
+            sent = 0
+            while sent < args.requests and time.monotonic() < deadline:
+                n = min(args.block, args.requests - sent)
+                for b in backends:
+                    part = [bodies[(sent + i) % len(bodies)] for i in range(n)]
+                    t0 = time.perf_counter()
+                    lat[(b, c)] += replay(ports[b], part, c, deadline)
+                    wall[(b, c)] += time.perf_counter() - t0
+                sent += n
+        for b in backends:
+            after = stage_totals(ports[b])
+            stages[b] = {
+                s: (after[s][0] - before[b].get(s, (0.0, 0.0))[0])
+                / max(after[s][1] - before[b].get(s, (0.0, 0.0))[1], 1)
+                * 1000
+                for s in after
+            }
+
+    table = render(args, backends, levels, lat, wall, forward, stages, flops)
+    print(table)
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.write(table + "\n")
+
+
+def render(  # noqa: ANN001, PLR0913
+    args, backends, levels, lat, wall, forward, stages, flops: int
+) -> str:
+    """The results as markdown: the run's facts, the latency table, the stage breakdown."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0]
+    eager_fwd = forward.get("eager")
+    lines = [
+        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu}), "
+        f"load average {load:.1f}",
+        "",
+        f"`{' '.join(['bench/serve.py', *sys.argv[1:]])}`; {args.candidates} candidates, "
+        f"RANKER_THREADS={args.threads}, 1 worker, features from Redis; model "
+        f"{flops / 1e6:.2f} MFLOP per candidate ({flops * args.candidates / 1e9:.2f} GFLOP "
+        "per request).",
+        "",
+        "| backend | c | requests | p50 ms | p90 ms | p99 ms | req/s | candidates/s "
+        "| forward ms | forward vs eager | e2e p50 / forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        for b in backends:
+            x = lat[(b, c)]
+            if not x:
+                continue
+            rps = len(x) / wall[(b, c)]
+            fwd = forward[b] * 1000
+            rel = f"{forward[b] / eager_fwd:.2f}" if eager_fwd else "-"
+            lines.append(
+                f"| {b} | {c} | {len(x)} | {_pct(x, 50):.2f} | {_pct(x, 90):.2f} | "
+                f"{_pct(x, 99):.2f} | {rps:.0f} | {rps * args.candidates:,.0f} | {fwd:.2f} | "
+                f"{rel} | {_pct(x, 50) / fwd:.1f} |"
+            )
+    names = sorted({s for v in stages.values() for s in v})
+    if names:
+        lines += [
+            "",
+            "Mean ms per stage (service's `ranker_stage_duration_seconds`, both concurrency "
+            "levels):",
+            "",
+            "| backend | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for b in backends:
+            cells = " | ".join(f"{stages[b].get(s, float('nan')):.2f}" for s in names)
+            lines.append(f"| {b} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

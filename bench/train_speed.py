@@ -1,0 +1,141 @@
+"""Training throughput: samples/s of the default model fed by the real streaming path vs the same
+batches already in memory, in one run, so the ratio shows what the input pipeline costs.
+
+* ``parquet``: ``ImpressionLog.record_batches`` -> ``BatchBuilder.build`` -> ``shuffled_batches``
+  -> one training step (forward with the shared representation, masked head losses, the
+  config's weighting strategy's backward, Adam), as ``training/loop.py`` runs it.
+* ``memory``: the same batches built beforehand, then the same steps.
+* ``pipeline``: the input pipeline alone (no step), the streaming path's ceiling.
+
+Rounds alternate the variants (the machine is shared and noisy); medians over rounds are printed
+with the parquet/memory ratio and the peak RSS of the process. The encoder and tables come from
+an existing artifact (fitting an encoder is not what is measured here).
+
+    .venv/bin/python bench/train_speed.py --steps 40 --rounds 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ranker.artifact import build_model, load_artifact  # noqa: E402
+from ranker.heads import head_loss  # noqa: E402
+from ranker.tables import FeatureTable  # noqa: E402
+from ranker.weighting import SharedPart, build_weighting  # noqa: E402
+from training.data import Batch, BatchBuilder, ImpressionLog, shuffled_batches  # noqa: E402
+from training.loop import build_bias_tower  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--artifact", type=Path, default=ROOT / "artifacts" / "default")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    a = load_artifact(args.artifact)
+    cfg, d, t = a.config, a.config.data, a.config.training
+    users = FeatureTable.from_parquet(d.users, d.user_key, a.encoder, "user")
+    videos = FeatureTable.from_parquet(d.videos, d.video_key, a.encoder, "video")
+    builder = BatchBuilder(cfg, a.encoder, users, videos)
+    log = ImpressionLog(cfg)
+
+    def stream() -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(0)
+        rbs = log.record_batches("train", batch_size=t.batch_size)
+        return shuffled_batches(
+            (builder.build(rb, f) for f, rb in rbs), t.batch_size, t.shuffle_buffer, gen
+        )
+
+    model = build_model(cfg, a.encoder).train()
+    tower = build_bias_tower(cfg, a.encoder)
+    weighting = build_weighting(cfg.weighting, cfg.task_names)
+    params = list(model.parameters()) + ([] if tower is None else list(tower.parameters()))
+    optimizer = torch.optim.Adam(params, lr=t.lr)
+
+    def step(batch: Batch) -> None:
+        out = model.forward_detailed(batch.cat, batch.num)
+        if tower is not None and batch.bias is not None:
+            bias = tower(batch.bias)
+            for name in cfg.position.tasks:
+                out.raw[name] = out.raw[name] + bias
+        losses = {
+            k.name: head_loss(
+                k,
+                out.raw[k.name],
+                batch.labels[k.name],
+                batch.masks[k.name],
+                batch.weights.get(k.name),
+            )
+            for k in cfg.tasks
+        }
+        optimizer.zero_grad(set_to_none=True)
+        weighting.backward(losses, SharedPart(model.shared_parameters(), out.representation))
+        optimizer.step()
+
+    n = args.steps
+    t0 = time.perf_counter()
+    memory = list(itertools.islice(stream(), n))
+    prebuild = time.perf_counter() - t0
+    rows = sum(len(b) for b in memory)
+
+    def run_parquet() -> int:
+        k = 0
+        for b in itertools.islice(stream(), n):
+            step(b)
+            k += len(b)
+        return k
+
+    def run_memory() -> int:
+        for b in memory:
+            step(b)
+        return rows
+
+    def run_pipeline() -> int:
+        return sum(len(b) for b in itertools.islice(stream(), n))
+
+    variants: dict[str, Callable[[], int]] = {
+        "parquet": run_parquet,
+        "memory": run_memory,
+        "pipeline": run_pipeline,
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    run_memory()  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            s = time.perf_counter()
+            k = fn()
+            rates[name].append(k / (time.perf_counter() - s))
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"model {cfg.model.architecture}, batch {t.batch_size}, shuffle buffer {t.shuffle_buffer},"
+        f" {args.threads} threads, {n} steps x {args.rounds} rounds,"
+        f" {model.flops_per_row() * 3 / 1e6:.2f} MFLOP per training sample (3x forward)"
+    )
+    print("\n| variant | samples/s (median) | all rounds |\n|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])} |")
+    print(
+        f"\nparquet / memory = {med['parquet'] / med['memory']:.2f}; "
+        f"first {n} batches built in {prebuild:.2f} s; peak RSS {rss:,.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()

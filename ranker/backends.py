@@ -1,0 +1,174 @@
+"""Scoring backends: the same loaded :class:`~ranker.model.RankingModel`, run by different engines.
+
+The service spends most of a request's compute in one forward pass over a few hundred candidates,
+and eager PyTorch pays Python and dispatcher overhead per op. A backend turns the eval-mode model
+into a faster graph at start-up, from the weights already loaded from ``model.safetensors`` (no
+pickle, nothing new in the artifact), so the artifact format is unchanged and ``eager`` stays the
+fallback that defines what "correct" means (``tests/ranker/test_backends.py`` checks each backend
+against it).
+
+* ``eager``: the model as it is (today's behaviour).
+* ``torchscript``: ``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference`` (folds the
+  weights into constants and fuses linear + relu).
+* ``onnx``: exported with the legacy TorchScript-based exporter (``dynamo=False``: the dynamo
+  exporter's graph is slower to build and int8 quantisation fails on it), a dynamic batch axis,
+  run by ONNX Runtime from an in-memory model (``InferenceSession(bytes)``), nothing on disk.
+* ``onnx-int8``: the ``onnx`` graph with dynamic int8 quantisation of the matmul weights. Faster
+  on big models, but not exact: the parity test states what it must keep (top-k overlap).
+
+Every backend returns the raw head outputs keyed by task, as ``RankingModel.forward`` does, so
+:func:`ranker.heads.head_prediction` turns all of them into served units the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ranker.model import RankingModel
+
+BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+
+# cat (B, C) int64, num (B, N) float32 -> task -> raw (B,) or (B, K)
+Scorer = Callable[[np.ndarray, np.ndarray], dict[str, Tensor]]
+
+_EXAMPLE_ROWS = 8  # batch size of the tracing example; the batch axis stays dynamic
+
+
+class _TupleOutputs(nn.Module):
+    """The model with its outputs as a tuple in task order: tracers and exporters want tuples,
+    not dicts."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = list(model.tasks)
+
+    def forward(self, cat: Tensor, num: Tensor) -> tuple[Tensor, ...]:
+        raw = self.model(cat, num)
+        return tuple(raw[t] for t in self.tasks)
+
+
+def _example(model: RankingModel, rows: int = _EXAMPLE_ROWS) -> tuple[Tensor, Tensor]:
+    """Valid inputs (code 0 = unknown / padding in every categorical column) for tracing."""
+    emb = model.embed
+    cat = torch.zeros(rows, emb.num_columns, dtype=torch.long)
+    num = torch.zeros(rows, emb.num_numeric, dtype=torch.float32)
+    return cat, num
+
+
+def eager_scorer(model: RankingModel) -> Scorer:
+    """The model as it is: the reference every other backend is tested against."""
+    model.eval()
+
+    @torch.inference_mode()
+    def score(cat: np.ndarray, num: np.ndarray) -> dict[str, Tensor]:
+        return model(torch.from_numpy(cat), torch.from_numpy(num))
+
+    return score
+
+
+def torchscript_scorer(model: RankingModel) -> Scorer:
+    """Traced, frozen and optimised for inference (weights become constants, linear + relu
+    fuse); the traced graph has no Python in it, so per-op overhead drops."""
+    model.eval()
+    wrapped = _TupleOutputs(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit's deprecation notice: we know, it is the fallback
+        traced = torch.jit.trace(wrapped, _example(model), check_trace=False)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    tasks = wrapped.tasks
+
+    @torch.inference_mode()
+    def score(cat: np.ndarray, num: np.ndarray) -> dict[str, Tensor]:
+        out = frozen(torch.from_numpy(cat), torch.from_numpy(num))
+        return dict(zip(tasks, out, strict=True))
+
+    return score
+
+
+def export_onnx(model: RankingModel) -> bytes:
+    """The eval-mode model as an ONNX graph (legacy exporter, dynamic batch axis), in memory."""
+    model.eval()
+    wrapped = _TupleOutputs(model).eval()
+    outputs = [f"raw.{t}" for t in wrapped.tasks]
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "legacy exporter": chosen on purpose (module docstring)
+        torch.onnx.export(
+            wrapped,
+            _example(model),
+            buf,
+            dynamo=False,
+            input_names=["cat", "num"],
+            output_names=outputs,
+            dynamic_axes={"cat": {0: "batch"}, "num": {0: "batch"}}
+            | {o: {0: "batch"} for o in outputs},
+            opset_version=17,
+        )
+    return buf.getvalue()
+
+
+def quantize_int8(onnx_model: bytes) -> bytes:
+    """Dynamic int8 quantisation (weights int8, activations quantised per batch) of an ONNX
+    graph, in memory (the quantiser wants paths, so a temporary directory holds them)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="ranker-onnx-") as d:
+        src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
+        src.write_bytes(onnx_model)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        return dst.read_bytes()
+
+
+def onnx_scorer(model: RankingModel, threads: int | None = None, int8: bool = False) -> Scorer:
+    """ONNX Runtime on the exported graph; ``threads`` intra-op threads (``None``: ORT's default,
+    one per core), one inter-op thread (the graph is a chain, nothing runs beside it)."""
+    import onnxruntime as ort
+
+    graph = export_onnx(model)
+    if int8:
+        graph = quantize_int8(graph)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    tasks = list(model.tasks)
+    names = [f"raw.{t}" for t in tasks]
+
+    def score(cat: np.ndarray, num: np.ndarray) -> dict[str, Tensor]:
+        feed = {
+            "cat": np.ascontiguousarray(cat, dtype=np.int64),
+            "num": np.ascontiguousarray(num, dtype=np.float32),
+        }
+        out = session.run(names, feed)
+        return {t: torch.from_numpy(o) for t, o in zip(tasks, out, strict=True)}
+
+    return score
+
+
+def build_scorer(model: RankingModel, backend: str = "eager", threads: int | None = None) -> Scorer:
+    """The scorer for ``backend`` (one of :data:`BACKENDS`); ``threads`` is used by the ONNX
+    Runtime backends (torch backends follow ``torch.set_num_threads``)."""
+    if backend == "eager":
+        return eager_scorer(model)
+    if backend == "torchscript":
+        return torchscript_scorer(model)
+    if backend == "onnx":
+        return onnx_scorer(model, threads)
+    if backend == "onnx-int8":
+        return onnx_scorer(model, threads, int8=True)
+    raise ValueError(f"unknown scoring backend {backend!r}; known: {list(BACKENDS)}")

@@ -1,0 +1,117 @@
+"""Every scoring backend serves what eager PyTorch serves (``ranker/backends.py``).
+
+Tolerances, on the tiny trained artifact and real encoded rows of its log:
+
+* ``torchscript`` and ``onnx`` (fp32): every head's served prediction within ``rtol=1e-4,
+  atol=1e-5`` of eager (differences are float32 summation order, about 1e-7 in practice), and
+  the ranking of a 200-candidate batch under the ranking formula identical to eager's.
+* ``onnx-int8`` (dynamic quantisation): not exact by design. Checked: top-50 of 200 overlaps
+  eager's top-50 by at least 80%, and Spearman correlation of the scores at least 0.95.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ranker.artifact import load_artifact
+from ranker.backends import BACKENDS, build_scorer
+from ranker.features import Encoded
+from ranker.predictor import Predictor
+from ranker.scoring import RankingFormula, load_ranking_config
+from ranker.tables import FeatureTable
+from tests.conftest import RANKING_CONFIG
+from training.data import BatchBuilder, ImpressionLog
+
+EXACT = ("torchscript", "onnx")
+RTOL, ATOL = 1e-4, 1e-5
+INT8_TOP50_OVERLAP = 0.8
+INT8_SPEARMAN = 0.95
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_artifact: Path):  # noqa: ANN201 - Artifact
+    return load_artifact(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def rows(loaded) -> Encoded:  # noqa: ANN001
+    """200 real rows of the validation log, encoded as training and serving encode them."""
+    cfg, d = loaded.config, loaded.config.data
+    builder = BatchBuilder(
+        cfg,
+        loaded.encoder,
+        FeatureTable.from_parquet(d.users, d.user_key, loaded.encoder, "user"),
+        FeatureTable.from_parquet(d.videos, d.video_key, loaded.encoder, "video"),
+    )
+    for file, rb in ImpressionLog(cfg).record_batches("validation", batch_size=200):
+        enc, _, _ = builder.features(rb, file)
+        if len(enc) == 200:
+            return enc
+    pytest.fail("the tiny log has no 200-row validation batch")
+
+
+@pytest.fixture(scope="module")
+def formula(loaded) -> RankingFormula:  # noqa: ANN001
+    return RankingFormula(load_ranking_config(RANKING_CONFIG), loaded.config.task_names)
+
+
+def _ranking(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(-scores, kind="stable")
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_backend_predictions_and_ranking_equal_eager(
+    backend: str,
+    loaded,  # noqa: ANN001
+    rows: Encoded,
+    formula: RankingFormula,
+) -> None:
+    eager = Predictor(loaded.model, loaded.config.tasks).predict(rows)
+    other = Predictor(loaded.model, loaded.config.tasks, backend, threads=1).predict(rows)
+    assert other.keys() == eager.keys()
+    for task in eager:
+        assert other[task].shape == eager[task].shape == (200,)
+        np.testing.assert_allclose(other[task], eager[task], rtol=RTOL, atol=ATOL, err_msg=task)
+    np.testing.assert_array_equal(_ranking(formula.score(other)), _ranking(formula.score(eager)))
+
+
+@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("n", [1, 7, 200])
+def test_backend_batch_axis_is_dynamic(backend: str, n: int, loaded, rows: Encoded) -> None:  # noqa: ANN001
+    """Traced and exported on 8 rows; any batch size must run (one candidate included)."""
+    part = rows.take(np.arange(n))
+    eager = Predictor(loaded.model, loaded.config.tasks).predict(part)
+    other = Predictor(loaded.model, loaded.config.tasks, backend, threads=1).predict(part)
+    for task in eager:
+        assert other[task].shape == (n,)
+        np.testing.assert_allclose(other[task], eager[task], rtol=RTOL, atol=ATOL, err_msg=task)
+
+
+def test_int8_keeps_the_top_of_the_ranking(loaded, rows: Encoded, formula: RankingFormula) -> None:  # noqa: ANN001
+    eager = formula.score(Predictor(loaded.model, loaded.config.tasks).predict(rows))
+    int8 = formula.score(Predictor(loaded.model, loaded.config.tasks, "onnx-int8", 1).predict(rows))
+    top_e, top_q = set(_ranking(eager)[:50]), set(_ranking(int8)[:50])
+    assert len(top_e & top_q) / 50 >= INT8_TOP50_OVERLAP
+    rank_e, rank_q = np.argsort(np.argsort(eager)), np.argsort(np.argsort(int8))
+    assert np.corrcoef(rank_e, rank_q)[0, 1] >= INT8_SPEARMAN
+
+
+def test_unknown_backend_is_refused(loaded) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="unknown scoring backend"):
+        build_scorer(loaded.model, "tensorrt")
+    assert set(BACKENDS) == {"eager", "torchscript", "onnx", "onnx-int8"}
+
+
+def test_service_setting_selects_the_backend(tiny_artifact: Path) -> None:
+    """``RANKER_BACKEND`` reaches the predictor the service builds."""
+    from service.engine import make_predictor
+    from service.settings import Settings
+
+    a = load_artifact(tiny_artifact)
+    settings = Settings(artifact=tiny_artifact, backend="onnx", threads=1)
+    assert make_predictor(a, settings).backend == "onnx"
+    with pytest.raises(ValueError, match="backend"):
+        Settings(artifact=tiny_artifact, backend="tensorrt")
