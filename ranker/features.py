@@ -86,7 +86,9 @@ class NumericStats:
         x = np.asarray(column, dtype=np.float64)
         if transform == "log1p":
             x = np.log1p(np.maximum(x, 0.0))
-        z = (x - self.mean) / self.std
+        # Clipped: a finite but absurd input (1e300) must not become float32 infinity and poison
+        # every head; 1e4 standard deviations is far beyond any real value.
+        z = np.clip((x - self.mean) / self.std, -1e4, 1e4)
         return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
 
 
