@@ -129,9 +129,8 @@ def test_wrong_label_dtype_names_the_column(tiny_world: Path, tmp_path: Path) ->
         train(cfg, progress=False, export=False)
 
 
-def test_non_finite_loss_names_step_and_task(tiny_config: Config) -> None:
-    cfg = Config.model_validate(
-        tiny_config.model_dump() | {"training": tiny_config.training.model_dump() | {"lr": 1e30}}
-    )
+def test_non_finite_loss_names_step_and_task(tiny_world: Path, tmp_path: Path) -> None:
+    # Its own run dir: a failed run must not overwrite the shared fixture's train_log.jsonl.
+    cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), "training.lr=1e30"])
     with pytest.raises(TrainingError, match=r"non-finite loss for task '\w+' at step \d+"):
         train(cfg, progress=False, export=False)
