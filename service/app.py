@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
+import orjson
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse, Response
 
 import ranker
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
@@ -44,6 +45,14 @@ class ServingState:
 
     model: ServingModel
     formula: RankingFormula
+
+
+class OrjsonBytes(JSONResponse):
+    """The response body encoded once with orjson (numpy-free lists of floats), bypassing
+    FastAPI's re-validation of a 500-item response; FastAPI's ORJSONResponse is deprecated."""
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
 
 
 def serving_state(request: Request) -> ServingState:
@@ -117,14 +126,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/rank",
         response_model=RankResponse,
-        response_class=ORJSONResponse,
+        response_class=OrjsonBytes,
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
             413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
         },
     )
-    async def rank_endpoint(body: RankRequest, state: State) -> ORJSONResponse:
+    async def rank_endpoint(body: RankRequest, state: State) -> Response:
         """Ranks the candidates for the user; best first, with every head's prediction."""
         check_rank_limits(len(body.candidates), body.top_k, settings.max_candidates)
         ids = np.fromiter((c.video_id for c in body.candidates), np.int64, len(body.candidates))
@@ -141,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"video_id": v, "score": s, "predictions": dict(zip(tasks, p, strict=True))}
             for v, s, *p in zip(r.video_ids.tolist(), r.scores.tolist(), *pred_cols, strict=True)
         ]
-        return ORJSONResponse(
+        return OrjsonBytes(
             {
                 "model_version": state.model.version,
                 "ranking_version": state.formula.version,
