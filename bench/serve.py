@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,7 @@ sys.path.insert(0, str(ROOT))
 from ranker.artifact import Artifact, load_artifact  # noqa: E402
 from ranker.backends import build_scorer  # noqa: E402
 from ranker.features import Encoded  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.launch import free_port, serve  # noqa: E402
 
 
 def _wait(check, what: str, proc: subprocess.Popen, timeout: float) -> None:  # noqa: ANN001
@@ -101,26 +95,6 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return r.status, r.read()
     finally:
         conn.close()
-
-
-@contextmanager
-def service(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[int]:
-    """``ranker serve`` in its own process on a free port; yields the port once ``/readyz``."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "ranker", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    out = open(log, "w")  # noqa: SIM115 - the service's lifetime
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | env, stdout=out, stderr=out)
-    try:
-        _wait(lambda: _get(port, "/readyz")[0] == 200, f"service ({log})", proc, timeout)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
 
 
 def request_bodies(artifact: Artifact, n_bodies: int, candidates: int, seed: int) -> list[bytes]:
@@ -281,7 +255,8 @@ def main() -> None:
                 "RANKER_THREADS": str(args.threads),
                 "RANKER_LOG_LEVEL": "warning",
             }
-            ports[b] = stack.enter_context(service(env, tmpdir / f"service-{b}.log"))
+            running = serve(env, log_path=tmpdir / f"service-{b}.log", timeout=120.0)
+            ports[b] = stack.enter_context(running).port
         for b in backends:  # warm-up, then the stage counters start from here
             replay(ports[b], bodies[:16], 1, time.monotonic() + 60)
         before = {b: stage_totals(ports[b]) for b in backends}

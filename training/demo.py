@@ -7,8 +7,6 @@ Each step runs the same command a user would type (``ranker generate``, ``ranker
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
+
+from service.launch import serve
 
 WORLD = Path("data/default")
 GENERATE = ["--n-users", "10000", "--n-videos", "5000", "--n-requests", "25000", "--seed", "0"]
@@ -36,12 +36,6 @@ def run(args: list[str]) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"ranker {args[0]} failed with exit code {proc.returncode}")
     return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_request(n_candidates: int = 200) -> dict:
@@ -79,22 +73,10 @@ def main() -> None:
     timings["evaluate"] = time.perf_counter() - t
 
     t = step("4. start the service, rank a request, stop")
-    port = free_port()
-    env = os.environ | {"RANKER_ARTIFACT": artifact, "RANKER_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-m", "ranker", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    print("$ ranker serve --port", port, flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit("the service exited during start-up")
-            time.sleep(0.1)
+    env = {"RANKER_ARTIFACT": artifact, "RANKER_LOG_LEVEL": "warning"}
+    print("$ ranker serve  (RANKER_ARTIFACT=" + artifact + ")", flush=True)
+    with serve(env, timeout=120.0) as running:
+        url = running.url
         body = sample_request()
         print(
             f"POST /v1/rank: user {body['user_id']}, {len(body['candidates'])} candidates, "
@@ -119,9 +101,6 @@ def main() -> None:
                 f"{i:>2} {item['video_id']:>7} {item['score']:>8.4f} {p['click']:>7.3f} "
                 f"{p['watch_time']:>8.1f} {p['like']:>7.3f} {p['rating']:>7.2f}"
             )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     timings["serve + rank"] = time.perf_counter() - t
 
     print("\n=== timings ===")
