@@ -205,6 +205,14 @@ class ImpressionLog:
             return t >= cutoff
         return None
 
+    def count_rows(self, split: Split, files: list[str] | None = None) -> int:
+        """Rows of one split (in ``files``, default all), from the time column alone."""
+        flt = self.filter(split)
+        return sum(
+            ds.dataset(f, format="parquet").count_rows(filter=flt)
+            for f in (files if files is not None else self.files)
+        )
+
     def record_batches(
         self,
         split: Split,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as ds
 import torch
 from tqdm import tqdm
 
@@ -190,10 +189,7 @@ def train(
     trainable = [p for g in groups for p in g["params"]]
     telemetry = _Telemetry(t.run_dir, append=state is not None, enabled=dctx.is_main)
     my_files = shard_files(log.files, dctx)
-    train_rows = sum(
-        ds.dataset(f, format="parquet").count_rows(filter=log.filter("train"))
-        for f in (my_files if my_files is not None else log.files)
-    )
+    train_rows = log.count_rows("train", my_files)
     if dctx.enabled and my_files is None:
         train_rows //= dctx.world
     # Ranks step in lock-step (one all-reduce per step): every rank runs the smallest share.
