@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ranker.model import RankingModel
+from ranker.modules import ColumnSplit
 
 BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
@@ -46,13 +47,14 @@ class _TupleOutputs(nn.Module):
     """The model with its outputs as a tuple in task order: tracers and exporters want tuples,
     not dicts."""
 
-    def __init__(self, model: RankingModel) -> None:
+    def __init__(self, model: RankingModel, split: ColumnSplit | None = None) -> None:
         super().__init__()
         self.model = model
         self.tasks = list(model.tasks)
+        self.split = split
 
     def forward(self, cat: Tensor, num: Tensor) -> tuple[Tensor, ...]:
-        raw = self.model(cat, num)
+        raw = self.model(cat, num, self.split)
         return tuple(raw[t] for t in self.tasks)
 
 
@@ -64,22 +66,22 @@ def _example(model: RankingModel, rows: int = _EXAMPLE_ROWS) -> tuple[Tensor, Te
     return cat, num
 
 
-def eager_scorer(model: RankingModel) -> Scorer:
+def eager_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:
     """The model as it is: the reference every other backend is tested against."""
     model.eval()
 
     @torch.inference_mode()
     def score(cat: np.ndarray, num: np.ndarray) -> dict[str, Tensor]:
-        return model(torch.from_numpy(cat), torch.from_numpy(num))
+        return model(torch.from_numpy(cat), torch.from_numpy(num), split)
 
     return score
 
 
-def torchscript_scorer(model: RankingModel) -> Scorer:
+def torchscript_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:
     """Traced, frozen and optimised for inference (weights become constants, linear + relu
     fuse); the traced graph has no Python in it, so per-op overhead drops."""
     model.eval()
-    wrapped = _TupleOutputs(model).eval()
+    wrapped = _TupleOutputs(model, split).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jit's deprecation notice: we know, it is the fallback
         traced = torch.jit.trace(wrapped, _example(model), check_trace=False)
@@ -94,10 +96,11 @@ def torchscript_scorer(model: RankingModel) -> Scorer:
     return score
 
 
-def export_onnx(model: RankingModel) -> bytes:
-    """The eval-mode model as an ONNX graph (legacy exporter, dynamic batch axis), in memory."""
+def export_onnx(model: RankingModel, split: ColumnSplit | None = None) -> bytes:
+    """The eval-mode model as an ONNX graph (legacy exporter, dynamic batch axis), in memory;
+    with ``split`` the graph computes those columns' first-layer share once (from row 0)."""
     model.eval()
-    wrapped = _TupleOutputs(model).eval()
+    wrapped = _TupleOutputs(model, split).eval()
     outputs = [f"raw.{t}" for t in wrapped.tasks]
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -131,12 +134,17 @@ def quantize_int8(onnx_model: bytes) -> bytes:
         return dst.read_bytes()
 
 
-def onnx_scorer(model: RankingModel, threads: int | None = None, int8: bool = False) -> Scorer:
+def onnx_scorer(
+    model: RankingModel,
+    threads: int | None = None,
+    int8: bool = False,
+    split: ColumnSplit | None = None,
+) -> Scorer:
     """ONNX Runtime on the exported graph; ``threads`` intra-op threads (``None``: ORT's default,
     one per core), one inter-op thread (the graph is a chain, nothing runs beside it)."""
     import onnxruntime as ort
 
-    graph = export_onnx(model)
+    graph = export_onnx(model, split)
     if int8:
         graph = quantize_int8(graph)
     opts = ort.SessionOptions()
@@ -160,15 +168,22 @@ def onnx_scorer(model: RankingModel, threads: int | None = None, int8: bool = Fa
     return score
 
 
-def build_scorer(model: RankingModel, backend: str = "eager", threads: int | None = None) -> Scorer:
+def build_scorer(
+    model: RankingModel,
+    backend: str = "eager",
+    threads: int | None = None,
+    split: ColumnSplit | None = None,
+) -> Scorer:
     """The scorer for ``backend`` (one of :data:`BACKENDS`); ``threads`` is used by the ONNX
-    Runtime backends (torch backends follow ``torch.set_num_threads``)."""
+    Runtime backends (torch backends follow ``torch.set_num_threads``). With ``split``
+    (:meth:`RankingModel.forward`) the scorer expects rows that agree on those columns, as one
+    request's rows do, and computes their first-layer share once."""
     if backend == "eager":
-        return eager_scorer(model)
+        return eager_scorer(model, split)
     if backend == "torchscript":
-        return torchscript_scorer(model)
+        return torchscript_scorer(model, split)
     if backend == "onnx":
-        return onnx_scorer(model, threads)
+        return onnx_scorer(model, threads, split=split)
     if backend == "onnx-int8":
-        return onnx_scorer(model, threads, int8=True)
+        return onnx_scorer(model, threads, int8=True, split=split)
     raise ValueError(f"unknown scoring backend {backend!r}; known: {list(BACKENDS)}")

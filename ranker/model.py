@@ -28,7 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from ranker.config import ModelConfig
-from ranker.modules import ExpertBank, FeatureEmbedding, GateBank, gate_softmax, mlp
+from ranker.modules import (
+    ColumnSplit,
+    ExpertBank,
+    FeatureEmbedding,
+    GateBank,
+    SplitInput,
+    first_linear,
+    gate_softmax,
+    mlp,
+)
 
 
 @dataclass
@@ -90,11 +99,12 @@ class ExtractionLevel(nn.Module):
         self.register_buffer("slots", torch.tensor(slots, dtype=torch.long), persistent=False)
 
     def forward(
-        self, task_in: Tensor, shared_in: Tensor
+        self, task_in: Tensor | SplitInput, shared_in: Tensor | SplitInput
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Args:
-            task_in: ``(B, In)`` (level 1: every task reads the embeddings) or ``(B, T, In)``.
-            shared_in: ``(B, In)``.
+            task_in: ``(B, In)`` (level 1: every task reads the embeddings, possibly split, see
+                :class:`~ranker.modules.SplitInput`) or ``(B, T, In)``.
+            shared_in: ``(B, In)`` (or split on level 1).
 
         Returns:
             ``task_out (B, T, H)``, ``shared_out (B, H)`` or ``None`` on the last level,
@@ -102,7 +112,8 @@ class ExtractionLevel(nn.Module):
             ``(B, T, m_t + m_s)`` (own experts first; :meth:`full_gates` spreads them out).
         """
         t, mt = self.num_tasks, self.task_experts
-        per_expert = task_in if task_in.dim() == 2 else task_in[:, self.owner]  # (B, T*mt, In)
+        level_one = isinstance(task_in, SplitInput) or task_in.dim() == 2
+        per_expert = task_in if level_one else task_in[:, self.owner]  # (B, T*mt, In)
         own = self.task_bank(per_expert)  # (B, T*mt, H)
         shared = self.shared_bank(shared_in)  # (B, ms, H)
         b, h = own.shape[0], own.shape[-1]
@@ -242,18 +253,32 @@ class RankingModel(nn.Module):
             params += lvl.shared_parameters()
         return params
 
-    def forward_detailed(self, cat: Tensor, num: Tensor) -> ModelOutput:
+    def forward_detailed(
+        self, cat: Tensor, num: Tensor, split: ColumnSplit | None = None
+    ) -> ModelOutput:
         """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw outputs, the shared
-        representation and the gates (see :class:`ModelOutput`)."""
-        return self._run(cat, num, with_gates=True)
+        representation and the gates (see :class:`ModelOutput`); ``split`` as in
+        :meth:`forward`."""
+        return self._run(cat, num, with_gates=True, split=split)
 
-    def _run(self, cat: Tensor, num: Tensor, with_gates: bool) -> ModelOutput:
-        x = self.embed(cat, num)  # (B, In)
+    def column_split(self, categorical: list[int], numeric: list[int]) -> ColumnSplit:
+        """The split of the embedded input whose shared part is the given categorical features
+        (by index among the categorical features) and numeric columns (for :meth:`forward`)."""
+        d, f = self.embed.dim, self.embed.num_cat
+        cols = [i * d + k for i in categorical for k in range(d)] + [f * d + j for j in numeric]
+        return ColumnSplit.of(self.embed.out_dim, cols)
+
+    def _run(
+        self, cat: Tensor, num: Tensor, with_gates: bool, split: ColumnSplit | None = None
+    ) -> ModelOutput:
+        emb = self.embed(cat, num)  # (B, In)
+        x = emb if split is None else split.apply(emb)
+        b = emb.shape[0]
         t = len(self.tasks)
         if self.arch == "ple":
-            task_in: Tensor = x
-            shared_in: Tensor = x
-            rep, gates = x, None
+            task_in: Tensor | SplitInput = x
+            shared_in: Tensor | SplitInput = x
+            rep, gates = emb, None
             for lvl in self.levels:
                 task_in, shared_out, rep, gates = lvl(task_in, shared_in)  # (B, T, H), ...
                 if shared_out is not None:
@@ -270,7 +295,8 @@ class RankingModel(nn.Module):
                 mixed = rep[:, 0:1, :].expand(-1, t, -1)  # (B, T, H)
                 gates = None
             else:
-                logits = self.gate(x).view(x.shape[0], self.n_gates, -1)  # (B, G, E)
+                logits = first_linear(x, self.gate.weight.T, self.gate.bias)
+                logits = logits.view(b, self.n_gates, -1)  # (B, G, E)
                 gates = gate_softmax(logits, self.config.gate_dropout, self.training)
                 mixed = torch.bmm(gates, rep)  # (B, G, H)
                 if self.n_gates == 1:
@@ -283,13 +309,23 @@ class RankingModel(nn.Module):
         out = self.towers[task](x)  # (B, K)
         return out.squeeze(-1) if self.output_dims[task] == 1 else out
 
-    def forward(self, cat: Tensor, num: Tensor) -> dict[str, Tensor]:
-        """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw output ``(B,)`` per task."""
-        return self._run(cat, num, with_gates=False).raw
+    def forward(
+        self, cat: Tensor, num: Tensor, split: ColumnSplit | None = None
+    ) -> dict[str, Tensor]:
+        """``cat (B, C)`` int64, ``num (B, N)`` float32 -> raw output ``(B,)`` per task.
 
-    def flops_per_row(self) -> int:
-        """Multiply-adds x2 of one forward for one candidate (embedding gathers not counted)."""
-        total = 0
+        ``split`` (:meth:`column_split`): embedded-input columns whose values are the same on
+        every row, as the user's and the context's features are within one ranking request;
+        their share of every first layer is computed once instead of per row
+        (:class:`~ranker.modules.ColumnSplit`). The caller guarantees the sameness.
+        """
+        return self._run(cat, num, with_gates=False, split=split).raw
+
+    def flops_per_row(self, split: ColumnSplit | None = None) -> int:
+        """Multiply-adds x2 of one forward for one candidate (embedding gathers not counted);
+        with ``split``, what each candidate of a request costs when the shared columns' share
+        of the first layers is computed once per request (that once is not counted)."""
+        total = -2 * len(split.shared) * self._first_layer_width() if split is not None else 0
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 total += 2 * m.in_features * m.out_features
@@ -301,3 +337,15 @@ class RankingModel(nn.Module):
             assert isinstance(lvl, ExtractionLevel)
             total += lvl.flops_per_row()
         return total
+
+    def _first_layer_width(self) -> int:
+        """Outputs of every layer that reads the embedded input (what a split shortens)."""
+        if self.arch == "ple":
+            lvl = self.levels[0]
+            assert isinstance(lvl, ExtractionLevel)
+            banks = [lvl.task_bank.weights[0], lvl.shared_bank.weights[0]]
+            gates = [lvl.task_gates.weight] + ([lvl.shared_gate.weight] if lvl.shared_gate else [])
+            return sum(w.shape[0] * w.shape[2] for w in banks + gates)
+        assert self.experts is not None
+        w0 = self.experts.weights[0]
+        return w0.shape[0] * w0.shape[2] + (self.gate.out_features if self.gate else 0)

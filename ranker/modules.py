@@ -8,9 +8,63 @@ arranged differently, so a comparison between them measures the arrangement, not
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ColumnSplit:
+    """Which input columns hold the same values on every row of a batch: one ranking request,
+    where the user's and the context's features are repeated for every candidate.
+
+    Every first layer is linear, so ``x @ W = x[:, rows] @ W[rows] + x[0, shared] @ W[shared]``:
+    the shared part is computed once per request instead of once per candidate. On the default
+    model 82 of 133 input columns are the user's or the context's, 62% of the first expert
+    layer's multiply-adds. The result equals the plain product up to float rounding (the sum
+    is associated differently). Both index sets are fixed tensors, so a traced or exported
+    graph holds them (and the weight slices they select) as constants.
+    """
+
+    shared: Tensor  # (I_s,) positions of the shared columns in the full input
+    rows: Tensor  # (I_r,) the others
+
+    @classmethod
+    def of(cls, width: int, shared: list[int]) -> ColumnSplit:
+        bad = [c for c in shared if not 0 <= c < width]
+        if bad:
+            raise ValueError(f"shared columns {bad} outside an input of {width} columns")
+        s = sorted(set(shared))
+        rest = [c for c in range(width) if c not in set(s)]
+        return cls(torch.tensor(s, dtype=torch.long), torch.tensor(rest, dtype=torch.long))
+
+    def apply(self, x: Tensor) -> SplitInput:
+        """Splits ``x (B, In)``; the shared columns are read from row 0 (sameness not checked)."""
+        return SplitInput(x[:, self.rows], x[:1, self.shared], self)
+
+
+@dataclass
+class SplitInput:
+    """A batch split by a :class:`ColumnSplit`: its per-row columns and its shared ones, once."""
+
+    rows: Tensor  # (B, I_r)
+    shared: Tensor  # (1, I_s)
+    split: ColumnSplit
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+
+def first_linear(x: Tensor | SplitInput, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight + bias`` for ``weight (In, Out)``; a :class:`SplitInput`'s shared columns
+    (and the bias) are multiplied once and broadcast over the rows."""
+    if isinstance(x, SplitInput):
+        once = x.shared @ weight[x.split.shared]  # (1, Out)
+        if bias is not None:
+            once = once + bias
+        return torch.addmm(once, x.rows, weight[x.split.rows])
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int | None, dropout: float = 0.0) -> nn.Sequential:
@@ -142,18 +196,21 @@ class ExpertBank(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_dim = hidden[-1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, In)`` or ``(B, E, In)`` -> ``(B, E, H)``."""
+    def forward(self, x: Tensor | SplitInput) -> Tensor:
+        """``x (B, In)`` (or split, see :class:`SplitInput`) or ``(B, E, In)`` -> ``(B, E, H)``."""
         w0 = self.weights[0]  # (E, In, H1)
         e, d_in, h1 = w0.shape
-        if x.dim() == 2:
-            h = (x @ w0.permute(1, 0, 2).reshape(d_in, e * h1)).view(-1, e, h1).transpose(0, 1)
-            h = h + self.biases[0]  # (E, B, H1)
+        if isinstance(x, SplitInput) or x.dim() == 2:  # one product for every expert
+            b0 = self.biases[0].permute(1, 0, 2).reshape(1, e * h1)  # (1, E*H1)
+            flat = first_linear(x, w0.permute(1, 0, 2).reshape(d_in, e * h1), b0)  # (B, E*H1)
+            # relu on the contiguous product, before the transpose (3-6x faster than on the
+            # view), and in place: nothing else reads the product, and autograd's relu
+            # backward needs only the result
+            h = self.dropout(flat.relu_()).view(-1, e, h1).transpose(0, 1)  # (E, B, H1)
         else:
-            h = torch.baddbmm(self.biases[0], x.transpose(0, 1), w0)  # (E, B, H1)
-        h = self.dropout(torch.relu(h))
+            h = self.dropout(torch.baddbmm(self.biases[0], x.transpose(0, 1), w0).relu_())
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
-            h = self.dropout(torch.relu(torch.baddbmm(b, h, w)))  # (E, B, H)
+            h = self.dropout(torch.baddbmm(b, h, w).relu_())  # (E, B, H)
         return h.transpose(0, 1)  # (B, E, H)
 
     def flops_per_row(self) -> int:
@@ -204,11 +261,12 @@ class GateBank(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(num_gates, num_experts).uniform_(-bound, bound))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, In)`` or ``(B, G, In)`` -> gate weights ``(B, G, E)``."""
+    def forward(self, x: Tensor | SplitInput) -> Tensor:
+        """``x (B, In)`` (or split) or ``(B, G, In)`` -> gate weights ``(B, G, E)``."""
         g, d_in, e = self.weight.shape
-        if x.dim() == 2:  # one matmul for every gate: (B, In) @ (In, G*E)
-            logits = (x @ self.weight.permute(1, 0, 2).reshape(d_in, g * e)).view(-1, g, e)
+        if isinstance(x, SplitInput) or x.dim() == 2:  # one matmul for every gate
+            flat = self.weight.permute(1, 0, 2).reshape(d_in, g * e)  # (In, G*E)
+            logits = first_linear(x, flat, None).view(-1, g, e)
         else:  # one matmul per gate: (G, B, In) @ (G, In, E)
             logits = torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # (B, G, E)
         return gate_softmax(logits + self.bias, self.dropout, self.training)

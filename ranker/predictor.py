@@ -11,16 +11,30 @@ import torch
 
 from ranker.backends import build_scorer
 from ranker.config import TaskSpec
-from ranker.features import Encoded
+from ranker.features import Encoded, FeatureEncoder
 from ranker.heads import head_prediction
 from ranker.model import RankingModel
+from ranker.modules import ColumnSplit
+
+
+def request_split(model: RankingModel, encoder: FeatureEncoder) -> ColumnSplit:
+    """The model's input columns that are the same for every candidate of one ranking request:
+    the user's and the context's features (everything but the video's)."""
+    cat = [i for i, f in enumerate(encoder.categorical) if f.source != "video"]
+    num = [j for j, f in enumerate(encoder.numeric) if f.source != "video"]
+    return model.column_split(cat, num)
 
 
 class Predictor:
     """``backend`` picks the engine that runs the forward pass (:mod:`ranker.backends`:
     ``eager``, ``torchscript``, ``onnx``, ``onnx-int8``); ``threads`` sets ONNX Runtime's
     intra-op threads. The head transforms stay in torch for every backend, so they cannot
-    drift apart."""
+    drift apart.
+
+    ``split`` (:func:`request_split`) makes a per-request predictor: every batch it is given
+    must be one request's candidates, agreeing on the split's shared columns (the service's
+    case), whose first-layer share is then computed once per batch. Without it any rows go.
+    """
 
     def __init__(
         self,
@@ -28,11 +42,13 @@ class Predictor:
         tasks: list[TaskSpec],
         backend: str = "eager",
         threads: int | None = None,
+        split: ColumnSplit | None = None,
     ) -> None:
         self.model = model.eval()
         self.tasks = list(tasks)
         self.backend = backend
-        self.scorer = build_scorer(self.model, backend, threads)
+        self.split = split
+        self.scorer = build_scorer(self.model, backend, threads, split)
 
     @torch.inference_mode()
     def predict(self, rows: Encoded) -> dict[str, np.ndarray]:

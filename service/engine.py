@@ -17,7 +17,7 @@ import pyarrow as pa
 from ranker.artifact import Artifact, load_artifact
 from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
-from ranker.predictor import Predictor
+from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
 from service.settings import Settings
 from service.store import FeatureStore, InProcessStore, Lookup
@@ -27,8 +27,12 @@ ContextValue = str | int | float | None
 
 def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     """The artifact's model on the configured scoring backend (``RANKER_BACKEND``), built here
-    so that start-up and reload cannot serve on different backends."""
-    return Predictor(artifact.model, artifact.config.tasks, settings.backend, settings.threads)
+    so that start-up and reload cannot serve on different backends. Each forward pass is one
+    request's candidates, so the user's and context's share of the first layer is computed once
+    (:func:`~ranker.predictor.request_split`)."""
+    a = artifact
+    split = request_split(a.model, a.encoder)
+    return Predictor(a.model, a.config.tasks, settings.backend, settings.threads, split)
 
 
 @dataclass

@@ -7,6 +7,10 @@ Tolerances, on the tiny trained artifact and real encoded rows of its log:
   the ranking of a 200-candidate batch under the ranking formula identical to eager's.
 * ``onnx-int8`` (dynamic quantisation): not exact by design. Checked: top-50 of 200 overlaps
   eager's top-50 by at least 80%, and Spearman correlation of the scores at least 0.95.
+
+The service scores one request at a time with the user's and context's first-layer share
+computed once (``request_split``); every backend in that mode is held to the same tolerances
+against plain eager on request-shaped rows (one user and one context, 200 videos).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pytest
 from ranker.artifact import load_artifact
 from ranker.backends import BACKENDS, build_scorer
 from ranker.features import Encoded
-from ranker.predictor import Predictor
+from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from tests.conftest import RANKING_CONFIG
@@ -54,6 +58,22 @@ def rows(loaded) -> Encoded:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
+def request_rows(loaded, rows: Encoded) -> Encoded:  # noqa: ANN001
+    """The 200 rows as one request: row 0's user and context columns on every row."""
+    enc = loaded.encoder
+    cat, num = rows.cat.copy(), rows.num.copy()
+    start = 0
+    for f in enc.categorical:
+        if f.source != "video":
+            cat[:, start : start + f.width] = cat[0, start : start + f.width]
+        start += f.width
+    for j, f in enumerate(enc.numeric):
+        if f.source != "video":
+            num[:, j] = num[0, j]
+    return Encoded(cat, num)
+
+
+@pytest.fixture(scope="module")
 def formula(loaded) -> RankingFormula:  # noqa: ANN001
     return RankingFormula(load_ranking_config(RANKING_CONFIG), loaded.config.task_names)
 
@@ -78,6 +98,30 @@ def test_backend_predictions_and_ranking_equal_eager(
     np.testing.assert_array_equal(_ranking(formula.score(other)), _ranking(formula.score(eager)))
 
 
+@pytest.mark.parametrize("backend", ("eager", *EXACT))
+def test_per_request_scoring_equals_plain_eager(
+    backend: str,
+    loaded,  # noqa: ANN001
+    request_rows: Encoded,
+    formula: RankingFormula,
+) -> None:
+    """What the service runs: the request's shared first-layer share computed once."""
+    plain = Predictor(loaded.model, loaded.config.tasks).predict(request_rows)
+    split = request_split(loaded.model, loaded.encoder)
+    assert 0 < len(split.shared) < loaded.model.embed.out_dim
+    once = Predictor(loaded.model, loaded.config.tasks, backend, 1, split).predict(request_rows)
+    for task in plain:
+        np.testing.assert_allclose(once[task], plain[task], rtol=RTOL, atol=ATOL, err_msg=task)
+    # Same order but for near-ties (one request's candidates often score within 1e-7 of each
+    # other): in the order ``once`` ranks them, eager's scores never rise by more than float noise.
+    ranked_plain = formula.score(plain)[_ranking(formula.score(once))]
+    assert np.diff(ranked_plain).max() <= 1e-5
+    one = request_rows.take(np.arange(1))  # a single candidate
+    single = Predictor(loaded.model, loaded.config.tasks, backend, 1, split).predict(one)
+    for task in plain:
+        np.testing.assert_allclose(single[task], plain[task][:1], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("backend", EXACT)
 @pytest.mark.parametrize("n", [1, 7, 200])
 def test_backend_batch_axis_is_dynamic(backend: str, n: int, loaded, rows: Encoded) -> None:  # noqa: ANN001
@@ -90,9 +134,19 @@ def test_backend_batch_axis_is_dynamic(backend: str, n: int, loaded, rows: Encod
         np.testing.assert_allclose(other[task], eager[task], rtol=RTOL, atol=ATOL, err_msg=task)
 
 
-def test_int8_keeps_the_top_of_the_ranking(loaded, rows: Encoded, formula: RankingFormula) -> None:  # noqa: ANN001
-    eager = formula.score(Predictor(loaded.model, loaded.config.tasks).predict(rows))
-    int8 = formula.score(Predictor(loaded.model, loaded.config.tasks, "onnx-int8", 1).predict(rows))
+@pytest.mark.parametrize("per_request", [False, True])
+def test_int8_keeps_the_top_of_the_ranking(
+    per_request: bool,
+    loaded,  # noqa: ANN001
+    rows: Encoded,
+    request_rows: Encoded,
+    formula: RankingFormula,
+) -> None:
+    split = request_split(loaded.model, loaded.encoder) if per_request else None
+    rows = request_rows if per_request else rows
+    tasks = loaded.config.tasks
+    eager = formula.score(Predictor(loaded.model, tasks).predict(rows))
+    int8 = formula.score(Predictor(loaded.model, tasks, "onnx-int8", 1, split).predict(rows))
     top_e, top_q = set(_ranking(eager)[:50]), set(_ranking(int8)[:50])
     assert len(top_e & top_q) / 50 >= INT8_TOP50_OVERLAP
     rank_e, rank_q = np.argsort(np.argsort(eager)), np.argsort(np.argsort(int8))

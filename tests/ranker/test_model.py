@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from ranker.config import ModelConfig, TaskSpec
 from ranker.heads import head_loss, head_prediction
 from ranker.model import RankingModel
+from ranker.modules import ColumnSplit
 
 TASKS = ["click", "watch_time", "like", "rating"]
 
@@ -86,3 +87,55 @@ def test_log1p_regression_serves_seconds_and_binary_serves_probabilities() -> No
     assert head_prediction(click, torch.tensor([0.0])).item() == 0.5
     rating = TaskSpec(name="rating", kind="regression", label="r", loss="mse", value_range=(1, 5))
     assert head_prediction(rating, torch.tensor([-3.0, 9.0])).tolist() == [1.0, 5.0]
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "omoe", "shared_bottom", "ple"])
+@pytest.mark.parametrize("batch", [1, 13])
+def test_shared_columns_computed_once_give_the_same_outputs(arch: str, batch: int) -> None:
+    """One request's rows agree on the user's and the context's columns; computing their share
+    of every first layer once (ColumnSplit) must not change any output, nor the gates."""
+    cfg = ModelConfig(
+        architecture=arch,
+        embedding_dim=4,
+        num_experts=3,
+        expert_hidden=[16, 8],
+        tower_hidden=[8],
+        ple_levels=2,
+        task_experts=1,
+        shared_experts=2,
+    )
+    torch.manual_seed(0)
+    m = RankingModel([5, 7, 9, 4], 3, TASKS, cfg, cat_widths=[1, 2, 1, 1]).eval()
+    cat = torch.randint(0, 4, (batch, 5))
+    num = torch.randn(batch, 3)
+    cat[:, 0], cat[:, 4], num[:, 1] = 2, 1, 0.5  # features 0 and 3, numeric 1: the "request"
+    split = m.column_split([0, 3], [1])
+    assert split.shared.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 17]
+    plain, once = m.forward_detailed(cat, num), m.forward_detailed(cat, num, split)
+    for t in TASKS:
+        assert once.raw[t].shape == (batch,)
+        torch.testing.assert_close(once.raw[t], plain.raw[t], rtol=1e-5, atol=1e-6)
+    if plain.gates is not None:
+        torch.testing.assert_close(once.gates, plain.gates, rtol=1e-5, atol=1e-6)
+    # a column that differs between rows must not be declared shared: then outputs differ
+    wrong = m.column_split([0, 1, 3], [1])  # feature 1 varies
+    if batch > 1:
+        out = m(cat, num, wrong)
+        assert any(not torch.allclose(out[t], plain.raw[t], atol=1e-4) for t in TASKS)
+
+
+def test_column_split_refuses_columns_outside_the_input() -> None:
+    m = RankingModel([5], 2, TASKS, ModelConfig(num_experts=2, expert_hidden=[4]))
+    with pytest.raises(ValueError, match="outside an input of"):
+        ColumnSplit.of(m.embed.out_dim, [0, m.embed.out_dim])
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "shared_bottom", "ple"])
+def test_split_flops_count_what_each_candidate_still_multiplies(arch: str) -> None:
+    cfg = ModelConfig(architecture=arch, embedding_dim=4, num_experts=3, expert_hidden=[16, 8])
+    m = RankingModel([5, 7], 2, TASKS, cfg)
+    split = m.column_split([0], [1])  # 5 of 10 input columns
+    saved = m.flops_per_row() - m.flops_per_row(split)
+    if arch == "mmoe":  # experts' first layer (3 x 16 outputs) and the 4 gates over 3 experts
+        assert saved == 2 * 5 * (3 * 16 + 4 * 3)
+    assert 0 < saved < m.flops_per_row()
