@@ -140,10 +140,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
             os.environ[f"RANKER_{key}"] = str(value)
     from service.logs import logging_config
     from service.observability import multiprocess_metrics
-    from service.settings import Settings
+    from service.settings import Settings, threads_per_worker
 
     if a.workers < 1:
         raise RankerError(f"--workers {a.workers}: at least 1")
+    if a.workers > 1 and "RANKER_THREADS" not in os.environ:
+        os.environ["RANKER_THREADS"] = str(threads_per_worker(a.workers, os.cpu_count()))
     settings = Settings()
     host = a.host or settings.host
     port = a.port if a.port is not None else settings.port

@@ -35,6 +35,7 @@ from ranker.config import Source
 from ranker.errors import ConfigError, RankerError, StoreError
 from ranker.feature_store import Keys, RecordLayout, VersionMeta, check_prefix, redact
 from ranker.features import Encoded, FeatureEncoder
+from service.entity_cache import EntityCache
 from service.settings import Settings
 from service.store import Lookup
 
@@ -92,7 +93,9 @@ class _SourceDecoder:
 class _Version:
     """One pushed version as this process reads it (immutable once pushed)."""
 
-    def __init__(self, meta: VersionMeta, keys: Keys, encoder: FeatureEncoder) -> None:
+    def __init__(
+        self, meta: VersionMeta, keys: Keys, encoder: FeatureEncoder, cache_entries: int = 0
+    ) -> None:
         missing = [s for s in ("user", "video") if s not in meta.layouts]
         if missing:
             raise StoreError(f"{keys.meta(meta.version)} describes no {missing} records")
@@ -102,6 +105,9 @@ class _Version:
         self.video_prefix = keys.entity(self.id, "video")
         self.user = _SourceDecoder(meta.layouts["user"], encoder, "user")
         self.video = _SourceDecoder(meta.layouts["video"], encoder, "video")
+        # Encoded entities of this version (exact: a version never changes; entity_cache.py)
+        self.user_cache = EntityCache(encoder.defaults("user"), cache_entries)
+        self.video_cache = EntityCache(encoder.defaults("video"), cache_entries)
         self.rows = {s: lay.rows for s, lay in meta.layouts.items()}
         lacking = [f"{d.source}.{c}" for d in (self.user, self.video) for c in d.lacking]
         # A version without some column the model reads still serves the rest; the column gets
@@ -111,6 +117,55 @@ class _Version:
             if lacking
             else None
         )
+
+
+class _Plan:
+    """One lookup against one version: what the caches hold (copied now, before any await) and
+    which keys the MGET must fetch; then the fetched records decoded, cached and merged."""
+
+    def __init__(self, version: _Version, user_id: int, video_ids: np.ndarray) -> None:
+        self.version = version
+        self.user_ids = np.array([user_id], np.int64)
+        self.video_ids = video_ids
+        self.user_found, self.user_rows, self.user_missing = version.user_cache.find(self.user_ids)
+        self.found, self.rows, self.missing = version.video_cache.find(video_ids)
+        self.fetch_user = not self.user_found[0]
+        self.fetch_videos = video_ids[~self.found]
+        self.keys = [f"{version.user_prefix}{user_id}"] if self.fetch_user else []
+        self.keys += [f"{version.video_prefix}{v}" for v in self.fetch_videos.tolist()]
+
+    def complete_user(self, values: list[bytes | None]) -> tuple[Encoded, np.ndarray]:
+        if not self.fetch_user:
+            return self.user_rows, self.user_missing
+        user, missing = self.version.user.encode(values[:1], self.user_ids)
+        self.version.user_cache.add(self.user_ids, user, missing)
+        return user, missing
+
+    def complete_videos(self, values: list[bytes | None]) -> tuple[Encoded, np.ndarray]:
+        fetched = values[1:] if self.fetch_user else values
+        if len(self.fetch_videos) == 0:
+            return self.rows, self.missing
+        new, new_missing = self.version.video.encode(fetched, self.fetch_videos)
+        self.version.video_cache.add(self.fetch_videos, new, new_missing)
+        if not self.found.any():
+            return new, new_missing
+        n = len(self.video_ids)
+        out = Encoded(
+            np.empty((n, new.cat.shape[1]), new.cat.dtype),
+            np.empty((n, new.num.shape[1]), new.num.dtype),
+        )
+        missing = np.empty(n, bool)
+        out.cat[self.found], out.num[self.found], missing[self.found] = (
+            self.rows.cat,
+            self.rows.num,
+            self.missing,
+        )
+        out.cat[~self.found], out.num[~self.found], missing[~self.found] = (
+            new.cat,
+            new.num,
+            new_missing,
+        )
+        return out, missing
 
 
 class RedisStore:
@@ -126,8 +181,10 @@ class RedisStore:
         timeout_s: float,
         retry_s: float,
         where: str,
+        cache_entries: int = 0,
     ) -> None:
         self.client = client
+        self.cache_entries = cache_entries
         self.encoder = encoder
         self.keys = Keys(check_prefix(prefix))
         self.timeout_s = timeout_s
@@ -165,6 +222,7 @@ class RedisStore:
             timeout_s,
             settings.redis_retry_ms / 1000,
             f"{redact(url)} {settings.redis_prefix}",
+            settings.feature_cache_entries,
         )
 
     async def lookup(self, user_id: int, video_ids: np.ndarray) -> Lookup:
@@ -175,7 +233,7 @@ class RedisStore:
         n = len(video_ids)
         try:
             async with asyncio.timeout(self.timeout_s):
-                version, values = await self._fetch(user_id, video_ids)
+                plan, values = await self._fetch(user_id, video_ids)
         except TimeoutError:
             return self._down(n, f"Redis did not answer within {self._ms} ms")
         except (RedisConnectionError, OSError) as e:
@@ -185,31 +243,31 @@ class RedisStore:
         except StoreError as e:  # the server answered: no cool-down, the next request retries
             return self._fallback(n, str(e))
         try:
-            user, user_missing = version.user.encode(values[1:2], np.array([user_id], np.int64))
-            videos, videos_missing = version.video.encode(values[2:], video_ids)
+            user, user_missing = plan.complete_user(values)
+            videos, videos_missing = plan.complete_videos(values)
         except (RankerError, pa.ArrowException, ValueError, TypeError) as e:
             # Records the encoder cannot read (a layout or type this model does not expect):
             # a store fault like any other, answered with the defaults.
-            return self._fallback(n, f"version {version.id}: {type(e).__name__}: {e}")
+            return self._fallback(n, f"version {plan.version.id}: {type(e).__name__}: {e}")
         if self._down_reason is not None:
             log.warning("feature store %s: answering again", self.where)
             self._down_reason, self._down_until = None, 0.0
-        if version.problem is not None:
+        if plan.version.problem is not None:
             self.degraded_lookups += 1
-        return Lookup(user, videos, bool(user_missing[0]), videos_missing, version.problem)
+        return Lookup(user, videos, bool(user_missing[0]), videos_missing, plan.version.problem)
 
-    async def _fetch(self, user_id: int, video_ids: np.ndarray) -> tuple[_Version, list]:
-        """One MGET of the pointer and every record; more only when the version changed."""
+    async def _fetch(self, user_id: int, video_ids: np.ndarray) -> tuple[_Plan, list]:
+        """One MGET of the pointer and every record this process has not cached for the
+        version; more only when the version changed."""
         version = self._version
         if version is None:
             version = await self._load(await self.client.get(self.keys.current))
         for _ in range(3):
-            keys = [self.keys.current, f"{version.user_prefix}{user_id}"]
-            keys += [f"{version.video_prefix}{v}" for v in video_ids.tolist()]
-            values = await self._mget(keys)
+            plan = _Plan(version, user_id, video_ids)
+            values = await self._mget([self.keys.current, *plan.keys])
             if values[0] == version.id_bytes:
                 self._version = version
-                return version, values
+                return plan, values[1:]
             version = await self._load(values[0])
         raise StoreError("the current feature version changed three times during one request")
 
@@ -243,7 +301,8 @@ class RedisStore:
         raw = await self.client.get(key)
         if raw is None:
             raise StoreError(f"{key} is missing (the version was removed or never finished)")
-        version = _Version(VersionMeta.from_json(raw, key), self.keys, self.encoder)
+        meta = VersionMeta.from_json(raw, key)
+        version = _Version(meta, self.keys, self.encoder, self.cache_entries)
         self._versions = {vid: version, **dict(list(self._versions.items())[: VERSIONS_KEPT - 1])}
         log.info("feature store %s: reading version %s", self.where, vid)
         return version

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         description="after a Redis timeout or connection failure, serve defaults without trying "
         "Redis for this long",
     )
+    feature_cache_entries: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="encoded users and videos kept per source and feature version (exact: a "
+        "pushed version never changes); 0: fetch and encode every entity on every request",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
+
+
+def threads_per_worker(workers: int, cpus: int | None) -> int:
+    """Intra-op threads for each of ``workers`` processes when ``RANKER_THREADS`` is unset.
+
+    Each worker's torch and ONNX Runtime would otherwise start one thread per core, so N workers
+    would run N x cores busy threads on the cores, fighting over them; the cores are shared out
+    instead (at least one thread each)."""
+    return max(1, (cpus or 1) // max(1, workers))

@@ -68,9 +68,8 @@ def _until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def redis_service(
-    redis_module: RedisServer, tiny_artifact: Path, tiny_world: Path
+def _redis_service(
+    redis_module: RedisServer, tiny_artifact: Path, tiny_world: Path, **extra: str
 ) -> Iterator[str]:
     """The real service process reading features from the module's Redis."""
     push_files(
@@ -86,9 +85,28 @@ def redis_service(
         # Generous: these tests check results on a shared 2-core machine, not latency.
         "RANKER_REDIS_TIMEOUT_MS": str(TIMEOUT_MS),
         "RANKER_REDIS_RETRY_MS": "1000",
+        **extra,
     }
     with run_service(env) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def redis_service(
+    redis_module: RedisServer, tiny_artifact: Path, tiny_world: Path
+) -> Iterator[str]:
+    """Production settings: encoded entities cached per feature version."""
+    yield from _redis_service(redis_module, tiny_artifact, tiny_world)
+
+
+@pytest.fixture(scope="module")
+def uncached_service(
+    redis_module: RedisServer, tiny_artifact: Path, tiny_world: Path
+) -> Iterator[str]:
+    """Every entity read from Redis on every request (RANKER_FEATURE_CACHE_ENTRIES=0)."""
+    yield from _redis_service(
+        redis_module, tiny_artifact, tiny_world, RANKER_FEATURE_CACHE_ENTRIES="0"
+    )
 
 
 def test_redis_ranking_equals_in_process_ranking(
@@ -127,9 +145,38 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.allclose(a, b, rtol=0.0, atol=1e-12))
 
 
-def test_push_while_serving_never_mixes_versions(
+def test_cached_entities_follow_every_push(
     redis_service: str, redis_module: RedisServer, tiny_world: Path
 ) -> None:
+    """The entity cache is per feature version: a push is served from the next request on,
+    and going back to the first tables (a new version again) serves them again."""
+    users_a = pq.read_table(tiny_world / "users.parquet")
+    videos_a = pq.read_table(tiny_world / "videos.parquet")
+    users_b, videos_b = _changed(users_a, videos_a)
+    body = _request(tiny_world, n=300, unknown=0)
+    half = {**body, "candidates": body["candidates"][::2]}
+
+    def rank(b: dict) -> np.ndarray:
+        out = _post(redis_service, b)
+        assert out["degraded"] is False, out["degraded_reason"]
+        return _scores(out, b)
+
+    _push(redis_module, users_a, videos_a)
+    half_a, ref_a = rank(half), rank(body)  # the second is half cached, half fetched
+    assert _same(rank(body), ref_a) and _same(rank(half), half_a)  # all cached
+    _push(redis_module, users_b, videos_b)
+    ref_b = rank(body)
+    assert np.all(np.abs(ref_a - ref_b) > 1e-9)
+    _push(redis_module, users_a, videos_a)
+    assert _same(rank(body), ref_a) and _same(rank(half), half_a)
+
+
+def test_push_while_serving_never_mixes_versions(
+    uncached_service: str, redis_module: RedisServer, tiny_world: Path
+) -> None:
+    """Without the entity cache (which would hide the control's in-place overwrite, a thing
+    the push never does), every record comes from Redis: the MGET's version check is tested."""
+    redis_service = uncached_service
     users_a = pq.read_table(tiny_world / "users.parquet")
     videos_a = pq.read_table(tiny_world / "videos.parquet")
     users_b, videos_b = _changed(users_a, videos_a)
