@@ -5,6 +5,8 @@ batches already in memory, in one run, so the ratio shows what the input pipelin
   -> one training step (forward with the shared representation, masked head losses, the
   config's weighting strategy's backward, Adam), as ``training/loop.py`` runs it.
 * ``memory``: the same batches built beforehand, then the same steps.
+* ``memory, plain Adam``: as ``memory`` with torch's per-tensor Adam instead of the fused one
+  the trainer uses (``training.loop.make_optimizer``).
 * ``pipeline``: the input pipeline alone (no step), the streaming path's ceiling.
 
 Rounds alternate the variants (the machine is shared and noisy); medians over rounds are printed
@@ -35,7 +37,7 @@ from ranker.heads import head_loss  # noqa: E402
 from ranker.tables import FeatureTable  # noqa: E402
 from ranker.weighting import SharedPart, build_weighting  # noqa: E402
 from training.data import Batch, BatchBuilder, ImpressionLog, shuffled_batches  # noqa: E402
-from training.loop import build_bias_tower  # noqa: E402
+from training.loop import build_bias_tower, make_optimizer  # noqa: E402
 
 
 def main() -> None:
@@ -62,31 +64,44 @@ def main() -> None:
             (builder.build(rb, f) for f, rb in rbs), t.batch_size, t.shuffle_buffer, gen
         )
 
-    model = build_model(cfg, a.encoder).train()
-    tower = build_bias_tower(cfg, a.encoder)
-    weighting = build_weighting(cfg.weighting, cfg.task_names)
-    params = list(model.parameters()) + ([] if tower is None else list(tower.parameters()))
-    optimizer = torch.optim.Adam(params, lr=t.lr)
+    def trainer(fused: bool) -> Callable[[Batch], None]:
+        """One training step of a fresh default model, with fused or plain Adam."""
+        torch.manual_seed(0)
+        model = build_model(cfg, a.encoder).train()
+        tower = build_bias_tower(cfg, a.encoder)
+        weighting = build_weighting(cfg.weighting, cfg.task_names)
+        params = list(model.parameters()) + ([] if tower is None else list(tower.parameters()))
+        groups = [{"params": params}]
+        optimizer = (
+            make_optimizer(groups, t.lr, t.weight_decay)
+            if fused
+            else torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        )
 
-    def step(batch: Batch) -> None:
-        out = model.forward_detailed(batch.cat, batch.num)
-        if tower is not None and batch.bias is not None:
-            bias = tower(batch.bias)
-            for name in cfg.position.tasks:
-                out.raw[name] = out.raw[name] + bias
-        losses = {
-            k.name: head_loss(
-                k,
-                out.raw[k.name],
-                batch.labels[k.name],
-                batch.masks[k.name],
-                batch.weights.get(k.name),
-            )
-            for k in cfg.tasks
-        }
-        optimizer.zero_grad(set_to_none=True)
-        weighting.backward(losses, SharedPart(model.shared_parameters(), out.representation))
-        optimizer.step()
+        def step(batch: Batch) -> None:
+            out = model.forward_detailed(batch.cat, batch.num)
+            if tower is not None and batch.bias is not None:
+                bias = tower(batch.bias)
+                for name in cfg.position.tasks:
+                    out.raw[name] = out.raw[name] + bias
+            losses = {
+                k.name: head_loss(
+                    k,
+                    out.raw[k.name],
+                    batch.labels[k.name],
+                    batch.masks[k.name],
+                    batch.weights.get(k.name),
+                )
+                for k in cfg.tasks
+            }
+            optimizer.zero_grad(set_to_none=True)
+            weighting.backward(losses, SharedPart(model.shared_parameters(), out.representation))
+            optimizer.step()
+
+        return step
+
+    step, plain_step = trainer(fused=True), trainer(fused=False)
+    model = build_model(cfg, a.encoder)  # for its FLOP count
 
     n = args.steps
     t0 = time.perf_counter()
@@ -106,16 +121,23 @@ def main() -> None:
             step(b)
         return rows
 
+    def run_memory_plain_adam() -> int:
+        for b in memory:
+            plain_step(b)
+        return rows
+
     def run_pipeline() -> int:
         return sum(len(b) for b in itertools.islice(stream(), n))
 
     variants: dict[str, Callable[[], int]] = {
         "parquet": run_parquet,
         "memory": run_memory,
+        "memory, plain Adam": run_memory_plain_adam,
         "pipeline": run_pipeline,
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
     run_memory()  # warm-up
+    run_memory_plain_adam()
     for _ in range(args.rounds):
         for name, fn in variants.items():
             s = time.perf_counter()
@@ -132,7 +154,8 @@ def main() -> None:
     for k, v in med.items():
         print(f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])} |")
     print(
-        f"\nparquet / memory = {med['parquet'] / med['memory']:.2f}; "
+        f"\nparquet / memory = {med['parquet'] / med['memory']:.2f}; fused / plain Adam = "
+        f"{med['memory'] / med['memory, plain Adam']:.2f}; "
         f"first {n} batches built in {prebuild:.2f} s; peak RSS {rss:,.0f} MiB"
     )
 

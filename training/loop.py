@@ -110,6 +110,18 @@ def load_checkpoint(path: Path, config: Config) -> dict[str, Any]:
     return state
 
 
+def make_optimizer(
+    groups: list[dict[str, Any]], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam with its fused kernel (one pass over the parameters instead of a dozen ops per
+    tensor: default training steps about 4% faster on 2 CPU threads, ``bench/train_speed.py``'s
+    fused / plain ratio); the plain implementation where fused Adam is not available."""
+    try:
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+
+
 def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | None:
     """The training-only position tower, when the config asks for one."""
     p = config.position
@@ -184,7 +196,7 @@ def train(
         # A strategy's own parameters (log-variances, GradNorm weights) must not be decayed
         # towards 0: that would bias the weighting, not regularise the model.
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(groups, t.lr, t.weight_decay)
     dctx.broadcast_parameters([m for m in (model, tower, weighting) if m is not None])
     trainable = [p for g in groups for p in g["params"]]
     telemetry = _Telemetry(t.run_dir, append=state is not None, enabled=dctx.is_main)
