@@ -1,10 +1,10 @@
 """End-to-end serving benchmark: 500-candidate requests against the real service, per backend.
 
 One command starts a real ``redis-server`` on a free loopback port, pushes the artifact's user and
-video tables into it (``training/push.py``), starts one service process per scoring backend
-(``ranker serve``, 1 worker, ``RANKER_BACKEND``, ``RANKER_THREADS``, features from Redis) and
-replays the same request bodies against all of them, *interleaved* (a block of requests to each
-backend in turn), at concurrency 1 and 8. The machine is shared and noisy: interleaving makes
+video tables into it (``training/push.py``), starts one service per scoring backend (``ranker
+serve`` with ``--workers`` processes, ``RANKER_BACKEND``, ``RANKER_THREADS``, features from Redis)
+and replays the same request bodies against all of them, *interleaved* (a block of requests to
+each backend in turn), at concurrency 1 and 8. The machine is shared and noisy: interleaving makes
 the backends see the same noise, so compare them as ratios.
 
 The client is lean on purpose (an httpx client adds 0.5-1.7 ms per request): one keep-alive
@@ -16,6 +16,11 @@ the model; and it scrapes the service's stage histograms (``ranker_stage_duratio
 ``/metrics``) for a per-stage breakdown (means: a histogram's sum over its count).
 
     .venv/bin/python bench/serve.py --requests 300 --threads 1 --backends eager,torchscript,onnx
+
+``--baseline DIR`` also serves another source tree (an earlier commit: ``git worktree add
+/tmp/base <commit>``) with the first backend, as ``<backend>@base``, interleaved with the rest:
+a before/after comparison in one run, on the same noise. Its artifact and settings are the same;
+the stage breakdown is whatever that version reports.
 """
 
 from __future__ import annotations
@@ -192,17 +197,25 @@ def forward_rows(artifact: Artifact, candidates: int, seed: int) -> Encoded:
 def bare_forward(
     artifact: Artifact, backends: list[str], threads: int, rows: Encoded, calls: int
 ) -> dict[str, float]:
-    """Median seconds of one forward pass per backend, the backends interleaved call by call."""
+    """Median seconds of one forward pass per backend, the backends interleaved call by call:
+    ``<backend>`` built as the service builds it (the request's user and context share of the
+    first layers computed once), ``<backend>/plain`` without that (every row in full)."""
     import torch
 
+    from ranker.predictor import request_split
+
     torch.set_num_threads(threads)
-    scorers = {b: build_scorer(artifact.model, b, threads) for b in backends}
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    for b in backends:  # warm-up (first calls allocate, ORT/JIT specialise)
+    split = request_split(artifact.model, artifact.encoder)
+    scorers = {}
+    for b in backends:
+        scorers[b] = build_scorer(artifact.model, b, threads, split)
+        scorers[f"{b}/plain"] = build_scorer(artifact.model, b, threads)
+    times: dict[str, list[float]] = {b: [] for b in scorers}
+    for b in scorers:  # warm-up (first calls allocate, ORT/JIT specialise)
         for _ in range(5):
             scorers[b](rows.cat, rows.num)
     for _ in range(calls):
-        for b in backends:
+        for b in scorers:
             t0 = time.perf_counter()
             scorers[b](rows.cat, rows.num)
             times[b].append(time.perf_counter() - t0)
@@ -221,22 +234,32 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--threads", type=int, default=1, help="RANKER_THREADS of each service")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--block", type=int, default=20, help="requests per backend per turn")
     ap.add_argument("--max-seconds", type=float, default=240.0, help="per concurrency level")
     ap.add_argument("--forward-calls", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", type=Path, default=None, help="another source tree to compare")
     args = ap.parse_args()
 
     backends = args.backends.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
+    # what is served: (label, backend, source tree)
+    services = [(b, b, ROOT) for b in backends]
+    if args.baseline is not None:
+        services.append((f"{backends[0]}@base", backends[0], args.baseline.resolve()))
+    labels = [label for label, _, _ in services]
     artifact = load_artifact(args.artifact)
-    flops = artifact.model.flops_per_row()
+    from ranker.predictor import request_split
+
+    # what each candidate costs as served (the request's user and context share once)
+    flops = artifact.model.flops_per_row(request_split(artifact.model, artifact.encoder))
     bodies = request_bodies(artifact, 64, args.candidates, args.seed)
     rows = forward_rows(artifact, args.candidates, args.seed)
     forward = bare_forward(artifact, backends, args.threads, rows, args.forward_calls)
 
-    lat: dict[tuple[str, int], list[float]] = {(b, c): [] for b in backends for c in levels}
+    lat: dict[tuple[str, int], list[float]] = {(b, c): [] for b in labels for c in levels}
     wall: dict[tuple[str, int], float] = {k: 0.0 for k in lat}
     stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, ExitStack() as stack:
@@ -247,40 +270,43 @@ def main() -> None:
         d = artifact.config.data
         push_files(url, Path(d.users), Path(d.videos), d.user_key, d.video_key, progress=False)
         ports = {}
-        for b in backends:
+        for label, b, source in services:
             env = {
-                "RANKER_ARTIFACT": str(args.artifact),
+                "RANKER_ARTIFACT": str(args.artifact.resolve()),
                 "RANKER_REDIS_URL": url,
                 "RANKER_BACKEND": b,
                 "RANKER_THREADS": str(args.threads),
                 "RANKER_LOG_LEVEL": "warning",
+                "RANKER_RANKING_CONFIG": str(ROOT / "configs" / "ranking.toml"),
             }
-            running = serve(env, log_path=tmpdir / f"service-{b}.log", timeout=120.0)
-            ports[b] = stack.enter_context(running).port
-        for b in backends:  # warm-up, then the stage counters start from here
+            log = tmpdir / f"service-{label}.log"
+            workers = ["--workers", str(args.workers)] if args.workers > 1 else []
+            running = serve(env, workers, log_path=log, timeout=120.0, source=source)
+            ports[label] = stack.enter_context(running).port
+        for b in labels:  # warm-up, then the stage counters start from here
             replay(ports[b], bodies[:16], 1, time.monotonic() + 60)
-        before = {b: stage_totals(ports[b]) for b in backends}
         for c in levels:
+            before = {b: stage_totals(ports[b]) for b in labels}
             deadline = time.monotonic() + args.max_seconds
             sent = 0
             while sent < args.requests and time.monotonic() < deadline:
                 n = min(args.block, args.requests - sent)
-                for b in backends:
+                for b in labels:
                     part = [bodies[(sent + i) % len(bodies)] for i in range(n)]
                     t0 = time.perf_counter()
                     lat[(b, c)] += replay(ports[b], part, c, deadline)
                     wall[(b, c)] += time.perf_counter() - t0
                 sent += n
-        for b in backends:
-            after = stage_totals(ports[b])
-            stages[b] = {
-                s: (after[s][0] - before[b].get(s, (0.0, 0.0))[0])
-                / max(after[s][1] - before[b].get(s, (0.0, 0.0))[1], 1)
-                * 1000
-                for s in after
-            }
+            for b in labels:
+                after = stage_totals(ports[b])
+                stages[f"{b} | {c}"] = {
+                    s: (after[s][0] - before[b].get(s, (0.0, 0.0))[0])
+                    / max(after[s][1] - before[b].get(s, (0.0, 0.0))[1], 1)
+                    * 1000
+                    for s in after
+                }
 
-    table = render(args, backends, levels, lat, wall, forward, stages, flops)
+    table = render(args, labels, levels, lat, wall, forward, stages, flops)
     print(table)
     if args.out is not None:
         with args.out.open("a") as f:
@@ -306,13 +332,14 @@ def render(  # noqa: ANN001, PLR0913
         f"load average {load:.1f}",
         "",
         f"`{' '.join(['bench/serve.py', *sys.argv[1:]])}`; {args.candidates} candidates, "
-        f"RANKER_THREADS={args.threads}, 1 worker, features from Redis; model "
-        f"{flops / 1e6:.2f} MFLOP per candidate ({flops * args.candidates / 1e9:.2f} GFLOP "
+        f"RANKER_THREADS={args.threads}, {args.workers} worker(s), features from Redis; model "
+        f"{flops / 1e6:.2f} MFLOP per candidate as served, the user's and context's share of the "
+        f"first layers computed once per request ({flops * args.candidates / 1e9:.2f} GFLOP "
         "per request).",
         "",
         "| backend | c | requests | p50 ms | p90 ms | p99 ms | req/s | candidates/s "
-        "| forward ms | forward vs eager | e2e p50 / forward |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| forward ms | forward vs eager | e2e p50 / forward | forward ms, every row in full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
         for b in backends:
@@ -320,26 +347,28 @@ def render(  # noqa: ANN001, PLR0913
             if not x:
                 continue
             rps = len(x) / wall[(b, c)]
-            fwd = forward[b] * 1000
-            rel = f"{forward[b] / eager_fwd:.2f}" if eager_fwd else "-"
+            fb = forward[b.split("@")[0]]  # a baseline's row shows today's forward
+            plain = forward[f"{b.split('@')[0]}/plain"] * 1000
+            fwd = fb * 1000
+            rel = f"{fb / eager_fwd:.2f}" if eager_fwd else "-"
             lines.append(
                 f"| {b} | {c} | {len(x)} | {_pct(x, 50):.2f} | {_pct(x, 90):.2f} | "
                 f"{_pct(x, 99):.2f} | {rps:.0f} | {rps * args.candidates:,.0f} | {fwd:.2f} | "
-                f"{rel} | {_pct(x, 50) / fwd:.1f} |"
+                f"{rel} | {_pct(x, 50) / fwd:.1f} | {plain:.2f} |"
             )
     names = sorted({s for v in stages.values() for s in v})
     if names:
         lines += [
             "",
-            "Mean ms per stage (service's `ranker_stage_duration_seconds`, both concurrency "
-            "levels):",
+            "Mean ms per stage (service's `ranker_stage_duration_seconds`; at c > 1 `decode` "
+            "includes the wait for the event loop):",
             "",
-            "| backend | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
+            "| backend | c | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
         ]
-        for b in backends:
-            cells = " | ".join(f"{stages[b].get(s, float('nan')):.2f}" for s in names)
-            lines.append(f"| {b} | {cells} |")
+        for key, per in stages.items():
+            cells = " | ".join(f"{per.get(s, float('nan')):.2f}" for s in names)
+            lines.append(f"| {key} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

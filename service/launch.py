@@ -46,16 +46,19 @@ def serve(
     args: Sequence[str] = (),
     log_path: Path | None = None,
     timeout: float = 60.0,
+    source: Path = ROOT,
 ) -> Iterator[Running]:
     """Starts the service with ``RANKER_*`` settings in ``env`` (added to this environment) and
     extra CLI ``args``; yields once ``/readyz`` answers 200 and stops it afterwards. Its output
-    goes to ``log_path`` or a temporary file: a pipe nobody reads would block it once full."""
+    goes to ``log_path`` or a temporary file: a pipe nobody reads would block it once full.
+    ``source``: the source tree to run (another checkout, e.g. an earlier commit to compare
+    against; ``python -m`` finds the packages in its working directory first)."""
     port = free_port()
     out = open(log_path, "w+") if log_path is not None else tempfile.TemporaryFile("w+")  # noqa: SIM115
     cmd = [sys.executable, "-m", "ranker", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
         [*cmd, *args],
-        cwd=ROOT,
+        cwd=source,
         env=os.environ | env,
         stdout=out,
         stderr=subprocess.STDOUT,
