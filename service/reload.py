@@ -118,6 +118,7 @@ def store_for(model_artifact: Artifact, old: FeatureStore, settings: Settings) -
     from service.redis_store import RedisStore
 
     if isinstance(old, RedisStore):
+        # New decoders and entity caches: cached rows are encoded with the old model's encoder.
         return RedisStore(
             old.client,
             model_artifact.encoder,
@@ -125,6 +126,7 @@ def store_for(model_artifact: Artifact, old: FeatureStore, settings: Settings) -
             old.timeout_s,
             old.retry_s,
             old.where,
+            old.cache_entries,
         )
     return old
 

@@ -60,3 +60,22 @@ def test_capacity_zero_keeps_nothing_and_growth_keeps_everything() -> None:
     assert found.all()
     np.testing.assert_array_equal(rows.cat, _rows(ids.tolist()).cat)
     np.testing.assert_array_equal(missing, ids % 7 == 0)
+
+
+def test_a_reloaded_model_gets_fresh_caches_of_the_same_size(tiny_artifact) -> None:  # noqa: ANN001
+    """Cached rows are encoded with one model's encoder: a new model must not read them, and
+    must not lose the cache either."""
+    from ranker.artifact import load_artifact
+    from service.redis_store import RedisStore
+    from service.reload import store_for
+    from service.settings import Settings
+
+    settings = Settings(
+        artifact=tiny_artifact, redis_url="redis://127.0.0.1:1/0", feature_cache_entries=1234
+    )
+    a = load_artifact(tiny_artifact)
+    old = RedisStore.from_settings(settings, a.encoder)  # connects lazily: nothing runs here
+    new = store_for(load_artifact(tiny_artifact), old, settings)
+    assert isinstance(new, RedisStore)
+    assert new.cache_entries == old.cache_entries == 1234
+    assert new is not old and new._versions == {} and new.client is old.client
