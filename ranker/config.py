@@ -305,7 +305,7 @@ class Config(Strict):
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:
-            raise ValueError(f"weighting.weights: {e}") from e
+            raise ValueError(f"weighting.{e}") from e
         return self
 
 

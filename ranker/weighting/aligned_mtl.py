@@ -63,7 +63,7 @@ class AlignedMtlConfig(GradientConfigBase):
         unknown = [k for k in self.task_weights if k not in tasks]
         if missing or unknown:
             raise ValueError(
-                f"task_weights must name every task exactly: missing {missing}, unknown "
+                f"task_weights: must name every task exactly: missing {missing}, unknown "
                 f"{unknown}; tasks are {tasks}"
             )
 

@@ -30,8 +30,9 @@ class WeightingConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def check_tasks(self, tasks: list[str]) -> None:
-        """Raises ``ValueError`` when the config does not fit the task list (called by the
-        top-level config validator, so the error names the key in the config file)."""
+        """Raises ``ValueError("<key>: ...")`` when the config does not fit the task list, with
+        the strategy's own key first (the top-level config validator prefixes ``weighting.``,
+        so the error names the key in the config file)."""
 
 
 @dataclass

@@ -63,8 +63,8 @@ class DbMtlConfig(GradientConfigBase):
     def _ema_needs_parameters(self) -> DbMtlConfig:
         if self.mode == "representation" and self.beta > 0:
             raise ValueError(
-                "db_mtl: mode 'representation' needs beta = 0 (an EMA of representation "
-                "gradients mixes different samples from batch to batch); use mode 'parameters'"
+                "beta: must be 0 with mode 'representation' (an EMA of representation "
+                "gradients mixes different samples from batch to batch); or use mode 'parameters'"
             )
         return self
 

@@ -29,7 +29,7 @@ class StaticConfig(WeightingConfigBase):
         unknown = [k for k in self.weights if k not in tasks]
         if missing or unknown:
             raise ValueError(
-                f"weights must name every task exactly: missing {missing}, unknown {unknown}; "
+                f"weights: must name every task exactly: missing {missing}, unknown {unknown}; "
                 f"tasks are {tasks}"
             )
 

@@ -134,7 +134,7 @@ def test_integration_tiny_model(raw: dict[str, object]) -> None:
 
 def test_default_mode_is_parameters_and_representation_needs_beta_zero() -> None:
     assert DbMtlConfig().mode == "parameters"
-    with pytest.raises(ValidationError, match="beta = 0"):
+    with pytest.raises(ValidationError, match="beta: must be 0 with mode .representation."):
         DbMtlConfig(mode="representation")
 
 
