@@ -229,7 +229,10 @@ def test_bad_static_weights_name_the_key(weights: dict[str, float], match: str) 
         ('weighting={name = "cagrad", c = -1}', "weighting.c"),
         ('weighting={name = "dwa", temperature = 0}', "weighting.temperature"),
         ('weighting={name = "static", weights = {click = 1.0}}', "weighting.weights"),
-        ('weighting={name = "aligned_mtl", task_weights = {click = 1.0}}', "weighting.task_weights"),
+        (
+            'weighting={name = "aligned_mtl", task_weights = {click = 1.0}}',
+            "weighting.task_weights",
+        ),
         ('weighting={name = "db_mtl", mode = "representation", beta = 0.5}', "beta: must be 0"),
     ],
 )
