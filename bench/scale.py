@@ -95,5 +95,6 @@ def main() -> None:
         + "\n"
     )
 
+
 if __name__ == "__main__":
     main()
