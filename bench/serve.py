@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -49,6 +48,8 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_model  # noqa: E402
 
 from ranker.artifact import Artifact, load_artifact  # noqa: E402
 from ranker.backends import build_scorer  # noqa: E402
@@ -325,14 +326,7 @@ def render(  # noqa: ANN001, PLR0913
     args, backends, levels, lat, wall, forward, stages, flops: int
 ) -> str:
     """The results as markdown: the run's facts, the latency table, the stage breakdown."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()[0]
     lines = [
         f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu}), "

@@ -60,6 +60,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_model  # noqa: E402
+
 from ranker.artifact import build_model  # noqa: E402
 from ranker.config import Config, load_config  # noqa: E402
 from ranker.heads import head_loss  # noqa: E402
@@ -629,14 +631,7 @@ def render(res: Results, out: Path) -> str:
 
 def machine() -> str:
     """A one-line description of the machine (CPU model, cores, torch)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import os
 
     py = platform.python_version()
