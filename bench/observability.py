@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.launch import free_port  # noqa: E402
+from service.launch import free_port, wait_until_ready  # noqa: E402
 
 
 def serve_bare(port: int) -> None:
@@ -75,22 +75,6 @@ def request_body(artifact: Path, n: int) -> bytes:
     ).encode()
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"a service exited with {proc.returncode}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/readyz")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("a service did not become ready")
-
-
 def end_to_end(artifact: Path, requests: int, candidates: int, warmup: int) -> dict:
     body = request_body(artifact, candidates)
     tmp = Path(tempfile.mkdtemp(prefix="bench-obs-"))
@@ -110,7 +94,7 @@ def end_to_end(artifact: Path, requests: int, candidates: int, warmup: int) -> d
             procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
     try:
         for name, proc in procs.items():
-            wait_ready(ports[name], proc)
+            wait_until_ready(f"http://127.0.0.1:{ports[name]}", proc, 120.0, tmp / f"{name}.log")
         conns = {n: http.client.HTTPConnection("127.0.0.1", p) for n, p in ports.items()}
         times: dict[str, list[float]] = {n: [] for n in conns}
         headers = {"content-type": "application/json"}

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.launch import free_port  # noqa: E402
+from service.launch import free_port, wait_until_ready  # noqa: E402
 
 TOKEN = "soak-admin-token"  # loopback only, this run's own service
 
@@ -210,21 +210,7 @@ def main() -> int:
         log = open(tmp / "service.log", "w")  # noqa: SIM115 - the service's lifetime
         cmd = [sys.executable, "-m", "ranker", "serve", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                print((tmp / "service.log").read_text()[-3000:])
-                raise SystemExit(f"the service exited with {proc.returncode}")
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/readyz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the service did not become ready in 120 s")
-            time.sleep(0.2)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, 120.0, tmp / "service.log")
         rss_ready = rss_mib(proc.pid)
 
         load = Load(port, bodies, a.max_requests)

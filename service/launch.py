@@ -40,6 +40,21 @@ def _ready(url: str) -> bool:
         return False
 
 
+def wait_until_ready(
+    url: str, proc: subprocess.Popen, timeout: float, output: Path | None = None
+) -> None:
+    """Polls ``url/readyz`` until it answers 200. ``RuntimeError`` when the process exits first
+    (with the tail of ``output``, its log, when given) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not _ready(url):
+        if proc.poll() is not None:
+            tail = output.read_text()[-4000:] if output is not None else ""
+            raise RuntimeError(f"service exited with {proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"service did not become ready within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 @contextmanager
 def serve(
     env: dict[str, str],
@@ -66,14 +81,11 @@ def serve(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while not _ready(url):
-            if proc.poll() is not None:
-                out.seek(0)
-                raise RuntimeError(f"service exited with {proc.returncode}:\n{out.read()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service did not become ready within {timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            wait_until_ready(url, proc, timeout)
+        except RuntimeError as e:
+            out.seek(0)
+            raise RuntimeError(f"{e}\n{out.read()[-4000:]}") from None
         yield Running(url, port, proc)
     finally:
         proc.terminate()
