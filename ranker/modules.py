@@ -52,9 +52,6 @@ class SplitInput:
     shared: Tensor  # (1, I_s)
     split: ColumnSplit
 
-    def __len__(self) -> int:
-        return self.rows.shape[0]
-
 
 def first_linear(x: Tensor | SplitInput, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight + bias`` for ``weight (In, Out)``; a :class:`SplitInput`'s shared columns

@@ -47,7 +47,6 @@ class Predictor:
         self.model = model.eval()
         self.tasks = list(tasks)
         self.backend = backend
-        self.split = split
         self.scorer = build_scorer(self.model, backend, threads, split)
 
     @torch.inference_mode()
