@@ -10,7 +10,10 @@ batches already in memory, in one run, so the ratio shows what the input pipelin
 * ``pipeline``: the input pipeline alone (no step), the streaming path's ceiling.
 
 Rounds alternate the variants (the machine is shared and noisy); medians over rounds are printed
-with the parquet/memory ratio and the peak RSS of the process. The encoder and tables come from
+with the parquet/memory ratio and the peak RSS of the process, and per variant the minor page
+faults and kernel CPU time per step. glibc malloc is set as the trainer sets it
+(``ranker/allocator.py``); ``RANKER_GLIBC_MALLOC=default`` measures glibc's own behaviour, and
+``bench/allocator.py`` compares the two in one run. The encoder and tables come from
 an existing artifact (fitting an encoder is not what is measured here).
 
     .venv/bin/python bench/train_speed.py --steps 40 --rounds 3 --threads 2
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import resource
 import sys
 import time
@@ -32,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ranker.allocator import retain_freed_memory  # noqa: E402
 from ranker.artifact import build_model, load_artifact  # noqa: E402
 from ranker.heads import head_loss  # noqa: E402
 from ranker.tables import FeatureTable  # noqa: E402
@@ -46,8 +51,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory()  # as the trainer does
     torch.manual_seed(0)
 
     a = load_artifact(args.artifact)
@@ -136,28 +143,52 @@ def main() -> None:
         "pipeline": run_pipeline,
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
+    faults = {k: 0.0 for k in variants}  # minor page faults, summed over rounds
+    system = {k: 0.0 for k in variants}  # kernel CPU seconds, summed over rounds
     run_memory()  # warm-up
     run_memory_plain_adam()
     for _ in range(args.rounds):
         for name, fn in variants.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             s = time.perf_counter()
             k = fn()
             rates[name].append(k / (time.perf_counter() - s))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name] += r1.ru_minflt - r0.ru_minflt
+            system[name] += r1.ru_stime - r0.ru_stime
     med = {k: float(np.median(v)) for k, v in rates.items()}
+    per_step = n * args.rounds
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"model {cfg.model.architecture}, batch {t.batch_size}, shuffle buffer {t.shuffle_buffer},"
         f" {args.threads} threads, {n} steps x {args.rounds} rounds,"
-        f" {model.flops_per_row() * 3 / 1e6:.2f} MFLOP per training sample (3x forward)"
+        f" {model.flops_per_row() * 3 / 1e6:.2f} MFLOP per training sample (3x forward),"
+        f" glibc malloc {'retaining freed memory' if retained else 'as configured by default'}"
     )
-    print("\n| variant | samples/s (median) | all rounds |\n|---|---|---|")
+    print(
+        "\n| variant | samples/s (median) | all rounds | page faults per step | system ms per step |"
+        "\n|---|---|---|---|---|"
+    )
     for k, v in med.items():
-        print(f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])} |")
+        print(
+            f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])}"
+            f" | {faults[k] / per_step:,.0f} | {system[k] / per_step * 1000:.1f} |"
+        )
     print(
         f"\nparquet / memory = {med['parquet'] / med['memory']:.2f}; fused / plain Adam = "
         f"{med['memory'] / med['memory, plain Adam']:.2f}; "
         f"first {n} batches built in {prebuild:.2f} s; peak RSS {rss:,.0f} MiB"
     )
+    if args.json is not None:
+        figures = {
+            k: {
+                "samples_per_s": med[k],
+                "faults_per_step": faults[k] / per_step,
+                "system_ms_per_step": system[k] / per_step * 1000,
+            }
+            for k in variants
+        }
+        args.json.write_text(json.dumps({"retained": retained, "peak_rss_mib": rss, **figures}))
 
 
 if __name__ == "__main__":
