@@ -127,15 +127,40 @@ def request_bodies(artifact: Artifact, n_bodies: int, candidates: int, seed: int
     ]
 
 
-def replay(port: int, bodies: list[bytes], concurrency: int, deadline: float) -> list[float]:
+class Connections:
+    """Keep-alive connections per service, opened once and reused by every block of a run, as a
+    load balancer or a client library holds them. Opening new ones for each block made every
+    block start with a burst of connects, and let each block's connections land on the workers
+    unevenly anew, which showed as tail latency that was the benchmark's own."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[http.client.HTTPConnection]] = {}
+
+    def take(self, port: int, n: int) -> list[http.client.HTTPConnection]:
+        free = self._free.setdefault(port, [])
+        while len(free) < n:
+            free.append(http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+        return [free.pop() for _ in range(n)]
+
+    def give(self, port: int, conns: list[http.client.HTTPConnection]) -> None:
+        self._free[port].extend(conns)
+
+    def close(self) -> None:
+        for conns in self._free.values():
+            for c in conns:
+                c.close()
+
+
+def replay(
+    port: int, bodies: list[bytes], concurrency: int, deadline: float, conns: Connections
+) -> list[float]:
     """POSTs every body once (split over ``concurrency`` keep-alive connections, one thread
     each); returns each request's latency in seconds. Stops early at ``deadline``."""
     latencies: list[float] = []
     lock = threading.Lock()
     errors: list[str] = []
 
-    def worker(part: list[bytes]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    def worker(conn: http.client.HTTPConnection, part: list[bytes]) -> None:
         headers = {"content-type": "application/json"}
         mine = []
         for body in part:
@@ -149,17 +174,19 @@ def replay(port: int, bodies: list[bytes], concurrency: int, deadline: float) ->
             if r.status != 200:
                 errors.append(f"{r.status}: {data[:200]!r}")
                 break
-        conn.close()
         with lock:
             latencies.extend(mine)
 
+    mine = conns.take(port, concurrency)
     threads = [
-        threading.Thread(target=worker, args=(bodies[i::concurrency],)) for i in range(concurrency)
+        threading.Thread(target=worker, args=(mine[i], bodies[i::concurrency]))
+        for i in range(concurrency)
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    conns.give(port, mine)
     if errors:
         raise RuntimeError(f"service answered {errors[0]}")
     return latencies
@@ -292,8 +319,10 @@ def main() -> None:
             workers = ["--workers", str(args.workers)] if args.workers > 1 else []
             running = serve(env, workers, log_path=log, timeout=120.0, source=source)
             ports[label] = stack.enter_context(running).port
-        for b in labels:  # warm-up, then the stage counters start from here
-            replay(ports[b], bodies[:16], 1, time.monotonic() + 60)
+        conns = Connections()
+        stack.callback(conns.close)
+        for b in labels:  # warm-up (and every connection opened), then the counters start
+            replay(ports[b], bodies[: 2 * max(levels)], max(levels), time.monotonic() + 60, conns)
         for c in levels:
             before = {b: stage_totals(ports[b]) for b in labels}
             deadline = time.monotonic() + args.max_seconds
@@ -303,7 +332,7 @@ def main() -> None:
                 for b in labels:
                     part = [bodies[(sent + i) % len(bodies)] for i in range(n)]
                     t0 = time.perf_counter()
-                    lat[(b, c)] += replay(ports[b], part, c, deadline)
+                    lat[(b, c)] += replay(ports[b], part, c, deadline, conns)
                     wall[(b, c)] += time.perf_counter() - t0
                 sent += n
             for b in labels:
