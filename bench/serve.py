@@ -131,23 +131,38 @@ class Connections:
     """Keep-alive connections per service, opened once and reused by every block of a run, as a
     load balancer or a client library holds them. Opening new ones for each block made every
     block start with a burst of connects, and let each block's connections land on the workers
-    unevenly anew, which showed as tail latency that was the benchmark's own."""
+    unevenly anew, which showed as tail latency that was the benchmark's own.
+
+    A connection idle for longer than ``IDLE_S`` is replaced before use: uvicorn closes idle
+    keep-alive connections after 5 s, and other backends' turns (or a whole concurrency level
+    that used fewer connections) can leave one idle that long."""
+
+    IDLE_S = 3.0
 
     def __init__(self) -> None:
-        self._free: dict[int, list[http.client.HTTPConnection]] = {}
+        self._free: dict[int, list[tuple[http.client.HTTPConnection, float]]] = {}
 
     def take(self, port: int, n: int) -> list[http.client.HTTPConnection]:
         free = self._free.setdefault(port, [])
-        while len(free) < n:
-            free.append(http.client.HTTPConnection("127.0.0.1", port, timeout=30))
-        return [free.pop() for _ in range(n)]
+        now = time.monotonic()
+        out = []
+        while free and len(out) < n:
+            conn, used = free.pop()
+            if now - used > self.IDLE_S:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            out.append(conn)
+        while len(out) < n:
+            out.append(http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+        return out
 
     def give(self, port: int, conns: list[http.client.HTTPConnection]) -> None:
-        self._free[port].extend(conns)
+        now = time.monotonic()
+        self._free[port].extend((c, now) for c in conns)
 
     def close(self) -> None:
         for conns in self._free.values():
-            for c in conns:
+            for c, _ in conns:
                 c.close()
 
 
@@ -163,17 +178,20 @@ def replay(
     def worker(conn: http.client.HTTPConnection, part: list[bytes]) -> None:
         headers = {"content-type": "application/json"}
         mine = []
-        for body in part:
-            if time.monotonic() > deadline:
-                break
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/rank", body, headers)
-            r = conn.getresponse()
-            data = r.read()
-            mine.append(time.perf_counter() - t0)
-            if r.status != 200:
-                errors.append(f"{r.status}: {data[:200]!r}")
-                break
+        try:
+            for body in part:
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                conn.request("POST", "/v1/rank", body, headers)
+                r = conn.getresponse()
+                data = r.read()
+                mine.append(time.perf_counter() - t0)
+                if r.status != 200:
+                    errors.append(f"{r.status}: {data[:200]!r}")
+                    break
+        except Exception as e:  # noqa: BLE001 - reported below, never lost with the thread
+            errors.append(f"{type(e).__name__}: {e}")
         with lock:
             latencies.extend(mine)
 
@@ -188,7 +206,7 @@ def replay(
         t.join()
     conns.give(port, mine)
     if errors:
-        raise RuntimeError(f"service answered {errors[0]}")
+        raise RuntimeError(f"request failed: {errors[0]}")
     return latencies
 
 
