@@ -1,5 +1,5 @@
 """glibc malloc as the trainer and the service set it (``ranker/allocator.py``: freed memory kept
-in the heap) against glibc's own behaviour (``RANKER_GLIBC_MALLOC=default``), in one run.
+in the heap) against glibc's own behaviour (``glibc_malloc = "default"``), in one run.
 
 The setting is per process and cannot be undone inside one, so each measurement is a fresh
 process, and the two settings alternate, run after run, to see the same noise:
@@ -36,23 +36,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
 
-from ranker.allocator import OPT_OUT  # noqa: E402
-
-SETTINGS = {"retained": {}, "glibc default": {OPT_OUT: "default"}}
+SETTINGS = {"retained": "retain", "glibc default": "default"}  # label -> glibc_malloc
 
 
-def forward_child(artifact: Path, backend: str, threads: int, calls: int, out: Path) -> None:
+def forward_child(  # noqa: PLR0913
+    artifact: Path, backend: str, threads: int, calls: int, choice: str, out: Path
+) -> None:
     """One process's forward timings, written as JSON (the parent alternates processes)."""
     import torch
     from serve import forward_rows
 
-    from ranker.allocator import retain_freed_memory
+    from ranker.allocator import apply_glibc_malloc
     from ranker.artifact import load_artifact
     from ranker.backends import build_scorer
     from ranker.predictor import request_split
 
     torch.set_num_threads(threads)
-    retained = retain_freed_memory()  # as the service's start-up does
+    retained = apply_glibc_malloc(choice)  # as the service's start-up does
     a = load_artifact(artifact)
     rows = forward_rows(a, 500, 0)
     score = build_scorer(a.model, backend, threads, request_split(a.model, a.encoder))
@@ -77,9 +77,9 @@ def forward_child(artifact: Path, backend: str, threads: int, calls: int, out: P
     )
 
 
-def _run(cmd: list[str], env_extra: dict[str, str], out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != OPT_OUT} | env_extra
-    subprocess.run(cmd + ["--json", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
+def _run(cmd: list[str], choice: str, out: Path) -> dict:
+    args = [*cmd, "--glibc-malloc", choice, "--json", str(out)]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -92,10 +92,13 @@ def main() -> None:
     ap.add_argument("--backend", default="eager")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forward-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--glibc-malloc", default="retain", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.forward_child:
-        forward_child(args.artifact, args.backend, args.threads, args.calls, args.json)
+        forward_child(
+            args.artifact, args.backend, args.threads, args.calls, args.glibc_malloc, args.json
+        )
         return
 
     py = sys.executable
@@ -109,8 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         for i in range(args.runs):
-            for setting, env in SETTINGS.items():
-                r = _run(train_cmd, env, out)
+            for setting, choice in SETTINGS.items():
+                r = _run(train_cmd, choice, out)
                 if r["retained"] != (setting == "retained"):
                     raise SystemExit(f"train_speed.py did not run with {setting} malloc")
                 for variant in ("memory", "parquet"):
@@ -118,7 +121,7 @@ def main() -> None:
                     rows.setdefault((f"training step ({variant}), samples/s", setting), []).append(
                         (v["samples_per_s"], v["faults_per_step"], v["system_ms_per_step"])
                     )
-                f = _run(fwd_cmd, env, out)
+                f = _run(fwd_cmd, choice, out)
                 rows.setdefault(
                     (f"{args.backend} forward, 500 candidates, ms", setting), []
                 ).append((f["ms"], f["faults"], f["system_ms"]))

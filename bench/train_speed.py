@@ -11,8 +11,8 @@ batches already in memory, in one run, so the ratio shows what the input pipelin
 
 Rounds alternate the variants (the machine is shared and noisy); medians over rounds are printed
 with the parquet/memory ratio and the peak RSS of the process, and per variant the minor page
-faults and kernel CPU time per step. glibc malloc is set as the trainer sets it
-(``ranker/allocator.py``); ``RANKER_GLIBC_MALLOC=default`` measures glibc's own behaviour, and
+faults and kernel CPU time per step. glibc malloc is set as the trainer sets it by default
+(``ranker/allocator.py``); ``--glibc-malloc default`` measures glibc's own behaviour, and
 ``bench/allocator.py`` compares the two in one run. The encoder and tables come from
 an existing artifact (fitting an encoder is not what is measured here).
 
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ranker.allocator import retain_freed_memory  # noqa: E402
+from ranker.allocator import apply_glibc_malloc  # noqa: E402
 from ranker.artifact import build_model, load_artifact  # noqa: E402
 from ranker.heads import head_loss  # noqa: E402
 from ranker.tables import FeatureTable  # noqa: E402
@@ -52,9 +52,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--glibc-malloc",
+        choices=["retain", "default"],
+        default="retain",
+        help="as training.glibc_malloc: retain (the trainer's default) or glibc's own behaviour",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    retained = retain_freed_memory()  # as the trainer does
+    retained = apply_glibc_malloc(args.glibc_malloc)  # as the trainer does
     torch.manual_seed(0)
 
     a = load_artifact(args.artifact)

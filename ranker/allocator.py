@@ -14,25 +14,33 @@ The cost: the process keeps its peak heap instead of returning the free part to 
 memory the process needed once it keeps. ONNX Runtime's arena already works this way.
 
 glibc only (Linux); elsewhere, or where ``mallopt`` refuses the values, nothing changes.
-``RANKER_GLIBC_MALLOC=default`` leaves glibc's own behaviour, for a comparison or a host
-where returning memory matters more than speed.
+Chosen by the typed configs, ``glibc_malloc = "retain"`` (the default) or ``"default"``
+(glibc's own behaviour, for a comparison or a host where returning memory matters more than
+speed): ``training.glibc_malloc`` for the trainer, ``RANKER_GLIBC_MALLOC`` for the service.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import sys
+from typing import Literal
 
 log = logging.getLogger("ranker.allocator")
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>: free top-of-heap bytes kept before trimming
 M_MMAP_THRESHOLD = -3  # <malloc.h>: requests at least this large get their own mmap
 RETAIN_BYTES = 1 << 30
-OPT_OUT = "RANKER_GLIBC_MALLOC"
+
+GlibcMalloc = Literal["retain", "default"]
 
 _applied = False
+
+
+def apply_glibc_malloc(choice: GlibcMalloc) -> bool:
+    """The configured choice: ``True`` when freed memory is being retained afterwards.
+    ``"default"`` changes nothing (and cannot undo an earlier ``"retain"`` in this process)."""
+    return retain_freed_memory() if choice == "retain" else _applied
 
 
 def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
@@ -41,8 +49,6 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(OPT_OUT, "").strip().lower() == "default":
-        return False
     if not sys.platform.startswith("linux"):
         return False
     try:

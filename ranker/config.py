@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from ranker.allocator import GlibcMalloc
 from ranker.errors import ConfigError
 from ranker.weighting import WeightingConfig
 from ranker.weighting.equal import EqualConfig
@@ -209,6 +210,11 @@ class TrainingConfig(Strict):
     )
     device: str = "cpu"
     run_dir: Path = Path("runs/default")
+    glibc_malloc: GlibcMalloc = Field(
+        default="retain",
+        description="retain: keep freed memory in the process (no page faults per step, "
+        "ranker/allocator.py); default: glibc's own behaviour",
+    )
 
 
 class PositionConfig(Strict):

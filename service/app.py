@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 import ranker
-from ranker.allocator import retain_freed_memory
+from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingFormula
 from service.decode import decode_rank_request
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        retain_freed_memory()  # no page faults for each request's tensors (ranker/allocator.py)
+        apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
         model = ServingModel.load(settings)
         formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
         app.state.serving = ServingState(model, formula)

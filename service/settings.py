@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ranker.allocator import GlibcMalloc
 from ranker.feature_store import DEFAULT_PREFIX
 
 
@@ -42,6 +43,11 @@ class Settings(BaseSettings):
         description="bearer token for /admin/*; unset: the admin endpoints answer 404",
     )
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads")
+    glibc_malloc: GlibcMalloc = Field(
+        default="retain",
+        description="retain: keep freed memory in the process (no page faults per request, "
+        "ranker/allocator.py); default: glibc's own behaviour",
+    )
     # eager is the reference; the others are built from the same weights at start-up and are
     # checked against it (tests/ranker/test_backends.py, docs/performance.md)
     backend: Literal["eager", "torchscript", "onnx", "onnx-int8"] = Field(

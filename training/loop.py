@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ranker.allocator import retain_freed_memory
+from ranker.allocator import apply_glibc_malloc
 from ranker.artifact import build_model, save_artifact
 from ranker.config import Config
 from ranker.errors import TrainingError
@@ -147,7 +147,7 @@ def train(
     t = config.training
     if t.threads:
         torch.set_num_threads(t.threads)
-    retain_freed_memory()  # no page faults for each step's activations (ranker/allocator.py)
+    apply_glibc_malloc(t.glibc_malloc)  # no page faults for each step (ranker/allocator.py)
     torch.manual_seed(t.seed)
     rng = np.random.default_rng(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
