@@ -124,6 +124,20 @@ def test_shared_columns_computed_once_give_the_same_outputs(arch: str, batch: in
         assert any(not torch.allclose(out[t], plain.raw[t], atol=1e-4) for t in TASKS)
 
 
+@pytest.mark.parametrize(
+    "shared", [[], [0], [9], [0, 1, 2], [3, 4, 7, 8, 9], [1, 3, 5, 7], list(range(10))]
+)
+def test_column_split_slices_select_exactly_the_indexed_columns(shared: list[int]) -> None:
+    """The split selects columns by runs of slices (no gather); they must be exactly the
+    indexed columns, in order, whatever the runs look like (none, one, many, all)."""
+    x = torch.randn(6, 10)
+    split = ColumnSplit.of(10, shared)
+    part = split.apply(x)
+    torch.testing.assert_close(part.rows, x[:, split.rows], rtol=0, atol=0)
+    torch.testing.assert_close(part.shared, x[:1, split.shared], rtol=0, atol=0)
+    assert part.rows.shape == (6, 10 - len(shared)) and part.shared.shape == (1, len(shared))
+
+
 def test_column_split_refuses_columns_outside_the_input() -> None:
     m = RankingModel([5], 2, TASKS, ModelConfig(num_experts=2, expert_hidden=[4]))
     with pytest.raises(ValueError, match="outside an input of"):
