@@ -8,7 +8,8 @@ each backend in turn), at concurrency 1 and 8. The machine is shared and noisy: 
 the backends see the same noise, so compare them as ratios.
 
 The client is lean on purpose (an httpx client adds 0.5-1.7 ms per request): one keep-alive
-``http.client`` connection per client thread, bodies pre-encoded with orjson.
+``http.client`` connection per client thread, held for the whole run (``Connections``), bodies
+pre-encoded with orjson.
 
 It also times the bare forward pass of each backend in this process on a 500-row batch built
 the way the service builds it (same thread count), and with every row in full (no per-request
