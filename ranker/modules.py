@@ -8,7 +8,7 @@ arranged differently, so a comparison between them measures the arrangement, not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +29,17 @@ class ColumnSplit:
 
     shared: Tensor  # (I_s,) positions of the shared columns in the full input
     rows: Tensor  # (I_r,) the others
-    # The same positions as runs of adjacent columns, ``(start, stop)``: the input is ordered by
-    # source (user, video, context), so each set is a few runs, and selecting columns by slices
-    # costs a few row-wise copies instead of a gather of every value (a column Gather took
-    # 0.2 ms of a 2.7 ms ONNX forward pass on 500 rows; slices, a tenth of that).
-    shared_runs: tuple[tuple[int, int], ...] = ()
-    row_runs: tuple[tuple[int, int], ...] = ()
+    # The same positions as runs of adjacent columns, ``(start, stop)``, derived from the two
+    # tensors: the input is ordered by source (user, video, context), so each set is a few runs,
+    # and selecting columns by slices costs a few row-wise copies instead of a gather of every
+    # value (a column Gather took 0.2 ms of a 2.7 ms ONNX forward pass on 500 rows; the slices
+    # do not show in its profile).
+    shared_runs: tuple[tuple[int, int], ...] = field(init=False)
+    row_runs: tuple[tuple[int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shared_runs", _runs(self.shared.tolist()))
+        object.__setattr__(self, "row_runs", _runs(self.rows.tolist()))
 
     @classmethod
     def of(cls, width: int, shared: list[int]) -> ColumnSplit:
@@ -43,12 +48,7 @@ class ColumnSplit:
             raise ValueError(f"shared columns {bad} outside an input of {width} columns")
         s = sorted(set(shared))
         rest = [c for c in range(width) if c not in set(s)]
-        return cls(
-            torch.tensor(s, dtype=torch.long),
-            torch.tensor(rest, dtype=torch.long),
-            _runs(s),
-            _runs(rest),
-        )
+        return cls(torch.tensor(s, dtype=torch.long), torch.tensor(rest, dtype=torch.long))
 
     def apply(self, x: Tensor) -> SplitInput:
         """Splits ``x (B, In)``; the shared columns are read from row 0 (sameness not checked)."""
@@ -56,7 +56,7 @@ class ColumnSplit:
 
 
 def _runs(columns: list[int]) -> tuple[tuple[int, int], ...]:
-    """Sorted column positions as ``(start, stop)`` runs of adjacent ones."""
+    """Column positions as ``(start, stop)`` runs of ascending adjacent ones, in their order."""
     runs: list[tuple[int, int]] = []
     for c in columns:
         if runs and runs[-1][1] == c:

@@ -138,6 +138,13 @@ def test_column_split_slices_select_exactly_the_indexed_columns(shared: list[int
     assert part.rows.shape == (6, 10 - len(shared)) and part.shared.shape == (1, len(shared))
 
 
+def test_column_split_built_from_index_tensors_keeps_their_order() -> None:
+    x = torch.randn(3, 6)
+    split = ColumnSplit(torch.tensor([4, 0, 1]), torch.tensor([2, 3, 5]))
+    torch.testing.assert_close(split.apply(x).shared, x[:1, [4, 0, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(split.apply(x).rows, x[:, [2, 3, 5]], rtol=0, atol=0)
+
+
 def test_column_split_refuses_columns_outside_the_input() -> None:
     m = RankingModel([5], 2, TASKS, ModelConfig(num_experts=2, expert_hidden=[4]))
     with pytest.raises(ValueError, match="outside an input of"):
