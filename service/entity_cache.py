@@ -30,7 +30,6 @@ class EntityCache:
 
     def __init__(self, template: Encoded, capacity: int) -> None:
         self.capacity = capacity
-        self._empty = template.take(np.zeros(0, np.int64))
         self._index: dict[int, int] = {}
         self._cat = np.empty((0, template.cat.shape[1]), template.cat.dtype)
         self._num = np.empty((0, template.num.shape[1]), template.num.dtype)
