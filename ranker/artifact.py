@@ -8,6 +8,8 @@ One directory per exported version::
         config.json       the resolved training config (re-validated on load)
         encoder.json      vocabularies and normalisation statistics
         model.safetensors the weights (no pickle anywhere on this path)
+        samples.safetensors (optional) encoded sample requests the service times and checks
+                          its scoring engines on (ranker/samples.py)
 
 It is written into a temporary directory beside its final place and renamed, so a reader never
 sees half an artifact; it is loaded only after the format version and every checksum match.
@@ -34,6 +36,7 @@ from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
 from ranker.heads import output_dim
 from ranker.model import RankingModel
+from ranker.samples import SAMPLES_FILE, SampleRequests
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,6 +51,7 @@ class Artifact:
     config: Config
     encoder: FeatureEncoder
     model: RankingModel
+    samples: SampleRequests | None = None  # None: exported before samples were stored
 
 
 def _sha256(path: Path) -> str:
@@ -104,8 +108,10 @@ def save_artifact(
     config: Config,
     metrics: dict[str, Any] | None = None,
     root: Path | None = None,
+    samples: SampleRequests | None = None,
 ) -> Path:
-    """Writes a new version under ``root/name/`` and returns its directory."""
+    """Writes a new version under ``root/name/`` and returns its directory; ``samples``
+    (:mod:`ranker.samples`) are stored beside the weights when given."""
     root = Path(root or config.export.artifact_root) / config.export.name
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
@@ -116,6 +122,10 @@ def save_artifact(
         (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        files = list(FILES)
+        if samples is not None:
+            samples.save(tmp / SAMPLES_FILE)
+            files.append(SAMPLES_FILE)
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": config.export.name,
@@ -129,7 +139,7 @@ def save_artifact(
                 "flops_per_row": model.flops_per_row(),
             },
             "position": position_note(config),
-            "files": {f: _sha256(tmp / f) for f in FILES},
+            "files": {f: _sha256(tmp / f) for f in files},
             "metrics": metrics or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -175,7 +185,8 @@ def load_artifact(path: Path) -> Artifact:
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path}: format version {got!r}, this code reads {FORMAT_VERSION}")
     files = manifest.get("files", {})
-    for f in FILES:
+    optional = [SAMPLES_FILE] if SAMPLES_FILE in files else []
+    for f in [*FILES, *optional]:
         if f not in files:
             raise ArtifactError(f"{path}: manifest lists no checksum for {f}")
         if not (path / f).is_file():
@@ -186,6 +197,7 @@ def load_artifact(path: Path) -> Artifact:
         config = Config.model_validate_json((path / "config.json").read_text())
         encoder = FeatureEncoder.from_json(json.loads((path / "encoder.json").read_text()))
         model = build_model(config, encoder)
+        samples = SampleRequests.load(path / SAMPLES_FILE) if optional else None
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -199,7 +211,16 @@ def load_artifact(path: Path) -> Artifact:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Artifact(path, manifest["version"], manifest, config, encoder, model)
+    if samples is not None and (
+        samples.cat.shape[2] != model.embed.num_columns
+        or samples.num.shape[2] != model.embed.num_numeric
+    ):
+        raise ArtifactError(
+            f"{path}: {SAMPLES_FILE} has {samples.cat.shape[2]} categorical and "
+            f"{samples.num.shape[2]} numeric columns; the model reads "
+            f"{model.embed.num_columns} and {model.embed.num_numeric}"
+        )
+    return Artifact(path, manifest["version"], manifest, config, encoder, model, samples)
 
 
 def manifest_summary(artifact: Artifact) -> dict[str, Any]:

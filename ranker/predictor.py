@@ -6,6 +6,8 @@ has exactly one definition.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -48,6 +50,8 @@ class Predictor:
         self.tasks = list(tasks)
         self.backend = backend
         self.scorer = build_scorer(self.model, backend, threads, split)
+        # How ``auto`` chose this engine (a ranker.autoselect.Selection); None when named.
+        self.selection: Any = None
 
     @torch.inference_mode()
     def predict(self, rows: Encoded) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingFormula
 from service.decode import decode_rank_request
-from service.engine import ServingModel, load_formula, rank
+from service.engine import ServingModel, engine_line, load_formula, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
@@ -37,7 +37,7 @@ from service.schemas import (
     Readiness,
     ValidationProblem,
 )
-from service.settings import Settings
+from service.settings import Settings, default_threads
 
 log = logging.getLogger("ranker.service")
 
@@ -86,17 +86,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(default_threads(settings))  # one per worker unless set
         apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
         model = ServingModel.load(settings)
         formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
         app.state.serving = ServingState(model, formula)
         log.info(
-            "serving model %s from %s; position: %s",
+            "serving model %s from %s; position: %s; %s",
             model.version,
             model.artifact.path,
             model.artifact.manifest.get("position", {}).get("at_serving", "unknown"),
+            engine_line(model.predictor),
         )
         ok, detail = await model.store.ready()  # warms the store; a fault only degrades
         (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
@@ -214,6 +214,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             degraded_responses=request.app.state.degraded_responses,
             detail=detail,
             position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
+            engine=state.model.predictor.backend,
+            engine_ms=sel.ms if (sel := state.model.predictor.selection) is not None else None,
+            engine_selection=sel.as_json() if sel is not None else None,
         )
         reloader: Reloader | None = getattr(request.app.state, "reloader", None)
         if reloader is not None:

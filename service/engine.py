@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from ranker.artifact import Artifact, load_artifact
+from ranker.autoselect import auto_predictor
 from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
 from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
-from service.settings import Settings
+from service.settings import Settings, default_threads
 from service.store import FeatureStore, InProcessStore, Lookup
 
 ContextValue = str | int | float | None
@@ -29,10 +30,30 @@ def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     """The artifact's model on the configured scoring backend (``RANKER_BACKEND``), built here
     so that start-up and reload cannot serve on different backends. Each forward pass is one
     request's candidates, so the user's and context's share of the first layer is computed once
-    (:func:`~ranker.predictor.request_split`)."""
+    (:func:`~ranker.predictor.request_split`).
+
+    ``auto`` times the engines this CPU can run on the artifact's sample requests and serves the
+    fastest that passes the artifact's accuracy guard against fp32 (:mod:`ranker.autoselect`);
+    the predictor's ``selection`` says what was measured. The guard scores the ranking with the
+    ranking config the service loads (``RANKER_RANKING_CONFIG``)."""
     a = artifact
     split = request_split(a.model, a.encoder)
-    return Predictor(a.model, a.config.tasks, settings.backend, settings.threads, split)
+    threads = default_threads(settings)
+    if settings.backend != "auto":
+        return Predictor(a.model, a.config.tasks, settings.backend, threads, split)
+    formula = load_formula(settings.ranking_config, a.config.task_names)
+    predictor, selection = auto_predictor(
+        a.model, a.config.tasks, split, a.samples, formula.score, a.config.export.guard, threads
+    )
+    predictor.selection = selection
+    return predictor
+
+
+def engine_line(predictor: Predictor) -> str:
+    """How the scoring engine was chosen, for the start-up and reload log lines."""
+    if predictor.selection is None:
+        return f"scoring engine {predictor.backend} (RANKER_BACKEND)"
+    return f"RANKER_BACKEND=auto chose {predictor.selection.summary()}"
 
 
 CONTEXT_CACHE_ENTRIES = 4096

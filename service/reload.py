@@ -43,7 +43,13 @@ from pydantic import ValidationError
 from ranker.artifact import Artifact, list_versions, load_artifact, resolve
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingConfig, RankingFormula, load_ranking_config
-from service.engine import ServingModel, encode_context, make_predictor, score_rows
+from service.engine import (
+    ServingModel,
+    encode_context,
+    engine_line,
+    make_predictor,
+    score_rows,
+)
 from service.schemas import Problem, ReloadRequest, ReloadResult, ValidationProblem
 from service.settings import Settings
 from service.store import FeatureStore, InProcessStore, Lookup
@@ -236,11 +242,12 @@ class Reloader:
                 self.app.state.serving = ServingState(plan.model, plan.formula)
                 self.reloads += 1
                 log.info(
-                    "now serving model %s (was %s), ranking %s (was %s)",
+                    "now serving model %s (was %s), ranking %s (was %s); %s",
                     plan.model.version,
                     before.model.version,
                     plan.formula.version,
                     before.formula.version,
+                    engine_line(plan.model.predictor),
                 )
                 asyncio.get_running_loop().call_later(REFREEZE_DELAY_S, _refreeze)
             return ReloadResult(

@@ -39,6 +39,7 @@ from training.evaluate import (
     json_ready,
     predict_split,
 )
+from training.samples import build_samples
 
 
 @dataclass
@@ -401,5 +402,8 @@ def train(
         report: dict[str, Any] = {"validation": json_ready(metrics)}
         if gates is not None:
             report["gate_utilisation"] = json_ready(gates)
-        result.artifact = save_artifact(model, encoder, config, report)
+        samples = build_samples(
+            config, encoder, config.export.sample_requests, config.export.sample_candidates
+        )
+        result.artifact = save_artifact(model, encoder, config, report, samples=samples)
     return result

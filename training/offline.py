@@ -16,6 +16,7 @@ from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
+from training.samples import build_samples
 from training.truth import (
     format_truth_table,
     logged_ranking_metrics,
@@ -101,6 +102,8 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
+    e = config.export
+    samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)
     return save_artifact(
-        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root
+        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root, samples
     )
