@@ -42,6 +42,9 @@ class SampleRequests:
     def __len__(self) -> int:
         return self.cat.shape[0]
 
+    def __repr__(self) -> str:
+        return f"SampleRequests({len(self)} requests x {self.candidates} candidates)"
+
     @property
     def candidates(self) -> int:
         return self.cat.shape[1]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import threads_per_worker
+from service.settings import Settings, default_threads
 
 
-@pytest.mark.parametrize(
-    ("workers", "cpus", "threads"),
-    [(1, 2, 2), (2, 2, 1), (2, 8, 4), (3, 8, 2), (4, 2, 1), (2, None, 1), (0, 4, 4)],
-)
-def test_workers_share_the_cores_instead_of_each_taking_all(
-    workers: int, cpus: int | None, threads: int
-) -> None:
-    assert threads_per_worker(workers, cpus) == threads
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_one_thread_per_worker_unless_set(threads: int | None) -> None:
+    """Whatever the host's core count: one intra-op thread (a busy core cost 5-7x throughput
+    with one per core, docs/performance.md); an explicit RANKER_THREADS wins."""
+    assert default_threads(Settings(threads=threads)) == (threads or 1)
+
+
+def test_auto_is_the_default_backend() -> None:
+    assert Settings().backend == "auto"
