@@ -209,6 +209,12 @@ class TrainingConfig(Strict):
         default=500, ge=0, description="mid-epoch checkpoints for --resume; 0: at epoch ends only"
     )
     device: str = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="bf16: the forward pass under bfloat16 autocast (losses, gradients' "
+        "accumulation and the optimizer stay fp32); auto: bf16 on a CPU with bf16 matrix units "
+        "(AMX), fp32 elsewhere (training.loop.training_precision)",
+    )
     run_dir: Path = Path("runs/default")
     glibc_malloc: GlibcMalloc = Field(
         default="retain",

@@ -170,7 +170,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
-        r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        r = await rank(
+            state.model,
+            state.formula,
+            body.user_id,
+            body.context,
+            ids,
+            body.top_k,
+            settings.forward_thread,
+        )
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1

@@ -7,7 +7,9 @@ request in flight finishes on the bundle it started with.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +168,24 @@ def score_rows(
     return formula.score(preds), preds
 
 
+_FORWARD: ThreadPoolExecutor | None = None
+
+
+def _forward_executor() -> ThreadPoolExecutor:
+    """The process's one forward thread (created on first use, lives as long as the process).
+
+    One thread, so forward passes run one at a time, as on the event loop, and a worker never
+    computes with more than ``RANKER_THREADS`` intra-op threads at once; what changes is that
+    the event loop is free meanwhile: torch and ONNX Runtime release the GIL inside their
+    kernels, so other requests' body reads, Redis round trips and responses proceed while a
+    forward pass runs instead of queueing behind it (at c=8 the features stage grew to 13-19 ms
+    waiting for the loop, docs/performance.md)."""
+    global _FORWARD
+    if _FORWARD is None:
+        _FORWARD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    return _FORWARD
+
+
 async def rank(
     model: ServingModel,
     formula: RankingFormula,
@@ -173,13 +193,20 @@ async def rank(
     context: dict[str, ContextValue],
     video_ids: np.ndarray,
     top_k: int | None,
+    forward_thread: bool = False,
 ) -> Ranked:
-    """Scores every candidate and returns them best first (ties keep the request's order)."""
+    """Scores every candidate and returns them best first (ties keep the request's order).
+    ``forward_thread``: the forward pass runs on the process's forward thread
+    (:func:`_forward_executor`) while the event loop serves other requests."""
     t0 = time.perf_counter()
     ctx = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
     t1 = time.perf_counter()
-    preds = forward_rows(model, lookup, ctx)
+    if forward_thread:
+        loop = asyncio.get_running_loop()
+        preds = await loop.run_in_executor(_forward_executor(), forward_rows, model, lookup, ctx)
+    else:
+        preds = forward_rows(model, lookup, ctx)
     t2 = time.perf_counter()
     scores = formula.score(preds)
     order = np.argsort(-scores, kind="stable")

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="intra-op threads of torch and ONNX Runtime per worker; default: 1 "
         "(default_threads)",
     )
+    forward_thread: bool = Field(
+        default=True,
+        description="run each forward pass on one dedicated thread, so the event loop keeps "
+        "serving other requests' I/O meanwhile (service.engine.rank); false: on the loop",
+    )
     glibc_malloc: GlibcMalloc = Field(
         default="retain",
         description="retain: keep freed memory in the process (no page faults per request, "

@@ -102,7 +102,9 @@ def _fake_exchange(degraded: str | None, user_missing: bool, videos_missing: lis
     n = len(videos_missing)
     task = TaskSpec(name="click", kind="binary", label="click", loss="bce")
     model = SimpleNamespace(
-        version="m1", artifact=SimpleNamespace(config=SimpleNamespace(tasks=[task]))
+        version="m1",
+        artifact=SimpleNamespace(config=SimpleNamespace(tasks=[task])),
+        predictor=SimpleNamespace(backend="eager", selection=None),
     )
     ranked = SimpleNamespace(
         scores=np.zeros(2),
