@@ -103,12 +103,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="default: each config's")
     ap.add_argument("--skip-kuairand", action="store_true")
+    ap.add_argument(
+        "--requests", type=int, default=25000, help="demo world size (make demo's: 25000)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"CPU: {cpu_model()}; {describe()}; torch {torch.__version__}, {args.threads} thread(s)\n"
         f"$ .venv/bin/python bench/train_precision.py --seeds {args.seeds} "
-        f"--threads {args.threads}" + (f" --epochs {args.epochs}" if args.epochs else ""),
+        f"--threads {args.threads} --requests {args.requests}"
+        + (f" --epochs {args.epochs}" if args.epochs else ""),
         flush=True,
     )
     epochs = [f"training.epochs={args.epochs}"] if args.epochs else []
@@ -116,7 +120,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         world = tmp / "world"
-        generate(WorldConfig(seed=0, n_users=10000, n_videos=5000, n_requests=25000), world, False)
+        world_config = WorldConfig(
+            seed=0,
+            n_users=max(500, args.requests * 2 // 5),
+            n_videos=max(500, args.requests // 5),
+            n_requests=args.requests,
+        )
+        generate(world_config, world, False)
         sets = [
             f'data.log="{world / "log"}"',
             f'data.users="{world / "users.parquet"}"',
@@ -124,7 +134,10 @@ def main() -> None:
             *epochs,
         ]
         sets_by_name = {
-            "demo world (make demo's, default model)": (ROOT / "configs/default.toml", sets)
+            f"demo world ({args.requests} requests, default model)": (
+                ROOT / "configs/default.toml",
+                sets,
+            )
         }
         if not args.skip_kuairand and KUAIRAND.exists():
             k = [f'data.{n}="{KUAIRAND / (n + ".parquet")}"' for n in ("log", "users", "videos")]
