@@ -9,7 +9,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -22,7 +21,6 @@ from fastapi.responses import JSONResponse, Response
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from ranker.scoring import RankingFormula
 from service.decode import decode_rank_request
 from service.engine import ServingModel, load_formula, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
@@ -38,16 +36,9 @@ from service.schemas import (
     ValidationProblem,
 )
 from service.settings import Settings
+from service.state import ServingState
 
 log = logging.getLogger("ranker.service")
-
-
-@dataclass
-class ServingState:
-    """What requests read; replaced as a whole, never mutated, so readers need no lock."""
-
-    model: ServingModel
-    formula: RankingFormula
 
 
 async def serving_state(request: Request) -> ServingState:
