@@ -359,6 +359,8 @@ class BatchBuilder:
             if t.only_where:
                 w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
                 ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
+            if t.value_range is not None:
+                self._check_range(rb, origin, t.label, t.value_range, y, ok)
             if t.weight_column:
                 w = pc.cast(rb.column(t.weight_column), pa.float64()).to_numpy(zero_copy_only=False)
                 w = np.asarray(w, dtype=np.float64)
@@ -372,6 +374,32 @@ class BatchBuilder:
             labels[t.name] = torch.from_numpy(np.where(ok, y, 0.0).astype(np.float32))
             masks[t.name] = torch.from_numpy(ok)
         return labels, masks, weights
+
+    def _check_range(
+        self,
+        rb: pa.RecordBatch,
+        origin: str,
+        label: str,
+        value_range: tuple[float, float],
+        y: np.ndarray,
+        ok: np.ndarray,
+    ) -> None:
+        """Labels that count must lie in the task's ``value_range``: predictions are clipped to
+        it, so a label outside (ratings x10 against 1..5) trains a head that can never reach
+        its target, silently, with a huge loss. Checked like the binary labels' 0/1."""
+        lo, hi = value_range
+        out = ok & ((y < lo) | (y > hi))
+        if not out.any():
+            return
+        i = int(np.flatnonzero(out)[0])
+        d = self.config.data
+        keys = ", ".join(
+            f"{k}={rb.column(k)[i].as_py()}" for k in (d.request_key, d.user_key, d.video_key)
+        )
+        raise DataError(
+            f"{origin}: label column {label!r} has {int(out.sum())} values outside value_range "
+            f"[{lo:g}, {hi:g}] (after label_scale), e.g. {y[i]:g} ({keys})"
+        )
 
     def build(self, rb: pa.RecordBatch, origin: str = "") -> Batch:
         enc, uid, _ = self.features(rb, origin)

@@ -4,12 +4,14 @@ command."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tests.conftest import ROOT, tiny_overrides
 
@@ -55,3 +57,20 @@ def test_truncated_log_file_is_named_by_evaluate(
         ranker("evaluate", "--quiet", "--artifact", str(tiny_artifact), "--log", str(log))
     )
     assert str(victim) in line
+
+
+def test_regression_labels_outside_value_range_are_refused(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    """Ratings x10 against ``value_range = [1, 5]`` used to train to an RMSE of 33, silently."""
+    log = tmp_path / "log"
+    log.mkdir()
+    for f in sorted((tiny_world / "log").glob("*.parquet")):
+        t = pq.read_table(f)
+        i = t.schema.get_field_index("rating")
+        t = t.set_column(i, "rating", pc.multiply(t.column(i), 10))
+        pq.write_table(t, log / f.name)
+    over = [*tiny_overrides(tiny_world, tmp_path), f'data.log="{log}"', "training.epochs=1"]
+    line = one_error_line(ranker("train", "--quiet", "--no-export", *sets(over)))
+    assert "'rating'" in line and "value_range [1, 5]" in line and str(log) in line
+    assert re.search(r"has \d+ values outside", line) and "request_id=" in line
