@@ -103,6 +103,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="default: each config's")
     ap.add_argument("--skip-kuairand", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument(
+        "--kuairand",
+        type=Path,
+        default=KUAIRAND,
+        help="the KuaiRand-Pure sample (log, users, videos .parquet); default: beside the checkout",
+    )
     ap.add_argument(
         "--requests", type=int, default=25000, help="demo world size (make demo's: 25000)"
     )
@@ -139,8 +146,13 @@ def main() -> None:
                 sets,
             )
         }
-        if not args.skip_kuairand and KUAIRAND.exists():
-            k = [f'data.{n}="{KUAIRAND / (n + ".parquet")}"' for n in ("log", "users", "videos")]
+        if args.skip_demo:
+            sets_by_name.clear()
+        if not args.skip_kuairand and not args.kuairand.exists():
+            print(f"{args.kuairand} does not exist: KuaiRand skipped (--kuairand PATH)")
+        elif not args.skip_kuairand:
+            kr = args.kuairand
+            k = [f'data.{n}="{kr / (n + ".parquet")}"' for n in ("log", "users", "videos")]
             sets_by_name["KuaiRand-Pure, validation day 2022-04-30"] = (
                 ROOT / "configs/kuairand.toml",
                 [*k, *epochs],
