@@ -22,7 +22,8 @@ ratio uses. It scrapes the service's stage histograms (``ranker_stage_duration_s
 
 A backend may carry a thread count, ``name:N`` (``RANKER_THREADS=N``) or ``name:default``
 (``RANKER_THREADS`` unset: the service's own default, ``service.settings.default_threads``);
-plain ``name`` uses ``--threads``. ``auto`` is ``RANKER_BACKEND=auto`` (the engine the service
+plain ``name`` uses ``--threads``; a ``+inline`` suffix runs the forward pass on the event loop
+(``RANKER_FORWARD_THREAD=false``) instead of the service's forward thread. ``auto`` is ``RANKER_BACKEND=auto`` (the engine the service
 picks on start-up; its choice is printed). ``--busy-core`` repeats every concurrency level with
 another process spinning on one core (a pure-Python busy loop pinned to the last usable CPU),
 the contention a neighbour causes, and reports each backend's throughput under it as a ratio of
@@ -289,11 +290,17 @@ def bare_forward(
 
 
 def _variant(label: str, threads: int) -> tuple[str, str | None]:
-    """``name[:N|:default]`` -> (backend, RANKER_THREADS or None for the service's default)."""
-    name, _, t = label.partition(":")
+    """``name[:N|:default][+inline]`` -> (backend, RANKER_THREADS or None for the service's
+    default); ``+inline`` is read by :func:`_inline`."""
+    name, _, t = label.split("+")[0].partition(":")
     if not t:
         return name, str(threads)
     return name, None if t == "default" else str(int(t))
+
+
+def _inline(label: str) -> bool:
+    """``...+inline``: the forward pass on the event loop (``RANKER_FORWARD_THREAD=false``)."""
+    return label.endswith("+inline")
 
 
 @contextmanager
@@ -379,6 +386,8 @@ def main() -> None:
                 "RANKER_LOG_LEVEL": "warning" if b != "auto" else "info",
                 "RANKER_RANKING_CONFIG": str(ROOT / "configs" / "ranking.toml"),
             }
+            if _inline(variant):
+                env["RANKER_FORWARD_THREAD"] = "false"
             if threads is not None:
                 env["RANKER_THREADS"] = threads
             elif "RANKER_THREADS" in os.environ:

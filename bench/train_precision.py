@@ -117,9 +117,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"CPU: {cpu_model()}; {describe()}; torch {torch.__version__}, {args.threads} thread(s)\n"
-        f"$ .venv/bin/python bench/train_precision.py --seeds {args.seeds} "
-        f"--threads {args.threads} --requests {args.requests}"
-        + (f" --epochs {args.epochs}" if args.epochs else ""),
+        f"$ .venv/bin/python bench/train_precision.py {' '.join(sys.argv[1:])}",
         flush=True,
     )
     epochs = [f"training.epochs={args.epochs}"] if args.epochs else []

@@ -8,7 +8,7 @@ from typing import Any
 
 from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
-from ranker.errors import ArtifactError, TrainingError
+from ranker.errors import ArtifactError, DataError, TrainingError
 from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
@@ -100,7 +100,11 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
     e = config.export
-    samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)
+    try:
+        samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)
+    except DataError as err:  # the training data is elsewhere: the weights still export
+        print(f"warning: no sample requests in the artifact ({err}); auto serves fp32 engines")
+        samples = None
     return save_artifact(
         model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root, samples
     )
