@@ -16,3 +16,24 @@ def test_one_thread_per_worker_unless_set(threads: int | None) -> None:
 
 def test_auto_is_the_default_backend() -> None:
     assert Settings().backend == "auto"
+
+
+def test_the_service_runs_one_thread_when_unset_whatever_it_ran_before(tiny_artifact) -> None:  # noqa: ANN001
+    """Start-up sets torch's threads to the default even when the process had more (torch's
+    own default is one per core of the host)."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import RANKING_CONFIG
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        app = create_app(
+            Settings(artifact=tiny_artifact, backend="eager", ranking_config=RANKING_CONFIG)
+        )
+        with TestClient(app):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
