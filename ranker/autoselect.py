@@ -106,15 +106,29 @@ class Selection:
         return head + "; " + "; ".join(t.line() for t in self.trials)
 
     def as_json(self) -> dict:
-        return {
-            "engine": self.engine,
-            "ms": self.ms,
-            "cpu": self.features,
-            "threads": self.threads,
-            "sample_requests": self.requests,
-            "candidates": self.candidates,
-            "trials": [t.__dict__ for t in self.trials],
-        }
+        """Plain JSON (for ``/readyz``): a non-finite figure (a Spearman correlation of an engine
+        whose scores were constant) becomes ``null``, which strict JSON encoders accept."""
+        return _finite(
+            {
+                "engine": self.engine,
+                "ms": self.ms,
+                "cpu": self.features,
+                "threads": self.threads,
+                "sample_requests": self.requests,
+                "candidates": self.candidates,
+                "trials": [dict(t.__dict__) for t in self.trials],
+            }
+        )
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def default_requests(model: RankingModel, rows: int = 500, count: int = 4) -> SampleRequests:

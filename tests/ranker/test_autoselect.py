@@ -9,6 +9,7 @@ is fastest and which is accurate, and checks that ``auto`` picks by both."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def score(loaded):  # noqa: ANN001, ANN201
 def _factory(loaded, slow_s: float = 0.003):  # noqa: ANN001, ANN202
     """Engines by name: ``eager`` (slowed by ``slow_s`` per call), ``right`` (eager, fast),
     ``wrong`` (click logits shifted, fast), ``noisy`` (every logit plus N(0, 0.3), fast),
-    ``nan``, ``broken`` (raises at build)."""
+    ``nan``, ``constant`` (every logit 0), ``broken`` (raises at build)."""
     split = request_split(loaded.model, loaded.encoder)
     rng = np.random.default_rng(0)
 
@@ -63,6 +64,8 @@ def _factory(loaded, slow_s: float = 0.003):  # noqa: ANN001, ANN202
                 }
             elif engine == "nan":
                 raw = dict(raw, like=raw["like"] * float("nan"))
+            elif engine == "constant":
+                raw = {t: torch.zeros_like(v) for t, v in raw.items()}
             return raw
 
         p.scorer = scorer
@@ -133,11 +136,15 @@ def test_with_every_bound_open_the_noisy_engine_is_fastest_and_served(loaded, sc
 def test_non_finite_or_broken_engines_are_refused(loaded, score) -> None:  # noqa: ANN001
     guard = EngineGuard(max_error=1e9, min_spearman=-1, min_topk_overlap=0)
     _, sel = select_engine(
-        _factory(loaded), loaded.samples, score, guard, ["nan", "broken"], rounds=1
+        _factory(loaded), loaded.samples, score, guard, ["nan", "broken", "constant"], rounds=1
     )
     assert sel.engine == "eager"
     assert "non-finite" in _trial(sel, "nan").reason
     assert "cannot be built" in _trial(sel, "broken").reason
+    # constant scores: no rank correlation at all (NaN), refused even by an open guard
+    constant = _trial(sel, "constant")
+    assert not constant.admitted and "spearman" in constant.reason
+    json.dumps(sel.as_json(), allow_nan=False)  # /readyz encodes it strictly
 
 
 def test_real_engines_on_this_cpu(loaded, score) -> None:  # noqa: ANN001
