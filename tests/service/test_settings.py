@@ -20,7 +20,11 @@ def test_auto_is_the_default_backend() -> None:
 
 def test_the_service_runs_one_thread_when_unset_whatever_it_ran_before(tiny_artifact) -> None:  # noqa: ANN001
     """Start-up sets torch's threads to the default even when the process had more (torch's
-    own default is one per core of the host)."""
+    own default is one per core of the host). Read from a new thread, as the forward thread
+    reads it: torch keeps a thread's own OpenMP setting once initialised, and a new thread
+    takes the process-wide value last set (the lifespan runs in TestClient's portal thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from fastapi.testclient import TestClient
 
@@ -33,7 +37,7 @@ def test_the_service_runs_one_thread_when_unset_whatever_it_ran_before(tiny_arti
         app = create_app(
             Settings(artifact=tiny_artifact, backend="eager", ranking_config=RANKING_CONFIG)
         )
-        with TestClient(app):
-            assert torch.get_num_threads() == 1
+        with TestClient(app), ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 1
     finally:
         torch.set_num_threads(before)
