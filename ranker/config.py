@@ -127,9 +127,15 @@ class TaskSpec(Strict):
 
 
 class DataConfig(Strict):
+    """Where the data is. ``users`` and ``videos`` are optional: a log that carries every
+    feature in its own columns (census-income style data) needs neither; its features are then
+    all ``source = "context"`` (read from the log in training, from the request at serving). The
+    log still needs the id columns: ``user_key`` groups rows for GAUC, ``request_key`` makes the
+    lists of the per-request metrics."""
+
     log: Path = Field(description="a Parquet file or a directory of them (the impression log)")
-    users: Path
-    videos: Path
+    users: Path | None = Field(default=None, description="users table; needed by source 'user'")
+    videos: Path | None = Field(default=None, description="videos table; needed by 'video'")
     user_key: str = "user_id"
     video_key: str = "video_id"
     request_key: str = "request_id"
@@ -313,6 +319,11 @@ class Config(Strict):
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")
+            if f.source in ("user", "video") and getattr(self.data, f"{f.source}s") is None:
+                raise ValueError(
+                    f"features: {f.name!r} has source {f.source!r} but data.{f.source}s is not "
+                    "set; a feature read from the log itself has source 'context'"
+                )
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:
