@@ -23,6 +23,7 @@ from pydantic import (
 
 from ranker.allocator import GlibcMalloc
 from ranker.errors import ConfigError
+from ranker.scoring import HeadWeight, RankingConfig
 from ranker.weighting import WeightingConfig
 from ranker.weighting.equal import EqualConfig
 
@@ -279,6 +280,30 @@ class Config(Strict):
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     position: PositionConfig = PositionConfig()
+    ranking: RankingConfig | None = Field(
+        default=None,
+        description="the ranking formula the exported artifact carries (the schema of "
+        "configs/ranking.toml); default: derived from the heads (see effective_ranking)",
+    )
+
+    @property
+    def effective_ranking(self) -> RankingConfig:
+        """The ranking config written into the artifact: ``[ranking]`` when given, else every
+        head at weight 1 in its served unit, heavy-tailed regression heads (the log-scale
+        losses, e.g. watch time) through ``log1p`` so that seconds do not drown probabilities.
+        A starting point that fits the model's heads, not tuned weights: ``ranker tune``
+        chooses those."""
+        if self.ranking is not None:
+            return self.ranking
+        log_scale = ("mse_log1p", "huber_log1p", "weighted_logistic")
+        return RankingConfig(
+            heads={
+                t.name: HeadWeight(
+                    weight=1.0, transform="log1p" if t.loss in log_scale else "identity"
+                )
+                for t in self.tasks
+            }
+        )
 
     @property
     def effective_features(self) -> list[FeatureSpec]:
@@ -323,6 +348,12 @@ class Config(Strict):
                 raise ValueError(
                     f"features: {f.name!r} has source {f.source!r} but data.{f.source}s is not "
                     "set; a feature read from the log itself has source 'context'"
+                )
+        if self.ranking is not None:
+            unknown = sorted(set(self.ranking.heads) - set(self.task_names))
+            if unknown:
+                raise ValueError(
+                    f"ranking.heads: unknown head(s) {unknown}; tasks are {self.task_names}"
                 )
         try:
             self.weighting.check_tasks(self.task_names)

@@ -4,6 +4,7 @@ one line."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,10 @@ def test_a_log_with_every_feature_trains_without_tables(tmp_path: Path) -> None:
     r = ranker("train", "--quiet", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "artifact:" in r.stdout
+    (version,) = (tmp_path / "artifacts" / "census").iterdir()
+    e = ranker("evaluate", "--quiet", "--json", "--artifact", str(version))
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert re.search(r"^income\s", e.stdout, re.M) and "ranking score vs logged" in e.stdout
 
 
 def test_a_user_feature_without_a_users_table_is_refused() -> None:
