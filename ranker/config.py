@@ -7,6 +7,7 @@ artifact and the service re-validates it with these same classes.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -403,8 +404,36 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "log"),
+    ("data", "users"),
+    ("data", "videos"),
+    ("training", "run_dir"),
+    ("export", "artifact_root"),
+)
+"""The config's file and folder paths: made absolute by :func:`load_config`."""
+
+
+def _anchor(data: dict[str, Any], base: Path, keys: set[tuple[str, str]]) -> None:
+    """Makes the relative paths under ``keys`` absolute against ``base`` (normalised, links not
+    followed), so the resolved config (the one in checkpoints and artifacts) means the same
+    files from any working directory."""
+    for section, key in keys:
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            node[key] = os.path.normpath(p if p.is_absolute() else base / p)  # type: ignore[index]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it."""
+    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it.
+
+    Relative paths in the file resolve against the file's own folder (``configs/default.toml``
+    says ``../data/default/log``), so a config means the same files from any working directory;
+    relative paths given as overrides resolve against the working directory, as paths typed on
+    a command line do. Both end up absolute in the returned config.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -412,6 +441,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _anchor(data, path.absolute().parent, set(PATH_KEYS))
+    overridden: set[tuple[str, str]] = set()
     for o in overrides or []:
         _apply_override(data, o)
+        parts = tuple(o.partition("=")[0].strip().split("."))
+        if parts in PATH_KEYS:
+            overridden.add(parts)  # type: ignore[arg-type]
+    _anchor(data, Path.cwd(), overridden)
     return parse_config(data, str(path))
