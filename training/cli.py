@@ -126,10 +126,16 @@ def cmd_push_features(a: argparse.Namespace) -> None:
         print(f"{redact(url)} {prefix}: version {current} is current again ({previous} kept)")
         return
     d = load_config(a.config, a.overrides).data
+    users, videos = a.users or d.users, a.videos or d.videos
+    if users is None or videos is None:
+        raise RankerError(
+            f"{a.config} names no {'users' if users is None else 'videos'} table (data.users / "
+            "data.videos): nothing to push; give --users and --videos"
+        )
     r = push_files(
         url,
-        Path(a.users or d.users),
-        Path(a.videos or d.videos),
+        Path(users),
+        Path(videos),
         d.user_key,
         d.video_key,
         prefix,

@@ -92,3 +92,31 @@ def test_the_service_serves_it_with_no_ranking_config(
     scores = [i["score"] for i in out["items"]]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
     assert set(out["items"][0]["predictions"]) == {"click", "watch_time", "like"}
+
+
+def test_reload_without_a_ranking_file_brings_the_new_models_own(
+    no_rating_artifact: Path, tiny_artifact: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    """Serving the 4-head model, a 3-head one arrives: with no ranking file its own ranking
+    comes with it (a fixed file naming ``rating`` would refuse it)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.service.test_reload import AUTH, TOKEN, publish, rank_body
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    publish(root, tiny_artifact, "20300101T000000-base")
+    settings = Settings(artifact=root, threads=1, admin_token=TOKEN)
+    assert settings.ranking_config is None
+    with TestClient(create_app(settings)) as c:
+        before = c.post("/v1/rank", json=rank_body(tiny_world)).json()
+        assert before["ranking_version"] == load_artifact(tiny_artifact).ranking.version
+        publish(root, no_rating_artifact, "20300101T000001-next")
+        r = c.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 200 and r.json()["error"] is None, r.text
+        after = c.post("/v1/rank", json=rank_body(tiny_world)).json()
+    assert after["model_version"] == "20300101T000001-next"
+    assert after["ranking_version"] == load_artifact(no_rating_artifact).ranking.version
+    assert set(after["items"][0]["predictions"]) == {"click", "watch_time", "like"}

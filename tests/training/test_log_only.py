@@ -117,3 +117,12 @@ def test_an_empty_users_table_is_named(tiny_world: Path, tmp_path: Path) -> None
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(empty) in lines[0] and "has no rows" in lines[0]
+
+
+def test_push_features_without_tables_says_so(tmp_path: Path) -> None:
+    cfg = tmp_path / "census.toml"
+    cfg.write_text(CENSUS_CONFIG.format(log=tmp_path / "census.parquet", tmp=tmp_path))
+    r = ranker("push-features", "--config", str(cfg), "--quiet")
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "names no users table" in lines[0] and str(cfg) in lines[0]
