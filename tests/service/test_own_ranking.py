@@ -120,3 +120,15 @@ def test_reload_without_a_ranking_file_brings_the_new_models_own(
     assert after["model_version"] == "20300101T000001-next"
     assert after["ranking_version"] == load_artifact(no_rating_artifact).ranking.version
     assert set(after["items"][0]["predictions"]) == {"click", "watch_time", "like"}
+
+
+def test_tune_without_a_ranking_config_starts_from_the_artifacts(
+    no_rating_artifact: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tune"
+    args = ["--maximize", "watch_time@10", "--samples", "40", "--refine", "8"]
+    r = ranker("tune", "--quiet", "--artifact", str(no_rating_artifact), "--out", str(out), *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "the artifact's own" in json.dumps(summary)
+    assert "rating" not in (out / "ranking.toml").read_text()
