@@ -23,7 +23,7 @@ import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
-from service.engine import ServingModel, load_formula, rank
+from service.engine import rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
@@ -37,7 +37,7 @@ from service.schemas import (
     ValidationProblem,
 )
 from service.settings import Settings
-from service.state import ServingState
+from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("ranker.service")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that disconnected first
@@ -74,17 +74,24 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, preloaded: ServingState | None = None) -> FastAPI:
+    """The app for ``settings``. ``preloaded``: the model and formula ``ranker serve`` loaded
+    before starting uvicorn (so that a start-up error is one line, not a traceback from inside
+    the server); None: the lifespan loads them."""
     settings = settings or Settings()
+    # A list emptied at start-up: the closure must not keep the first model alive past reloads.
+    handed_over = [preloaded] if preloaded is not None else []
+    del preloaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
-        model = ServingModel.load(settings)
-        formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
-        app.state.serving = ServingState(model, formula)
+        first = handed_over.pop() if handed_over else load_serving_state(settings)
+        model, formula = first.model, first.formula
+        app.state.serving = first
+        del first
         log.info(
             "serving model %s from %s; position: %s",
             model.version,
