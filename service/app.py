@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             "ranking_version": state.formula.version,
             "user_known": not r.lookup.user_missing,
             "unknown_videos": int(r.lookup.videos_missing.sum()),
+            "unknown_context": list(r.unknown_context),
             "degraded": r.lookup.degraded is not None,
             "degraded_reason": r.lookup.degraded,
         }

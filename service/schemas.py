@@ -62,6 +62,11 @@ class RankResponse(BaseModel):
     ranking_version: str
     user_known: bool
     unknown_videos: int
+    unknown_context: list[str] = Field(
+        default_factory=list,
+        description="context features whose value the model does not know (never seen in "
+        "training): ranked as if the request had left them out",
+    )
     degraded: bool = Field(
         default=False, description="ranked on default features because of a feature-store fault"
     )
