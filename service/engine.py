@@ -70,7 +70,7 @@ class ServingModel:
 
     @classmethod
     def load(cls, settings: Settings, store: FeatureStore | None = None) -> ServingModel:
-        artifact = load_artifact(settings.artifact)
+        artifact = load_artifact(settings.artifact, *parameter_limit(settings))
         if store is None and settings.redis_url is not None:
             from service.redis_store import RedisStore
 
@@ -80,6 +80,11 @@ class ServingModel:
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
         return cls(artifact, make_predictor(artifact, settings), store)
+
+
+def parameter_limit(settings: Settings) -> tuple[int, str]:
+    """``load_artifact``'s size limit and the setting that names it in a refusal."""
+    return settings.max_model_parameters, "RANKER_MAX_MODEL_PARAMETERS"
 
 
 def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
