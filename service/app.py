@@ -23,6 +23,7 @@ import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
+from service.docs_page import install_docs
 from service.engine import rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
@@ -118,6 +119,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         version=ranker.__version__,
         description="Ranks candidate videos by a weighted combination of MMoE head predictions.",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: the same pages, with a note for when the CDN is away
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.degraded_responses = 0  # responses ranked on defaults because of a store fault
@@ -205,9 +208,9 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     )
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: a model is loaded. The feature store's state is reported (``store_ok``,
-        ``detail``, ``degraded_responses``) but does not make the replica unready: every replica
-        shares the store, so failing readiness on a store fault would turn degraded answers
-        into no answers at all."""
+        ``detail``, ``degraded_responses``, and ``degraded`` with its reason while the store
+        fails) but does not make the replica unready: every replica shares the store, so
+        failing readiness on a store fault would turn degraded answers into no answers at all."""
         state: ServingState | None = getattr(request.app.state, "serving", None)
         if state is None:
             body = Readiness(ready=False, model_version=None, ranking_version=None, store="none")
@@ -221,6 +224,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             store_ok=ok,
             degraded_responses=request.app.state.degraded_responses,
             detail=detail,
+            degraded=not ok,
+            degraded_reason=None if ok else f"feature store: {detail}; ranking on default features",
             position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
         )
         reloader: Reloader | None = getattr(request.app.state, "reloader", None)
@@ -231,6 +236,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         return JSONResponse(status_code=200, content=body.model_dump())
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    install_docs(app)
     install_admin(app, settings)  # /admin/* only with RANKER_ADMIN_TOKEN
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_observability(app)  # last: its middleware is the outermost, /metrics is added

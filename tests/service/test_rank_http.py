@@ -111,6 +111,23 @@ def test_health_readiness_and_docs(service_url: str) -> None:
     assert "/v1/rank" in spec["paths"]
 
 
+def visible_text(html: str) -> str:
+    """What a browser shows of ``html`` when no script runs (none could be fetched)."""
+    import re
+
+    html = re.sub(r"(?s)<(script|style|head)\b.*?</\1>", " ", html)
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_say_what_they_need_when_offline(service_url: str, page: str) -> None:
+    r = httpx.get(f"{service_url}{page}")
+    assert r.status_code == 200
+    text = visible_text(r.text)
+    assert "cdn.jsdelivr.net" in text and "/openapi.json" in text, text
+    assert "/v1/rank" in httpx.get(f"{service_url}/openapi.json").json()["paths"]
+
+
 def test_invalid_json_is_a_4xx(service_url: str) -> None:
     r = httpx.post(
         f"{service_url}/v1/rank", content=b"{not json", headers={"content-type": "application/json"}
