@@ -146,7 +146,10 @@ class FeatureEmbedding(nn.Module):
         starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
         starts = starts[: len(cardinalities)]
         width_t = torch.tensor(widths, dtype=torch.long)
-        feature_of = torch.repeat_interleave(torch.arange(len(widths)), width_t)  # (C,)
+        # output_size: no data-dependent size, so the module also builds on the "meta" device
+        feature_of = torch.repeat_interleave(
+            torch.arange(len(widths)), width_t, output_size=sum(widths)
+        )  # (C,)
         first = torch.zeros(len(feature_of), dtype=torch.bool)  # (C,) first column of a feature
         first[width_t.cumsum(0) - width_t] = True
         # Buffers are derived from the constructor arguments, never saved (state_dict unchanged).
