@@ -319,6 +319,8 @@ def train(
             weights = weighting.backward(
                 losses, SharedPart(model.shared_parameters(), out.representation)
             )
+            if out.regulariser is not None:  # DSelect-k's entropy: gate parameters only
+                out.regulariser.backward()
             dctx.average_gradients(trainable)
             optimizer.step()
             step += 1
