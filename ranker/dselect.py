@@ -48,10 +48,12 @@ def code_bits(num_experts: int) -> int:
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:
     """The cubic smooth-step: 0 below ``-gamma/2``, 1 above ``gamma/2``, C^1 in between.
-    Written with a clamp (one graph op: exports to ONNX as ``Clip``); outside the band the
-    clamp's gradient is 0, as the function's is."""
-    x = t.clamp(-gamma / 2, gamma / 2)
-    return x * (1.5 / gamma - (2.0 / gamma**3) * x * x) + 0.5
+    Written with clamps (ONNX ``Clip``): outside the band the clamp's gradient is 0, as the
+    function's is; in ``u = t / gamma`` the band's ends are exact (``u = +-1/2`` gives exactly
+    0 and 1), and the last clamp keeps float rounding near them from leaving ``[0, 1]``, so a
+    selector's code weights are never negative and binary selectors give exact zeros."""
+    u = (t / gamma).clamp(-0.5, 0.5)
+    return (u * (1.5 - 2.0 * u * u) + 0.5).clamp(0.0, 1.0)
 
 
 class DSelectGateBank(GateBank):
