@@ -336,6 +336,8 @@ def train(
                     "losses": loss_values,
                     "weights": weights,
                 }
+                if out.regulariser is not None:
+                    record["regulariser"] = float(out.regulariser.detach())
                 if out.gates is not None:
                     record["gates"] = out.gates.detach().mean(0).tolist()  # (T, E)
                     record["gate_experts"] = model.expert_names()  # the E columns

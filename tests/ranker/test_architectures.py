@@ -167,10 +167,19 @@ def test_bad_ple_setting_is_refused_naming_the_key() -> None:
             ],
             r"model\.dselect_k: .*k = 3 is more than the 2 experts",
         ),
-        (['model.gate="dselect_k"', "model.dselect_k=0"], r"model\.dselect_k"),
-        (['model.gate="dselect_k"', "model.dselect_gamma=0"], r"model\.dselect_gamma"),
-        (['model.gate="dselect_k"', "model.dselect_entropy=-1"], r"model\.dselect_entropy"),
-        (['model.gate="top2"'], r"model\.gate"),
+        (
+            ['model.gate="dselect_k"', "model.dselect_k=0"],
+            r"model\.dselect_k: Input should be greater than or equal to 1",
+        ),
+        (
+            ['model.gate="dselect_k"', "model.dselect_gamma=0"],
+            r"model\.dselect_gamma: Input should be greater than 0",
+        ),
+        (
+            ['model.gate="dselect_k"', "model.dselect_entropy=-1"],
+            r"model\.dselect_entropy: Input should be greater than or equal",
+        ),
+        (['model.gate="top2"'], r"model\.gate: Input should be 'softmax' or 'dselect_k'"),
         (
             ['model.architecture="shared_bottom"', 'model.gate="dselect_k"'],
             r"model\.gate: .*'shared_bottom' has no gates",
@@ -180,8 +189,14 @@ def test_bad_ple_setting_is_refused_naming_the_key() -> None:
             r"model\.gate: .*'cross_stitch' has no gates",
         ),
         (["model.gate_dropout=0.1", 'model.gate="dselect_k"'], r"model\.gate: .*does not take it"),
-        (['model.architecture="cross_stitch"', "model.stitch_self=0"], r"model\.stitch_self"),
-        (['model.architecture="cross_stitch"', "model.stitch_self=1.5"], r"model\.stitch_self"),
+        (
+            ['model.architecture="cross_stitch"', "model.stitch_self=0"],
+            r"model\.stitch_self: Input should be greater than 0",
+        ),
+        (
+            ['model.architecture="cross_stitch"', "model.stitch_self=1.5"],
+            r"model\.stitch_self: Input should be less than or equal to 1",
+        ),
     ],
 )
 def test_bad_cross_stitch_or_dselect_setting_is_refused_naming_the_key(
