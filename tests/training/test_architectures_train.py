@@ -79,7 +79,10 @@ def test_one_epoch_of_cross_stitch_trains_and_exports(tiny_world: Path, tmp_path
     res = train(cfg, progress=False, export=True)
     assert set(res.metrics) == set(cfg.task_names) and res.gate_utilisation is None
     assert res.model.columns is not None
-    moved = [(a.detach() - a0).abs().max().item() for a, a0 in zip(res.model.columns.units, start)]
+    moved = [
+        (a.detach() - a0).abs().max().item()
+        for a, a0 in zip(res.model.columns.units, start, strict=True)
+    ]
     assert min(moved) > 0  # the units were trained with the rest
     assert res.artifact is not None
     art = load_artifact(res.artifact)
