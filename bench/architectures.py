@@ -33,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
 
 from ranker.config import SOURCES, Config, ModelConfig, load_config  # noqa: E402
 from ranker.model import RankingModel  # noqa: E402
@@ -262,7 +265,7 @@ def main() -> None:
     args.json.write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1)
     )
-    print(f"\n{args.seeds} seeds, {time.perf_counter() - started:.0f} s\n")
+    print(f"\n{args.seeds} seeds, {time.perf_counter() - started:.0f} s on {cpu_model()}\n")
     print(f"position handling: {cfg.position.mode}\n\nlogged labels:\n")
     print(table(cfg, runs))
     print("\nagainst the truth:\n")

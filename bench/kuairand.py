@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from architectures import CANDIDATES, cost, head_params, sized, sparsity  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from ranker.config import SOURCES, Config, load_config  # noqa: E402
 from ranker.metrics import binary_summary, regression_summary  # noqa: E402
@@ -188,7 +189,8 @@ def main() -> None:
         )
     )
     print(
-        f"\nvalidation day 2022-04-30, {args.seeds} seeds, {time.perf_counter() - started:.0f} s\n"
+        f"\nvalidation day 2022-04-30, {args.seeds} seeds, {time.perf_counter() - started:.0f} s"
+        f" on {cpu_model()}, one torch thread\n"
     )
     print(table(rows, params, costs))
     for arch, util in gates.items():
