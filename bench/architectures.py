@@ -149,6 +149,20 @@ def sparsity(cfg: Config, r: TrainResult, rows: int = 4096) -> float | None:
     return None
 
 
+def stitch_units(r: TrainResult) -> list[list[list[float]]] | None:
+    """The learned cross-stitch units (one T x T matrix per layer), ``None`` for other models."""
+    if r.model.columns is None:
+        return None
+    return [[[round(v, 3) for v in row] for row in a.tolist()] for a in r.model.columns.units]
+
+
+def units_table(tasks: list[str], unit: list[list[float]]) -> str:
+    lines = ["| task reads | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for t, row in zip(tasks, unit, strict=True):
+        lines.append(f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
 def table(cfg: Config, runs: list[dict[str, Any]], truth: bool = False) -> str:
     if truth:
         cols = [(t.name, m) for t in cfg.tasks for m in TRUTH[t.kind]]
@@ -237,6 +251,7 @@ def main() -> None:
                         "flops_per_row": r.model.flops_per_row(),
                         "cost": cost(r),
                         "experts_per_gate": sparsity(cfg, r),
+                        "stitch_units": stitch_units(r),
                         "expert_hidden": model.expert_hidden,
                         "gates": r.gate_utilisation,
                         "seconds": time.perf_counter() - t0,
@@ -272,6 +287,10 @@ def main() -> None:
     print(table(cfg, runs, truth=True))
     for arch, util in gates.items():
         print(f"\ngate utilisation, {arch} (seed 0, validation):\n\n{gate_table(util)}")
+    for r in runs:
+        if r["seed"] == 0 and r["stitch_units"] is not None:
+            print("\nlast cross-stitch unit, seed 0 (rows sum to 1 at the start, 0.9 diagonal):")
+            print("\n" + units_table(cfg.task_names, r["stitch_units"][-1]))
     for arch in args.only:
         used = [r["experts_per_gate"] for r in runs if r["arch"] == arch]
         if used and used[0] is not None:

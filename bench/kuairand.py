@@ -40,7 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from architectures import CANDIDATES, cost, head_params, sized, sparsity  # noqa: E402
+from architectures import (  # noqa: E402
+    CANDIDATES,
+    cost,
+    head_params,
+    sized,
+    sparsity,
+    stitch_units,
+    units_table,
+)
 from machine import cpu_model  # noqa: E402
 
 from ranker.config import SOURCES, Config, load_config  # noqa: E402
@@ -170,6 +178,7 @@ def main() -> None:
                         "params": params[arch],
                         "cost": costs[arch],
                         "experts_per_gate": used,
+                        "stitch_units": stitch_units(r),
                     }
                 )
                 if seed == 0 and r.gate_utilisation:
@@ -199,6 +208,11 @@ def main() -> None:
         print("| gate | " + " | ".join(experts) + " |\n|---|" + "---:|" * len(experts))
         for task, row in util.items():
             print(f"| {task} | " + " | ".join(f"{row[e]:.2f}" for e in experts) + " |")
+    for run in raw:
+        if run["seed"] == 0 and run["stitch_units"] is not None:
+            print(
+                f"\nlast cross-stitch unit, seed 0:\n\n{units_table(cfg.task_names, run['stitch_units'][-1])}"
+            )
     print(f"\nraw: {args.json}")
 
 
