@@ -14,6 +14,7 @@ with the service's user-side split. Baselines, fitted on the same training days:
     .venv/bin/python bench/kuairand.py             # 5 candidates x 3 seeds, ~8 min
     .venv/bin/python bench/kuairand.py --seeds 1
     .venv/bin/python bench/kuairand.py --only mmoe cross_stitch mmoe+dselect
+    .venv/bin/python bench/kuairand.py --data /work/shared/data/kuairand-pure-val  # a worktree
 
 The data lives beside the checkout (``../shared/data/kuairand-pure-val``); without it this
 script says so and exits 0. Prints the markdown table for ``docs/kuairand.md`` and writes the raw
@@ -128,8 +129,16 @@ def main() -> None:
     ap.add_argument("--prior", type=float, default=5.0, help="per-video baseline shrinkage")
     ap.add_argument("--only", nargs="+", choices=ARCHS, default=list(ARCHS), help="candidates")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/kuairand.json")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="the sample's folder; default: the config's paths"
+    )
     args = ap.parse_args()
-    cfg = load_config(CONFIG)
+    data = (
+        [f'data.{n}="{args.data / f"{n}.parquet"}"' for n in ("log", "users", "videos")]
+        if args.data
+        else []
+    )
+    cfg = load_config(CONFIG, data)
     if not Path(cfg.data.log).exists():
         print(
             f"{cfg.data.log} does not exist: the KuaiRand sample lives beside the checkout "
@@ -162,7 +171,7 @@ def main() -> None:
                 ]
                 if args.epochs:
                     sets.append(f"training.epochs={args.epochs}")
-                c = load_config(CONFIG, sets)
+                c = load_config(CONFIG, data + sets)
                 t0 = time.perf_counter()
                 r = train(c, progress=False, export=False)
                 params[arch] = head_params(r.model)
