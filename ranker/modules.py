@@ -1,8 +1,9 @@
 """Building blocks of the ranking models: embeddings (with mean-pooled multi-valued features),
 MLPs, a fused bank of expert MLPs and a bank of softmax gates (with gate dropout).
 
-Every architecture in :mod:`ranker.model` (shared-bottom, OMoE, MMoE, PLE/CGC) is these parts
-arranged differently, so a comparison between them measures the arrangement, not the parts.
+Every architecture in :mod:`ranker.model` (shared-bottom, OMoE, MMoE, PLE/CGC, cross-stitch) is
+these parts arranged differently, so a comparison between them measures the arrangement, not the
+parts (DSelect-k gates, :mod:`ranker.dselect`, are a :class:`GateBank` too).
 """
 
 from __future__ import annotations
