@@ -283,9 +283,10 @@ class RankingModel(nn.Module):
         """Parameters every task's loss flows through (what gradient-based weighting balances):
         the embeddings and the experts (mmoe, omoe, shared-bottom) and omoe's single gate; for
         ple the embeddings, every level's shared experts and, below the last level, the task
-        experts and shared gates that feed the next level's shared experts; for cross-stitch the embeddings,
-        every column and every unit but the last (:meth:`CrossStitchColumns.shared_parameters`).
-        Per-task gates (stored as one tensor, one slice per task) and towers are not shared."""
+        experts and shared gates that feed the next level's shared experts; for cross-stitch
+        the embeddings, every column and every unit but the last
+        (:meth:`CrossStitchColumns.shared_parameters`). Per-task gates (stored as one tensor,
+        one slice per task) and towers are not shared."""
         params = list(self.embed.parameters())
         if self.experts is not None:
             params += list(self.experts.parameters())
