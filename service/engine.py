@@ -37,13 +37,13 @@ def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     ``auto`` times the engines this CPU can run on the artifact's sample requests and serves the
     fastest that passes the artifact's accuracy guard against fp32 (:mod:`ranker.autoselect`);
     the predictor's ``selection`` says what was measured. The guard scores the ranking with the
-    ranking config the service loads (``RANKER_RANKING_CONFIG``)."""
+    formula the service serves (``RANKER_RANKING_CONFIG``, else the artifact's own)."""
     a = artifact
     split = request_split(a.model, a.encoder)
     threads = default_threads(settings)
     if settings.backend != "auto":
         return Predictor(a.model, a.config.tasks, settings.backend, threads, split)
-    formula = load_formula(settings.ranking_config, a.config.task_names)
+    formula = artifact_formula(settings.ranking_config, a)
     predictor, selection = auto_predictor(
         a.model, a.config.tasks, split, a.samples, formula.score, a.config.export.guard, threads
     )
@@ -69,14 +69,19 @@ class ServingModel:
     # Encoded request contexts: a handful of distinct values (device x hour) repeat on every
     # request, and encoding one through Arrow costs ~0.3 ms. Keyed with each value's type, as
     # 1, 1.0 and True encode differently for a string vocabulary.
-    _contexts: dict[tuple, Encoded] = field(default_factory=dict, repr=False)
+    _contexts: dict[tuple, tuple[Encoded, tuple[str, ...]]] = field(
+        default_factory=dict, repr=False
+    )
 
-    def context(self, context: dict[str, ContextValue]) -> Encoded:
-        """The encoded context row, from the cache when this exact context was seen."""
+    def context(self, context: dict[str, ContextValue]) -> tuple[Encoded, tuple[str, ...]]:
+        """The encoded context row and the features whose given value the model does not know
+        (:func:`unknown_context`), from the cache when this exact context was seen."""
         key = tuple((k, type(v), v) for k, v in sorted(context.items()))
         hit = self._contexts.get(key)
         if hit is None:
-            hit = encode_context(self.artifact.encoder, context)  # raises on a bad value
+            enc = self.artifact.encoder
+            row = encode_context(enc, context)  # raises on a bad value
+            hit = (row, unknown_context(enc, context, row))
             if len(self._contexts) >= CONTEXT_CACHE_ENTRIES:
                 self._contexts.clear()
             self._contexts[key] = hit
@@ -88,7 +93,7 @@ class ServingModel:
 
     @classmethod
     def load(cls, settings: Settings, store: FeatureStore | None = None) -> ServingModel:
-        artifact = load_artifact(settings.artifact)
+        artifact = load_artifact(settings.artifact, *parameter_limit(settings))
         if store is None and settings.redis_url is not None:
             from service.redis_store import RedisStore
 
@@ -100,8 +105,26 @@ class ServingModel:
         return cls(artifact, make_predictor(artifact, settings), store)
 
 
+def parameter_limit(settings: Settings) -> tuple[int, str]:
+    """``load_artifact``'s size limit and the setting that names it in a refusal."""
+    return settings.max_model_parameters, "RANKER_MAX_MODEL_PARAMETERS"
+
+
 def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
     return RankingFormula(load_ranking_config(path), tasks)
+
+
+def serving_formula(path: Path | None, model: ServingModel) -> RankingFormula:
+    """The file at ``path`` (``RANKER_RANKING_CONFIG``) when set, else the artifact's own."""
+    return artifact_formula(path, model.artifact)
+
+
+def artifact_formula(path: Path | None, artifact: Artifact) -> RankingFormula:
+    """:func:`serving_formula` for an artifact not yet bundled into a :class:`ServingModel`."""
+    tasks = artifact.config.task_names
+    if path is None:
+        return RankingFormula(artifact.ranking, tasks)
+    return load_formula(path, tasks)
 
 
 def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) -> Encoded:
@@ -135,6 +158,23 @@ def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) ->
     return encoder.encode(pa.table(columns), "context", "request")
 
 
+def unknown_context(
+    encoder: FeatureEncoder, context: dict[str, ContextValue], row: Encoded
+) -> tuple[str, ...]:
+    """The categorical context features the request gave a value for that encode as the
+    unknown bucket (code 0: never seen in training, or too rare): the model ranks them exactly
+    as if the request had left them out, so the response names them (as it names unknown
+    users and videos) instead of answering silently."""
+    names = []
+    col = 0
+    for f in encoder.of("context", "categorical"):
+        codes = row.cat[0, col : col + f.width]
+        col += f.width
+        if context.get(f.name) is not None and not codes.any():
+            names.append(f.name)
+    return tuple(names)
+
+
 @dataclass
 class Ranked:
     video_ids: np.ndarray  # (k,) in ranked order
@@ -145,6 +185,7 @@ class Ranked:
     started: float = 0.0  # perf_counter() at the start: observability times what came before
     all_scores: np.ndarray | None = None  # (n,) every candidate, request order (for metrics)
     all_predictions: dict[str, np.ndarray] | None = None  # task -> (n,), request order
+    unknown_context: tuple[str, ...] = ()  # context features given a value the model lacks
 
 
 def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
@@ -199,7 +240,7 @@ async def rank(
     ``forward_thread``: the forward pass runs on the process's forward thread
     (:func:`_forward_executor`) while the event loop serves other requests."""
     t0 = time.perf_counter()
-    ctx = model.context(context)
+    ctx, unknown = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
     t1 = time.perf_counter()
     if forward_thread:
@@ -223,4 +264,5 @@ async def rank(
         started=t0,
         all_scores=scores,
         all_predictions=preds,
+        unknown_context=unknown,
     )
