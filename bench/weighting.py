@@ -34,6 +34,13 @@ several times that when other jobs share the machine).
     .venv/bin/python bench/weighting.py --requests 800 --seeds 2 --max-steps 2 \\
         --timing-rounds 1 --timing-steps 1 --out /tmp/wq                    # a quick look
 
+Only the cost, for every strategy in both modes, before/after a change (``--baseline``: another
+checkout's code timed in the same invocation; see ``bench/weighting_cost.py``)::
+
+    git worktree add --detach /tmp/wbase main
+    .venv/bin/python bench/weighting.py --cost-only --requests 800 --timing-rounds 5 \\
+        --timing-steps 2 --baseline /tmp/wbase                                # ~10 min
+
 Writes ``<out>/weighting.md`` (strategy reference, tables, machine, date, command) and
 ``<out>/img/weighting_weights.png`` (representative strategies' task weights over training, seed
 0); ``--raw FILE`` also keeps the raw numbers, ``--render FILE`` rewrites the markdown and the plot

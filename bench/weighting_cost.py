@@ -113,6 +113,7 @@ def cost_report(
 def write_cost_block(md: Path, block: str) -> None:
     """Replaces the text between :data:`COST_START` and :data:`COST_END` in ``md`` by ``block``
     (appends the markers and the block when they are missing)."""
+    md.parent.mkdir(parents=True, exist_ok=True)
     text = md.read_text() if md.exists() else ""
     if COST_START in text and COST_END in text:
         head, _, rest = text.partition(COST_START)
