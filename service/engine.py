@@ -31,7 +31,7 @@ def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     request's candidates, so the user's and context's share of the first layer is computed once
     (:func:`~ranker.predictor.request_split`)."""
     a = artifact
-    split = request_split(a.model, a.encoder)
+    split = request_split(a.model, a.encoder, a.config.live)
     return Predictor(a.model, a.config.tasks, settings.backend, settings.threads, split)
 
 

@@ -10,11 +10,19 @@ from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
 from ranker.errors import ArtifactError, TrainingError
 from ranker.features import FeatureEncoder
+from ranker.live import OfflineCounters
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.checkpoint import read_checkpoint
 from training.data import BatchBuilder, ImpressionLog, Split
-from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
+from training.evaluate import (
+    format_table,
+    gauc_note,
+    head_metrics,
+    json_ready,
+    predict_split,
+    reliability,
+)
 from training.truth import (
     format_truth_table,
     logged_ranking_metrics,
@@ -48,13 +56,18 @@ def evaluate_artifact(
     names = impressions.dataset.schema.names
     extra = [*truth_columns(config, names).values()]
     extra += [c for c in (config.position.column,) if c in names and extra]
-    builder = BatchBuilder(config, artifact.encoder, users, videos, extra, serving=True)
+    with_truth = bool(extra)
+    extra += [c for c in (d.event_time,) if c in names and c not in extra]  # sessions
+    counters = continued_counters(artifact.config, config)
+    builder = BatchBuilder(
+        config, artifact.encoder, users, videos, extra, serving=True, counters=counters
+    )
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
     formula = None
     if ranking is not None and Path(ranking).is_file():
         formula = RankingFormula(load_ranking_config(ranking), config.task_names)
-    truth = truth_metrics(config, preds, formula, k) if extra else {}
+    truth = truth_metrics(config, preds, formula, k) if with_truth else {}
     ranking_score = logged_ranking_metrics(preds, formula, k) if formula is not None else {}
     result = json_ready(
         {
@@ -70,6 +83,9 @@ def evaluate_artifact(
     )
     print(f"{artifact.version} on {impressions.path} ({split}, {len(preds)} rows)")
     print(format_table(metrics))
+    note = gauc_note(config)
+    if note:
+        print(note)
     if ranking_score:
         print(
             f"ranking score vs logged utility: ndcg@{k} {ranking_score[f'ndcg@{k}']:.4f} "
@@ -86,6 +102,15 @@ def evaluate_artifact(
         Path(out).write_text(json.dumps(result, indent=2))
         print(f"metrics: {out}")
     return result
+
+
+def continued_counters(trained: Config, evaluated: Config) -> OfflineCounters | None:
+    """Live counters for evaluating on ``evaluated``'s log as the service would have had them:
+    the training log's events continued through the evaluated log's rows, in time order (the
+    two logs are taken as disjoint; the same log is read once)."""
+    if trained.live is None:
+        return None
+    return OfflineCounters(evaluated, [Path(trained.data.log), Path(evaluated.data.log)])
 
 
 def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
