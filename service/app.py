@@ -13,7 +13,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -25,10 +25,13 @@ from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
 from service.engine import ServingModel, load_formula, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
+from service.live_state import EventBatch
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
 from service.respond import items_json, rank_response_json
 from service.schemas import (
+    EventsRequest,
+    EventsResponse,
     Health,
     Problem,
     RankRequest,
@@ -170,7 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
-        r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        r = await rank(
+            state.model, state.formula, body.user_id, body.context, ids, body.top_k, body.time
+        )
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1
@@ -182,8 +187,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "degraded": r.lookup.degraded is not None,
             "degraded_reason": r.lookup.degraded,
         }
+        if state.model.live is not None:
+            header["user_has_state"] = r.lookup.user_has_state
         items = items_json(r.video_ids, r.scores, r.predictions)
         return Response(rank_response_json(header, items), media_type="application/json")
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        responses={
+            404: {"model": Problem, "description": "the served model has no live counters"},
+            422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
+        },
+    )
+    async def events_endpoint(body: EventsRequest, state: State) -> EventsResponse:
+        """Feedback events (impressions, clicks, likes, watch seconds, ...) that update the live
+        counters; an event id seen before is ignored, so a retried batch counts once."""
+        if state.model.live is None:
+            raise HTTPException(404, "the served model has no live counters ([live] in its config)")
+        ev = body.events
+        batch = EventBatch(
+            ids=[e.event_id for e in ev],
+            users=np.fromiter((e.user_id for e in ev), np.int64, len(ev)),
+            videos=np.fromiter((e.video_id for e in ev), np.int64, len(ev)),
+            types=[e.type for e in ev],
+            times=np.fromiter((e.time for e in ev), np.float64, len(ev)),
+            values=np.fromiter((e.value for e in ev), np.float64, len(ev)),
+            contexts=[e.context for e in ev],
+        )
+        accepted, duplicates = state.model.live.ingest(batch)
+        return EventsResponse(accepted=accepted, duplicates=duplicates)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

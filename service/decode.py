@@ -47,6 +47,7 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True):
     candidates: Annotated[list[_Candidate], msgspec.Meta(min_length=1)]
     context: dict[str, str | int | float | None] = {}
     top_k: Annotated[int, msgspec.Meta(ge=1, le=10**9)] | None = None
+    time: float | None = None
 
 
 _DECODER = msgspec.json.Decoder(_Request)
@@ -60,6 +61,7 @@ class RankInput:
     context: dict[str, ContextValue]
     video_ids: np.ndarray  # (n,) int64, request order
     top_k: int | None
+    time: float | None = None
 
 
 def decode_rank_request(raw: bytes, content_type: str | None) -> RankInput:
@@ -70,9 +72,9 @@ def decode_rank_request(raw: bytes, content_type: str | None) -> RankInput:
             r = _DECODER.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             r = None
-        if r is not None and _context_ok(r.context):
+        if r is not None and _context_ok(r.context) and (r.time is None or math.isfinite(r.time)):
             ids = np.fromiter((c.video_id for c in r.candidates), np.int64, len(r.candidates))
-            return RankInput(r.user_id, r.context, ids, r.top_k)
+            return RankInput(r.user_id, r.context, ids, r.top_k, r.time)
     return _validate_as_fastapi_would(raw, content_type)
 
 
@@ -176,4 +178,4 @@ def _validate_as_fastapi_would(raw: bytes, content_type: str | None) -> RankInpu
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
         raise RequestValidationError(errors) from e
     ids = np.fromiter((c.video_id for c in req.candidates), np.int64, len(req.candidates))
-    return RankInput(req.user_id, req.context, ids, req.top_k)
+    return RankInput(req.user_id, req.context, ids, req.top_k, req.time)

@@ -19,6 +19,7 @@ from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
 from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
+from service.live_state import LiveState
 from service.settings import Settings
 from service.store import FeatureStore, InProcessStore, Lookup
 
@@ -47,6 +48,7 @@ class ServingModel:
     # request, and encoding one through Arrow costs ~0.3 ms. Keyed with each value's type, as
     # 1, 1.0 and True encode differently for a string vocabulary.
     _contexts: dict[tuple, Encoded] = field(default_factory=dict, repr=False)
+    live: LiveState | None = None  # live counters' state, for a model with [live] counters
 
     def context(self, context: dict[str, ContextValue]) -> Encoded:
         """The encoded context row, from the cache when this exact context was seen."""
@@ -74,7 +76,20 @@ class ServingModel:
             store = InProcessStore.from_tables(
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
-        return cls(artifact, make_predictor(artifact, settings), store)
+        return cls(artifact, make_predictor(artifact, settings), store, live=live_state(artifact))
+
+
+def live_state(artifact: Artifact, current: LiveState | None = None) -> LiveState | None:
+    """The live counters' state a model needs: ``current`` when it counts the same things (a
+    reload keeps the events received so far), else built from the training log; ``None`` for
+    a model without ``[live]``."""
+    config = artifact.config
+    if config.live is None:
+        return None
+    if current is not None and current.config.live == config.live:
+        current.params = artifact.encoder.live  # the new model's priors and statistics
+        return current
+    return LiveState(config, artifact.encoder.live, [Path(config.data.log)])
 
 
 def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
@@ -127,13 +142,16 @@ class Ranked:
 def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
     """One forward pass over all candidates: user and context rows broadcast to every video."""
     n = len(lookup.videos)
-    rows = Encoded.concat_columns(
-        [
-            lookup.user.take(np.zeros(n, np.int64)),
-            lookup.videos,
-            context.take(np.zeros(n, np.int64)),
-        ]
-    )
+    parts = [
+        lookup.user.take(np.zeros(n, np.int64)),
+        lookup.videos,
+        context.take(np.zeros(n, np.int64)),
+    ]
+    live = model.artifact.config.live
+    if live is not None:
+        num = lookup.live if lookup.live is not None else np.zeros((n, live.width), np.float32)
+        parts.append(Encoded(np.zeros((n, 0), np.int64), num))
+    rows = Encoded.concat_columns(parts)
     return model.predictor.predict(rows)
 
 
@@ -152,11 +170,15 @@ async def rank(
     context: dict[str, ContextValue],
     video_ids: np.ndarray,
     top_k: int | None,
+    now: float | None = None,
 ) -> Ranked:
-    """Scores every candidate and returns them best first (ties keep the request's order)."""
+    """Scores every candidate and returns them best first (ties keep the request's order).
+    ``now``: the request's time in the log's unit, for live counters (default: the clock)."""
     t0 = time.perf_counter()
     ctx = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
+    if model.live is not None:
+        lookup.live, lookup.user_has_state = model.live.features(user_id, video_ids, context, now)
     t1 = time.perf_counter()
     preds = forward_rows(model, lookup, ctx)
     t2 = time.perf_counter()

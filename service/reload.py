@@ -43,7 +43,13 @@ from pydantic import ValidationError
 from ranker.artifact import Artifact, list_versions, load_artifact, resolve
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingConfig, RankingFormula, load_ranking_config
-from service.engine import ServingModel, encode_context, make_predictor, score_rows
+from service.engine import (
+    ServingModel,
+    encode_context,
+    live_state,
+    make_predictor,
+    score_rows,
+)
 from service.schemas import Problem, ReloadRequest, ReloadResult, ValidationProblem
 from service.settings import Settings
 from service.state import ServingState
@@ -335,7 +341,8 @@ class Reloader:
         try:
             artifact = load_artifact(target)
             store = store_for(artifact, current.model.store, self.settings)
-            return ServingModel(artifact, make_predictor(artifact, self.settings), store)
+            live = live_state(artifact, current.model.live)
+            return ServingModel(artifact, make_predictor(artifact, self.settings), store, live=live)
         except RankerError as e:
             self._refuse_model(target, str(e))
         except Exception as e:  # noqa: BLE001 - whatever breaks a load, the old model serves on
