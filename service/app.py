@@ -77,6 +77,11 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+def _loc(field: str) -> list[str | int]:
+    """A dotted field path as a pydantic ``loc``: list indices as integers (``events.3.type``)."""
+    return [int(p) if p.isdigit() else p for p in field.split(".")]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -122,7 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         field, _, msg = str(exc).partition(": ")
         return JSONResponse(
-            status_code=422, content={"detail": [{"loc": ["body", *field.split(".")], "msg": msg}]}
+            status_code=422,
+            content={"detail": [{"loc": ["body", *_loc(field)], "msg": msg}]},
         )
 
     @app.exception_handler(RankerError)
