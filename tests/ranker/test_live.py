@@ -167,3 +167,31 @@ def test_combined_keys_separate_entities() -> None:
     assert len(np.unique(combine_keys([a, np.zeros(1000, np.int64)]))) == 1000
     k1 = combine_keys([np.array([1, 2]), np.array([2, 1])])
     assert k1[0] != k1[1]  # (user 1, tab 2) is not (user 2, tab 1)
+
+
+@pytest.mark.parametrize(
+    ("counter", "message"),
+    [
+        ({"keys": ["context:tab"]}, "not a declared context feature"),
+        ({"keys": ["author"]}, "is not user, video"),
+        ({"keys": ["user"], "events": ["share"]}, "unknown event(s) ['share']"),
+        ({"keys": ["user", "user"]}, "repeated"),
+    ],
+)
+def test_bad_counters_are_refused_naming_the_key(counter: dict, message: str) -> None:
+    from ranker.config import parse_config
+    from ranker.errors import ConfigError
+
+    data = {
+        "data": {"log": "x", "users": "u", "videos": "v"},
+        "features": [{"name": "hour", "source": "context", "kind": "categorical"}],
+        "tasks": [{"name": "click", "kind": "binary", "label": "c", "loss": "bce"}],
+        "live": {
+            "events": [{"name": "click", "column": "c"}],
+            "counters": [{"name": "c1"} | counter],
+        },
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert message in str(e.value)
+    assert "live" in str(e.value)

@@ -237,3 +237,17 @@ def test_a_model_without_live_counters_refuses_events(service_url: str) -> None:
     r = httpx.post(f"{service_url}/v1/events", json={"events": [ev]}, timeout=30)
     assert r.status_code == 404
     assert "live" in r.json()["detail"]
+
+
+def test_evaluate_on_later_days_continues_the_state_and_reports_session_gauc(
+    live_artifact: Path, split_world: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.offline import evaluate_artifact
+
+    m = evaluate_artifact(live_artifact, log=str(split_world[1]), split="all", progress=False)
+    later_rows = ds.dataset(split_world[1]).count_rows()
+    assert m["rows"] == later_rows
+    # The world has request ids: "within sessions" means within requests there.
+    assert m["heads"]["click"]["gauc_session"] is not None
+    assert m["heads"]["click"]["gauc_session_groups"] > 0
+    assert "not a fair comparison" in capsys.readouterr().out
