@@ -290,7 +290,7 @@ class CounterSpec(Strict):
     ``keys`` name the entity: ``user``, ``video``, ``video:<column>`` (a column of the videos
     table, e.g. ``video:author_id``), ``context:<feature>`` (a declared context feature, e.g.
     ``context:tab``); several keys make a joint entity (the user per tab). Each counter adds
-    ``log1p(impressions)``, per event ``(sum + prior_strength * prior) / (impressions +
+    ``log1p(impressions)`` (unless ``log_impressions = false``), per event ``(sum + prior_strength * prior) / (impressions +
     prior_strength)`` with the training rows' mean as the prior (Beta-binomial smoothing, the
     standard empirical-Bayes CTR estimate), and with ``since_last`` ``log1p`` of the seconds
     since the entity's last impression; all standardised on the training rows.
@@ -301,6 +301,16 @@ class CounterSpec(Strict):
     events: list[str] = Field(default=[], description="event names from live.events")
     prior_strength: float = Field(default=20.0, gt=0)
     since_last: bool = False
+    half_life_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="decay: an event counts exp(-ln2 * age / half_life_s); None counts all alike",
+    )
+    log_impressions: bool = Field(
+        default=True,
+        description="add log1p(impressions): a count grows with the log's age, so a model "
+        "trained on early days meets larger ones later (a shift the rates do not have)",
+    )
 
     @field_validator("keys")
     @classmethod
@@ -322,7 +332,8 @@ class CounterSpec(Strict):
     @property
     def outputs(self) -> list[str]:
         """Names of the numeric columns it adds, in order."""
-        names = [f"{self.name}.log_impressions", *(f"{self.name}.{e}_rate" for e in self.events)]
+        names = [f"{self.name}.log_impressions"] if self.log_impressions else []
+        names += [f"{self.name}.{e}_rate" for e in self.events]
         return names + ([f"{self.name}.log_since_last_s"] if self.since_last else [])
 
 

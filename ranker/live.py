@@ -247,8 +247,11 @@ class Counts:
 class PointInTime:
     """One counter's totals strictly before any time, for any entity, from a whole log."""
 
-    def __init__(self, spec: CounterSpec, event_index: list[int], events: Events) -> None:
+    def __init__(
+        self, spec: CounterSpec, event_index: list[int], events: Events, unit_s: float = 1.0
+    ) -> None:
         self.spec = spec
+        self.tau = decay_tau(spec, unit_s)
         key, ok = events.entity(spec)
         key, t = key[ok], events.times[ok]
         imp, vals = events.impressions[ok], events.values[ok][:, event_index]
@@ -257,9 +260,13 @@ class PointInTime:
         n = len(key)
         seg = np.r_[True, key[1:] != key[:-1]] if n else np.zeros(0, bool)
         seg_start = np.maximum.accumulate(np.where(seg, np.arange(n), 0)) if n else seg
-        # Group-wise cumulative sums: the running total minus the total before the group.
-        cum_imp = _group_cumsum(imp, seg_start)
-        cum_vals = _group_cumsum(vals, seg_start)
+        if self.tau is None:
+            # Group-wise cumulative sums: the running total minus the total before the group.
+            cum_imp = _group_cumsum(imp, seg_start)
+            cum_vals = _group_cumsum(vals, seg_start)
+        else:
+            both = _decayed_cumsum(np.c_[imp, vals], t, seg, self.tau)
+            cum_imp, cum_vals = both[:, 0], both[:, 1:]
         last_imp = np.maximum.accumulate(np.where(imp > 0, np.arange(n), -1)) if n else seg_start
         last_time = np.where(last_imp >= seg_start, t[np.maximum(last_imp, 0)], np.nan)
         # One entry per (entity, time): the totals after every row at that time.
@@ -274,10 +281,12 @@ class PointInTime:
         self.imp = cum_imp[end]
         self.vals = cum_vals[end]
         self.last_time = last_time[end]
+        self.ref = t[end]  # the time the entry's totals are decayed to
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.comp, self.imp, self.vals, self.last_time))
+        arrays = (self.comp, self.imp, self.vals, self.last_time, self.ref)
+        return sum(a.nbytes for a in arrays)
 
     def before(self, keys: np.ndarray, ok: np.ndarray, times: np.ndarray) -> Counts:
         """Totals per query row from the rows strictly before ``times`` of entity ``keys``."""
@@ -290,9 +299,10 @@ class PointInTime:
         idx = np.searchsorted(self.comp, dense * self.stride + rank, side="right") - 1
         hit = found & (idx >= 0) & (self.comp[np.maximum(idx, 0)] // self.stride == dense)
         i = np.maximum(idx, 0)
+        f = 1.0 if self.tau is None else np.exp(-(times - self.ref[i]) / self.tau)
         return Counts(
-            np.where(hit, self.imp[i], 0.0),
-            np.where(hit[:, None], self.vals[i], 0.0),
+            np.where(hit, self.imp[i] * f, 0.0),
+            np.where(hit[:, None], self.vals[i] * np.asarray(f)[..., None], 0.0),
             np.where(hit, self.last_time[i], np.nan),
         )
 
@@ -307,7 +317,34 @@ class PointInTime:
             self.imp[last].copy(),
             self.vals[last].copy(),
             self.last_time[last].copy(),
+            self.ref[last].copy(),
+            self.tau,
         )
+
+
+def decay_tau(spec: CounterSpec, unit_s: float) -> float | None:
+    """The decay's time constant in the log's time unit (``None``: no decay)."""
+    if spec.half_life_s is None:
+        return None
+    return spec.half_life_s / np.log(2.0) / unit_s
+
+
+def _decayed_cumsum(x: np.ndarray, t: np.ndarray, seg: np.ndarray, tau: float) -> np.ndarray:
+    """Per segment, ``d_k = a_k d_(k-1) + x_k`` with ``a_k = exp(-(t_k - t_(k-1)) / tau)``: the
+    exponentially decayed running sum at each row's time. The linear recurrence is an
+    associative scan (Blelloch, 1990), run here as Hillis-Steele doubling: log2(n) vectorised
+    passes. ``a = 0`` at a segment's start stops everything before it, exactly (a product
+    with 0), and each row's result depends only on its own segment's earlier rows."""
+    n = len(t)
+    a = np.exp(-np.diff(t, prepend=t[:1]) / tau) if n else np.zeros(0)
+    a[seg] = 0.0
+    d = np.array(x, np.float64, copy=True)
+    off = 1
+    while off < n:
+        d[off:] = d[off:] + a[off:, None] * d[:-off]
+        a[off:] = a[off:] * a[:-off]
+        off *= 2
+    return d
 
 
 def _group_cumsum(x: np.ndarray, seg_start: np.ndarray) -> np.ndarray:
@@ -330,26 +367,35 @@ class Totals:
         imp: np.ndarray,
         vals: np.ndarray,
         last_time: np.ndarray,
+        ref: np.ndarray | None = None,
+        tau: float | None = None,
     ) -> None:
         self.spec = spec
         self.keys, self.imp, self.vals, self.last_time = keys, imp, vals, last_time
+        self.ref = ref if ref is not None else np.full(len(keys), np.nan)  # decayed to this time
+        self.tau = tau
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.keys, self.imp, self.vals, self.last_time))
+        return sum(a.nbytes for a in (self.keys, self.imp, self.vals, self.last_time, self.ref))
 
-    def current(self, keys: np.ndarray, ok: np.ndarray) -> Counts:
+    def current(self, keys: np.ndarray, ok: np.ndarray, now: np.ndarray | None = None) -> Counts:
+        """Totals per entity; with decay, decayed to ``now`` (the log's time unit)."""
         n = len(keys)
         if len(self.keys) == 0:
             return _empty(n, len(self.spec.events))
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         hit = ok & (self.keys[pos] == keys)
+        f = np.ones(n)
+        if self.tau is not None:
+            assert now is not None, "a decayed counter is read at a time"
+            f = np.exp(-(now - np.nan_to_num(self.ref[pos])) / self.tau)
         return Counts(
-            np.where(hit, self.imp[pos], 0.0),
-            np.where(hit[:, None], self.vals[pos], 0.0),
+            np.where(hit, self.imp[pos] * f, 0.0),
+            np.where(hit[:, None], self.vals[pos] * f[:, None], 0.0),
             np.where(hit, self.last_time[pos], np.nan),
         )
 
@@ -366,10 +412,26 @@ class Totals:
             self.imp = np.insert(self.imp, at, 0.0)
             self.vals = np.insert(self.vals, at, 0.0, axis=0)
             self.last_time = np.insert(self.last_time, at, np.nan)
+            self.ref = np.insert(self.ref, at, np.nan)
         pos = np.searchsorted(self.keys, key)
         imp = events.impressions[ok]
+        vals = events.values[ok][:, event_index]
+        if self.tau is not None:
+            # Sums decayed to a reference time per entity: move it to the newest event, decay
+            # the old sums to it and add each event decayed from its own time (any order).
+            times = events.times[ok]
+            u, inv = np.unique(pos, return_inverse=True)
+            old = np.where(np.isnan(self.ref[u]), -np.inf, self.ref[u])
+            ref = old.copy()
+            np.maximum.at(ref, inv, times)
+            f = np.where(np.isfinite(old), np.exp(-(ref - old) / self.tau), 0.0)
+            self.imp[u] *= f
+            self.vals[u] *= f[:, None]
+            w = np.exp(-(ref[inv] - times) / self.tau)
+            imp, vals = imp * w, vals * w[:, None]
+            self.ref[u] = ref
         np.add.at(self.imp, pos, imp)
-        np.add.at(self.vals, pos, events.values[ok][:, event_index])
+        np.add.at(self.vals, pos, vals)
         shown = imp > 0
         t = np.where(np.isnan(self.last_time), -np.inf, self.last_time)
         np.maximum.at(t, pos[shown], events.times[ok][shown])
@@ -389,7 +451,8 @@ def raw_features(
     priors = params["priors"]
     cols: list[np.ndarray] = []
     for spec, c in zip(live.counters, counts, strict=True):
-        cols.append(np.log1p(c.impressions))
+        if spec.log_impressions:
+            cols.append(np.log1p(c.impressions))
         a = spec.prior_strength
         for j, e in enumerate(spec.events):
             cols.append((c.sums[:, j] + a * priors[e]) / (c.impressions + a))
@@ -433,7 +496,8 @@ class OfflineCounters:
         )
         events = read_log_events(config, logs, self.attrs)
         self.counters = [
-            PointInTime(c, event_index(self.live, c), events) for c in self.live.counters
+            PointInTime(c, event_index(self.live, c), events, config.data.time_unit_s)
+            for c in self.live.counters
         ]
 
     @property

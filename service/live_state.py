@@ -112,7 +112,7 @@ class LiveState:
             np.zeros((n, len(self.names))),
             self.attrs,
         )
-        counts = [tot.current(*ev.entity(tot.spec)) for tot in self.totals]
+        counts = [tot.current(*ev.entity(tot.spec), ev.times) for tot in self.totals]
         raw = raw_features(self.live, self.params, counts, ev.times, self.config.data.time_unit_s)
         user_seen = any(
             c.keys == ["user"] and len(cnt.impressions) and cnt.impressions[0] > 0
