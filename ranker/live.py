@@ -9,10 +9,11 @@ seconds) seen so far. Two engines share one definition:
   KuaiRand logs exact duplicates at one timestamp, and counting one would leak the other's
   label. Built with one sort by ``(entity, time)`` and group-wise cumulative sums; a query is
   two ``searchsorted`` calls. Memory: per counter, per distinct ``(entity, time)`` of the log,
-  one int64 key, two float64 (impressions, last impression time) and one float64 per event:
-  ``8 * (3 + E)`` bytes, about 48 MB per counter for a million rows and three events.
-* :class:`Totals` (serving): per entity only its current totals and last impression time, the
-  same ``8 * (3 + E)`` bytes per entity, updated in place by feedback events.
+  one int64 key, three float64 (impressions, last impression time, the time sums are decayed
+  to) and one float64 per event: ``8 * (4 + E)`` bytes, 56 MB per counter for a million rows
+  and three events.
+* :class:`Totals` (serving): per entity only its current totals, last impression time and
+  reference time, the same ``8 * (4 + E)`` bytes per entity, updated by feedback events.
 
 Both answer ``(impressions, sums per event, last impression time)``; :func:`encode_counts`
 turns that into the model's columns (``log1p`` impressions, smoothed rates toward the training

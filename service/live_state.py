@@ -2,7 +2,7 @@
 ``POST /v1/events``, read on every ranking request.
 
 The state is :class:`ranker.live.Totals` per counter (per entity: impressions, event sums, last
-impression time; ``8 * (3 + E)`` bytes per entity) plus the ids of recent events for
+impression time, reference time; ``8 * (4 + E)`` bytes per entity) plus the ids of recent events for
 idempotence (``live.max_event_ids``, oldest forgotten first). It lives in the process: with
 ``--workers`` > 1 each worker keeps its own, so events must reach every worker (or run one).
 The encoding is :mod:`ranker.live`'s, the offline path's, so the same events give the same
