@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from service.decode import decode_rank_request
+from service.decode import decode_events_request, decode_rank_request
 from service.engine import ServingModel, load_formula, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.live_state import EventBatch
@@ -73,6 +73,9 @@ def _openapi(app: FastAPI) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(parts)
         components["RankRequest"] = request
+        events = EventsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(events.pop("$defs", {}))
+        components["EventsRequest"] = events
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -201,14 +204,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/events",
         response_model=EventsResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EventsRequest"}}
+                },
+            }
+        },
         responses={
+            400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
             404: {"model": Problem, "description": "the served model has no live counters"},
+            413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
         },
     )
-    async def events_endpoint(body: EventsRequest, state: State) -> EventsResponse:
+    async def events_endpoint(request: Request, state: State) -> EventsResponse:
         """Feedback events (impressions, clicks, likes, watch seconds, ...) that update the live
         counters; an event id seen before is ignored, so a retried batch counts once."""
+        raw = await request.body()
+        body = decode_events_request(raw, request.headers.get("content-type"))
         if state.model.live is None:
             raise HTTPException(404, "the served model has no live counters ([live] in its config)")
         ev = body.events

@@ -251,3 +251,17 @@ def test_evaluate_on_later_days_continues_the_state_and_reports_session_gauc(
     assert m["heads"]["click"]["gauc_session"] is not None
     assert m["heads"]["click"]["gauc_session_groups"] > 0
     assert "not a fair comparison" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"[" * 5000 + b"]" * 5000, 422), (b'{"events": "\\ud800"}', 422), (b"\xff\xfe\x00", 400)],
+)
+def test_hostile_event_bodies_are_4xx(live_url: str, body: bytes, status: int) -> None:
+    r = httpx.post(
+        f"{live_url}/v1/events",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == status, r.text
