@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         ok, detail = await model.store.ready()  # warms the store; a fault only degrades
         (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
+        if model.live is not None:
+            log.info("%s, built from %s", model.live.describe(), model.artifact.config.data.log)
         # Start-up objects live as long as the process: keep them out of the collector's scans,
         # which otherwise cause multi-millisecond pauses on the request path.
         gc.collect()

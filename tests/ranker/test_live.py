@@ -205,3 +205,29 @@ def test_bad_counters_are_refused_naming_the_key(counter: dict, message: str) ->
         parse_config(data)
     assert message in str(e.value)
     assert "live" in str(e.value)
+
+
+def test_a_counter_keyed_on_a_string_column_stops_naming_it(tiny_world) -> None:  # noqa: ANN001
+    """The world's `device` is a string: counters key on integers, and the job says which
+    column is not one instead of hashing or crashing."""
+    from ranker.config import parse_config
+    from ranker.errors import DataError
+    from ranker.live import OfflineCounters
+
+    config = parse_config(
+        {
+            "data": {
+                "log": str(tiny_world / "log"),
+                "users": str(tiny_world / "users.parquet"),
+                "videos": str(tiny_world / "videos.parquet"),
+            },
+            "features": [{"name": "device", "source": "context", "kind": "categorical"}],
+            "tasks": [{"name": "click", "kind": "binary", "label": "click", "loss": "bce"}],
+            "live": {
+                "events": [{"name": "click", "column": "click"}],
+                "counters": [{"name": "d", "keys": ["user", "context:device"]}],
+            },
+        }
+    )
+    with pytest.raises(DataError, match=r"column 'device'.*integers"):
+        OfflineCounters(config, [tiny_world / "log"])
