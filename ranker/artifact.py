@@ -6,6 +6,8 @@ One directory per exported version::
         manifest.json     format version, creation time, code version, tasks, sha256 per file,
                           offline metrics, model facts (FLOPs per row, architecture)
         config.json       the resolved training config (re-validated on load)
+        ranking.json      the ranking formula that fits the heads (``Config.effective_ranking``):
+                          what evaluate, tune and the service use when given no other
         encoder.json      vocabularies and normalisation statistics
         model.safetensors the weights (no pickle anywhere on this path)
 
@@ -26,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ranker
@@ -34,10 +38,14 @@ from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
 from ranker.heads import output_dim
 from ranker.model import RankingModel
+from ranker.scoring import RankingConfig, RankingFormula
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FILES = ("config.json", "encoder.json", "model.safetensors")
+RANKING = "ranking.json"
+"""Written since the artifact carries its ranking config; older artifacts lack it (their config's
+derived ranking stands in), so it is verified when the manifest lists it, not required."""
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Artifact:
     config: Config
     encoder: FeatureEncoder
     model: RankingModel
+    ranking: RankingConfig
 
 
 def _sha256(path: Path) -> str:
@@ -114,6 +123,9 @@ def save_artifact(
     try:
         (tmp / "config.json").write_text(config.model_dump_json(indent=2))
         (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
+        ranking = config.effective_ranking
+        RankingFormula(ranking, config.task_names)  # fits the heads, or nothing is written
+        (tmp / RANKING).write_text(ranking.model_dump_json(indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         manifest = {
@@ -129,7 +141,7 @@ def save_artifact(
                 "flops_per_row": model.flops_per_row(),
             },
             "position": position_note(config),
-            "files": {f: _sha256(tmp / f) for f in FILES},
+            "files": {f: _sha256(tmp / f) for f in (*FILES, RANKING)},
             "metrics": metrics or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -164,8 +176,46 @@ def resolve(path: Path) -> Path:
     return max(versions, key=lambda v: v.name)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Loads and verifies an artifact; raises :class:`ArtifactError` saying what is wrong."""
+def check_model_size(
+    path: Path,
+    config: Config,
+    encoder: FeatureEncoder,
+    max_parameters: int | None = None,
+    limit_name: str = "max_parameters",
+) -> int:
+    """The parameter count ``config.json`` and ``encoder.json`` describe, checked before anything
+    is allocated: the model is built on PyTorch's ``meta`` device (shapes, no storage), its size
+    is held against ``max_parameters`` (named ``limit_name`` in the error), and every shape
+    against ``model.safetensors``'s header (read without its data). An edited config with
+    inflated layer sizes is refused here instead of after allocating them (hundreds of MiB).
+    """
+    with torch.device("meta"):
+        shapes = build_model(config, encoder)
+    n = sum(p.numel() for p in shapes.parameters())
+    if max_parameters is not None and n > max_parameters:
+        mib = sum(p.numel() * p.element_size() for p in shapes.parameters()) / 2**20
+        raise ArtifactError(
+            f"{path}: config.json describes a model of {n:,} parameters ({mib:,.0f} MiB), "
+            f"more than the {max_parameters:,} allowed ({limit_name})"
+        )
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+            stored = tuple(f.get_slice(key).get_shape())
+            if key in expected and stored != expected[key]:
+                raise ArtifactError(
+                    f"{path}: weights do not fit the model: {key} is {list(stored)} in "
+                    f"model.safetensors, {list(expected[key])} by config.json"
+                )
+    return n
+
+
+def load_artifact(
+    path: Path, max_parameters: int | None = None, limit_name: str = "max_parameters"
+) -> Artifact:
+    """Loads and verifies an artifact; raises :class:`ArtifactError` saying what is wrong.
+    ``max_parameters``: refuse a model larger than that before building it
+    (:func:`check_model_size`)."""
     path = resolve(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -175,7 +225,7 @@ def load_artifact(path: Path) -> Artifact:
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path}: format version {got!r}, this code reads {FORMAT_VERSION}")
     files = manifest.get("files", {})
-    for f in FILES:
+    for f in (*FILES, *[RANKING] * (RANKING in files)):
         if f not in files:
             raise ArtifactError(f"{path}: manifest lists no checksum for {f}")
         if not (path / f).is_file():
@@ -185,6 +235,12 @@ def load_artifact(path: Path) -> Artifact:
     try:
         config = Config.model_validate_json((path / "config.json").read_text())
         encoder = FeatureEncoder.from_json(json.loads((path / "encoder.json").read_text()))
+        ranking = (
+            RankingConfig.model_validate_json((path / RANKING).read_text())
+            if RANKING in files
+            else config.effective_ranking
+        )
+        check_model_size(path, config, encoder, max_parameters, limit_name)
         model = build_model(config, encoder)
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -199,7 +255,7 @@ def load_artifact(path: Path) -> Artifact:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Artifact(path, manifest["version"], manifest, config, encoder, model)
+    return Artifact(path, manifest["version"], manifest, config, encoder, model, ranking)
 
 
 def manifest_summary(artifact: Artifact) -> dict[str, Any]:

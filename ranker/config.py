@@ -7,6 +7,7 @@ artifact and the service re-validates it with these same classes.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
 
 from ranker.allocator import GlibcMalloc
 from ranker.errors import ConfigError
+from ranker.scoring import HeadWeight, RankingConfig
 from ranker.weighting import WeightingConfig
 from ranker.weighting.equal import EqualConfig
 
@@ -127,9 +129,15 @@ class TaskSpec(Strict):
 
 
 class DataConfig(Strict):
+    """Where the data is. ``users`` and ``videos`` are optional: a log that carries every
+    feature in its own columns (census-income style data) needs neither; its features are then
+    all ``source = "context"`` (read from the log in training, from the request at serving). The
+    log still needs the id columns: ``user_key`` groups rows for GAUC, ``request_key`` makes the
+    lists of the per-request metrics."""
+
     log: Path = Field(description="a Parquet file or a directory of them (the impression log)")
-    users: Path
-    videos: Path
+    users: Path | None = Field(default=None, description="users table; needed by source 'user'")
+    videos: Path | None = Field(default=None, description="videos table; needed by 'video'")
     user_key: str = "user_id"
     video_key: str = "video_id"
     request_key: str = "request_id"
@@ -168,13 +176,21 @@ class ModelConfig(Strict):
       mixes its own and the shared experts, a shared gate mixes all of them for the next level;
       ``ple_levels = 1`` is CGC (Customized Gate Control). Every expert of every level is an MLP
       with ``expert_hidden`` layers.
+    * ``cross_stitch``: one column of ``expert_hidden`` layers per task, and after every layer
+      a learned ``T x T`` cross-stitch unit that mixes the tasks' activations (Misra et al.,
+      CVPR 2016), initialised with ``stitch_self`` on its diagonal (1: independent columns).
+
+    ``gate`` (mmoe, omoe, ple): ``softmax``, or ``dselect_k``: DSelect-k (Hazimeh et al.,
+    NeurIPS 2021), ``dselect_k`` single-expert selectors with smooth-step binary codes of width
+    ``dselect_gamma``, sparse once trained (at most ``dselect_k`` experts per gate), with an
+    entropy regulariser of weight ``dselect_entropy`` (:mod:`ranker.dselect`).
 
     ``gate_dropout``: in training, each expert's gate weight is dropped with this probability and
     the remaining weights renormalised (Zhao et al., RecSys 2019, section 4.2: it keeps gates
     from polarising onto one expert); no effect in evaluation or serving.
     """
 
-    architecture: Literal["mmoe", "omoe", "shared_bottom", "ple"] = "mmoe"
+    architecture: Literal["mmoe", "omoe", "shared_bottom", "ple", "cross_stitch"] = "mmoe"
     embedding_dim: int = Field(default=16, gt=0)
     num_experts: int = Field(default=6, gt=0, description="mmoe/omoe: experts in the bank")
     expert_hidden: list[int] = Field(default=[256, 128], min_length=1)
@@ -184,6 +200,17 @@ class ModelConfig(Strict):
     task_experts: int = Field(default=2, ge=0, description="ple: experts per task per level")
     shared_experts: int = Field(default=2, ge=0, description="ple: shared experts per level")
     ple_levels: int = Field(default=1, ge=1, le=8, description="ple: levels; 1 = CGC")
+    gate: Literal["softmax", "dselect_k"] = Field(
+        default="softmax", description="mmoe/omoe/ple: how a gate weighs its experts"
+    )
+    dselect_k: int = Field(default=2, ge=1, description="dselect_k: experts a gate may select")
+    dselect_gamma: float = Field(default=1.0, gt=0, description="dselect_k: smooth-step width")
+    dselect_entropy: float = Field(
+        default=1e-3, ge=0, description="dselect_k: weight of the selectors' entropy in the loss"
+    )
+    stitch_self: float = Field(
+        default=0.9, gt=0, le=1, description="cross_stitch: initial self weight of every unit"
+    )
 
     @field_validator("expert_hidden", "tower_hidden")
     @classmethod
@@ -203,6 +230,30 @@ class ModelConfig(Strict):
                 else "without task experts PLE degenerates to MMoE over the shared experts"
             )
             raise ValueError(f"architecture 'ple' needs >= 1 ({what})")
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_fits(cls, v: str, info: ValidationInfo) -> str:
+        arch = info.data.get("architecture")
+        if v == "dselect_k" and arch not in ("mmoe", "omoe", "ple"):
+            raise ValueError(f"'dselect_k' is a gate; architecture {arch!r} has no gates")
+        if v == "dselect_k" and info.data.get("gate_dropout", 0.0) > 0:
+            raise ValueError("gate_dropout drops softmax logits; 'dselect_k' does not take it")
+        return v
+
+    @field_validator("dselect_k")
+    @classmethod
+    def _k_fits(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("gate") != "dselect_k":
+            return v
+        d = info.data
+        if d.get("architecture") == "ple":  # a task gate sees its own and the shared experts
+            n = d.get("task_experts", 0) + d.get("shared_experts", 0)
+        else:
+            n = d.get("num_experts", 0)
+        if v > n:
+            raise ValueError(f"k = {v} is more than the {n} experts a gate sees")
         return v
 
 
@@ -380,6 +431,30 @@ class Config(Strict):
     export: ExportConfig = ExportConfig()
     position: PositionConfig = PositionConfig()
     live: LiveConfig | None = None
+    ranking: RankingConfig | None = Field(
+        default=None,
+        description="the ranking formula the exported artifact carries (the schema of "
+        "configs/ranking.toml); default: derived from the heads (see effective_ranking)",
+    )
+
+    @property
+    def effective_ranking(self) -> RankingConfig:
+        """The ranking config written into the artifact: ``[ranking]`` when given, else every
+        head at weight 1 in its served unit, heavy-tailed regression heads (the log-scale
+        losses, e.g. watch time) through ``log1p`` so that seconds do not drown probabilities.
+        A starting point that fits the model's heads, not tuned weights: ``ranker tune``
+        chooses those."""
+        if self.ranking is not None:
+            return self.ranking
+        log_scale = ("mse_log1p", "huber_log1p", "weighted_logistic")
+        return RankingConfig(
+            heads={
+                t.name: HeadWeight(
+                    weight=1.0, transform="log1p" if t.loss in log_scale else "identity"
+                )
+                for t in self.tasks
+            }
+        )
 
     @property
     def effective_features(self) -> list[FeatureSpec]:
@@ -429,6 +504,17 @@ class Config(Strict):
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")
+            if f.source in ("user", "video") and getattr(self.data, f"{f.source}s") is None:
+                raise ValueError(
+                    f"features: {f.name!r} has source {f.source!r} but data.{f.source}s is not "
+                    "set; a feature read from the log itself has source 'context'"
+                )
+        if self.ranking is not None:
+            unknown = sorted(set(self.ranking.heads) - set(self.task_names))
+            if unknown:
+                raise ValueError(
+                    f"ranking.heads: unknown head(s) {unknown}; tasks are {self.task_names}"
+                )
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:
@@ -477,8 +563,36 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "log"),
+    ("data", "users"),
+    ("data", "videos"),
+    ("training", "run_dir"),
+    ("export", "artifact_root"),
+)
+"""The config's file and folder paths: made absolute by :func:`load_config`."""
+
+
+def _anchor(data: dict[str, Any], base: Path, keys: set[tuple[str, str]]) -> None:
+    """Makes the relative paths under ``keys`` absolute against ``base`` (normalised, links not
+    followed), so the resolved config (the one in checkpoints and artifacts) means the same
+    files from any working directory."""
+    for section, key in keys:
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            node[key] = os.path.normpath(p if p.is_absolute() else base / p)  # type: ignore[index]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it."""
+    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it.
+
+    Relative paths in the file resolve against the file's own folder (``configs/default.toml``
+    says ``../data/default/log``), so a config means the same files from any working directory;
+    relative paths given as overrides resolve against the working directory, as paths typed on
+    a command line do. Both end up absolute in the returned config.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -486,6 +600,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _anchor(data, path.absolute().parent, set(PATH_KEYS))
+    overridden: set[tuple[str, str]] = set()
     for o in overrides or []:
         _apply_override(data, o)
+        parts = tuple(o.partition("=")[0].strip().split("."))
+        if parts in PATH_KEYS:
+            overridden.add(parts)  # type: ignore[arg-type]
+    _anchor(data, Path.cwd(), overridden)
     return parse_config(data, str(path))

@@ -19,7 +19,11 @@ class Settings(BaseSettings):
         default=Path("artifacts/default"),
         description="an artifact version directory, or a directory whose newest version is served",
     )
-    ranking_config: Path = Path("configs/ranking.toml")
+    ranking_config: Path | None = Field(
+        default=None,
+        description="ranking config TOML; default: the one the artifact carries (its training "
+        "config's [ranking], or weights derived from its heads)",
+    )
     users: Path | None = Field(
         default=None, description="users table; default: the artifact config's"
     )
@@ -31,6 +35,13 @@ class Settings(BaseSettings):
     # is no ranking request, and reading it would only cost memory (docs/reliability.md).
     max_body_bytes: int = Field(
         default=1 << 20, gt=0, description="request bodies larger than this get a 413"
+    )
+    # 100M parameters (about 380 MiB of float32): the default model has 0.6M. Checked before a
+    # model is built, at start-up and on every reload (ranker.artifact.check_model_size).
+    max_model_parameters: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="refuse an artifact whose config describes a larger model, before building it",
     )
     reload_interval_s: float = Field(
         default=0.0,
