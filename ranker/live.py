@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from ranker.config import Config, CounterSpec, LiveConfig
 from ranker.errors import DataError
+from ranker.metrics import SESSION_GAP_S
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -484,6 +485,37 @@ def fit_params(live: LiveConfig, priors: dict[str, float], raw: np.ndarray) -> d
     return {"priors": priors, "columns": names, "mean": mean, "std": std}
 
 
+class SessionIndex:
+    """Sessions of the logs' rows (a user's impressions split at gaps over ``gap``, the
+    definition of :func:`ranker.metrics.sessions`), to find any row's session start."""
+
+    def __init__(self, users: np.ndarray, times: np.ndarray, gap: float) -> None:
+        order = np.lexsort((times, users))
+        u, t = users[order], times[order]
+        n = len(t)
+        start = np.r_[True, (u[1:] != u[:-1]) | (np.diff(t) > gap)] if n else np.zeros(0, bool)
+        first = np.maximum.accumulate(np.where(start, np.arange(n), 0)) if n else start
+        self.users = np.unique(u)
+        self.times = np.unique(t)
+        self.stride = len(self.times) + 1
+        dense = np.searchsorted(self.users, u)
+        self.comp = dense * self.stride + np.searchsorted(self.times, t) + 1
+        self.first = t[first] if n else t
+
+    def start(self, users: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """The start time of the session of the user's last row at or before each time (the
+        time itself when the user has none)."""
+        if len(self.users) == 0:
+            return np.asarray(times, np.float64)
+        dense = np.minimum(np.searchsorted(self.users, users), len(self.users) - 1)
+        found = self.users[dense] == users
+        rank = np.searchsorted(self.times, times, side="right")  # times <= t
+        idx = np.searchsorted(self.comp, dense * self.stride + rank, side="right") - 1
+        i = np.maximum(idx, 0)
+        hit = found & (idx >= 0) & (self.comp[i] // self.stride == dense)
+        return np.where(hit, self.first[i], times)
+
+
 class OfflineCounters:
     """Every counter's :class:`PointInTime` over a set of logs: training and evaluation rows get
     the values the service would have had, continuing from the training log through the rows."""
@@ -496,6 +528,12 @@ class OfflineCounters:
             Path(config.data.videos), config.data.video_key, video_attribute_columns(self.live)
         )
         events = read_log_events(config, logs, self.attrs)
+        gap = SESSION_GAP_S / config.data.time_unit_s
+        self.sessions = SessionIndex(events.keys["user"], events.times, gap)
+        self.frozen = False
+        """True: every row reads the state at the start of its session (a user's impressions
+        split at gaps over 30 minutes), as if the session were one request: the fair input to
+        GAUC within sessions, where a row's label otherwise enters its neighbours' features."""
         self.counters = [
             PointInTime(c, event_index(self.live, c), events, config.data.time_unit_s)
             for c in self.live.counters
@@ -522,6 +560,7 @@ class OfflineCounters:
     ) -> np.ndarray:
         """Standardised counter columns ``(n, width)`` for the log rows in ``table``."""
         ev = events_from_table(self.config, table, self.attrs, origin)
-        counts = [c.before(*ev.entity(c.spec), ev.times) for c in self.counters]
-        raw = raw_features(self.live, params, counts, ev.times, self.config.data.time_unit_s)
+        at = self.sessions.start(ev.keys["user"], ev.times) if self.frozen else ev.times
+        counts = [c.before(*ev.entity(c.spec), at) for c in self.counters]
+        raw = raw_features(self.live, params, counts, at, self.config.data.time_unit_s)
         return standardise(self.live, params, raw)

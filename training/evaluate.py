@@ -209,7 +209,8 @@ def gauc_note(config: Config) -> str | None:
         return None
     return (
         "note: this model's user features move with time; per-user GAUC pools rows scored "
-        "under different user states and is not a fair comparison: use sgauc (within sessions)"
+        "under different user states and is not a fair comparison; nor quite is sgauc, where a "
+        "row's label still enters its session neighbours' features: see the frozen figure"
     )
 
 

@@ -66,6 +66,17 @@ def evaluate_artifact(
     )
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
+    per_request = counters is not None and any(c.per_request for c in counters.live.counters)
+    if counters is not None and per_request and d.request_key == d.user_key:
+        # The fair within-session comparison for user state that moves: every row scored with
+        # the state at its session's start (docs/live-features.md). A log with request ids
+        # groups by request, whose rows already share one state.
+        counters.frozen = True
+        frozen = head_metrics(config, predict_split(artifact.model, builder, impressions, split))
+        counters.frozen = False
+        for name, m in frozen.items():
+            if "gauc_session" in m:
+                metrics[name]["gauc_session_frozen"] = m["gauc_session"]
     formula, missing = None, None
     try:
         chosen = load_ranking_config(ranking) if ranking is not None else artifact.ranking
@@ -96,6 +107,12 @@ def evaluate_artifact(
     note = gauc_note(config)
     if note:
         print(note)
+    for name, m in metrics.items():
+        if "gauc_session_frozen" in m:
+            print(
+                f"{name}: GAUC within sessions, user state frozen at each session's start: "
+                f"{m['gauc_session_frozen']:.4f}"
+            )
     if ranking_score:
         print(
             f"ranking score vs logged utility: ndcg@{k} {ranking_score[f'ndcg@{k}']:.4f} "

@@ -231,3 +231,18 @@ def test_a_counter_keyed_on_a_string_column_stops_naming_it(tiny_world) -> None:
     )
     with pytest.raises(DataError, match=r"column 'device'.*integers"):
         OfflineCounters(config, [tiny_world / "log"])
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_session_index_finds_each_rows_session_start(case: int) -> None:
+    from ranker.live import SessionIndex
+    from ranker.metrics import sessions
+
+    rng = np.random.default_rng(30_000 + case)
+    n = int(rng.integers(1, 80))
+    users = rng.integers(0, 5, n)
+    times = rng.integers(0, 40, n).astype(np.float64)
+    gap = float(rng.choice([1.0, 3.0, 10.0]))
+    sid = sessions(users, times, gap)
+    want = np.array([times[sid == sid[i]].min() for i in range(n)])
+    np.testing.assert_array_equal(SessionIndex(users, times, gap).start(users, times), want)

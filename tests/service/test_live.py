@@ -251,6 +251,8 @@ def test_evaluate_on_later_days_continues_the_state_and_reports_session_gauc(
     assert m["heads"]["click"]["gauc_session"] is not None
     assert m["heads"]["click"]["gauc_session_groups"] > 0
     assert "not a fair comparison" in capsys.readouterr().out
+    # Groups are requests here, whose rows share one state: no frozen-state figure is needed.
+    assert "gauc_session_frozen" not in m["heads"]["click"]
 
 
 @pytest.mark.parametrize(
