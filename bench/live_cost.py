@@ -69,7 +69,9 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"
-        generate(WorldConfig.small(n_requests=3000, n_users=2000, n_videos=5000), world, progress=False)
+        generate(
+            WorldConfig.small(n_requests=3000, n_users=2000, n_videos=5000), world, progress=False
+        )
         models = {}
         for name in ("static", "live"):
             d = tomllib.loads((ROOT / "configs/default.toml").read_text())
