@@ -1,0 +1,186 @@
+"""FairGrad: fair resource allocation among tasks (alpha-fair utilities).
+
+Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024
+(https://arxiv.org/abs/2402.15638; official code https://github.com/OptMN-Lab/fairgrad).
+
+The update ``d = G^T w`` maximises the sum of the tasks' alpha-fair utilities of their local
+improvements ``<g_t, d>``. The paper's optimality condition (its equation (6), Section 4) is, for
+every task ``t``,
+
+    (G G^T w)_t = w_t^(-1/alpha),   w > 0,
+
+i.e. task ``t``'s improvement ``<g_t, d>`` is ``w_t^(-1/alpha)``. ``alpha = 1`` is proportional
+fairness (Nash-MTL's bargaining equations), ``alpha -> inf`` approaches max-min fairness, and
+``alpha -> 0`` the plain average. The official code solves the equations with
+``scipy.optimize.least_squares``; here they are solved as what they are, the stationarity
+conditions of the strictly convex function
+
+    f(w) = 1/2 w^T (G G^T) w - sum_t phi(w_t),   phi' (w) = w^(-1/alpha)
+
+(``phi = log`` for ``alpha = 1``, ``w^(1 - 1/alpha) / (1 - 1/alpha)`` otherwise; ``-phi`` is
+convex), whose unique minimiser is the solution. :func:`fair_weights` minimises it by a damped
+Newton method in ``log w`` (see :func:`_newton`), which keeps ``w > 0`` and reaches solutions many
+orders of magnitude from the start in a few steps; the linear solves are Jacobi-scaled. The Gram
+matrix is divided by its mean diagonal first (the solution for ``c G G^T`` is
+``c^(-alpha/(alpha+1))`` times that for ``G G^T``). The stopping test is the scale-free residual
+``max_t |w_t^(1/alpha) (G G^T w)_t - 1| <= tol`` or, where rounding keeps that above ``tol``
+(nearly Pareto-stationary gradients, see :func:`fair_backward_error`), a componentwise backward
+error at the rounding level: ``w`` then solves the equations exactly for a Gram matrix within
+rounding of the given one. When 0 is in the convex hull of the gradients (Pareto-stationary)
+there is no exact solution; the weights of the stationary combination grow until the backward
+error is at the rounding level (that combination adds about nothing to ``d``). Should Newton still
+fail, a ridge ``r I`` (1e-8, then 1e-6, relative) is added, as Nash-MTL does here.
+
+``alpha`` defaults to 1, the official code's and LibMTL's default (the paper also reports other
+values). No state: a resumed run is the same as an uninterrupted one.
+
+A task whose gradient is exactly zero this step (no labelled row in the batch: ``head_loss``
+returns an attached 0) is left out: weight 0 (kept, its equation ``0 = w_t^(-1/alpha)`` would have
+no solution), and the equations are solved for the other tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+
+_MAX_LOG_STEP = 10.0
+"""A Newton step changes no ``w_t`` by more than a factor ``exp(_MAX_LOG_STEP)``."""
+
+BACKWARD_TOL = 1024 * float(np.finfo(float).eps)
+"""Componentwise backward error at which ``w`` solves the equations for a Gram matrix within
+rounding of the given one (see :func:`fair_backward_error`)."""
+
+
+class FairgradConfig(GradientConfigBase):
+    name: Literal["fairgrad"] = "fairgrad"
+    alpha: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="fairness: 1 proportional, large max-min"
+    )
+    max_iter: int = Field(200, ge=1, description="Newton iterations at most (per ridge)")
+    tol: float = Field(1e-9, gt=0, lt=1, description="max |w_t^(1/alpha) (G G^T w)_t - 1| accepted")
+
+
+def fair_residual(gram: np.ndarray, w: np.ndarray, alpha: float) -> float:
+    """``max_t |w_t^(1/alpha) (gram w)_t - 1|``: 0 exactly at FairGrad's solution."""
+    return float(np.max(np.abs(w ** (1.0 / alpha) * (gram @ w) - 1.0)))
+
+
+def fair_backward_error(gram: np.ndarray, w: np.ndarray, alpha: float) -> float:
+    """``max_t |(gram w)_t - w_t^(-1/alpha)| / (sum_s |gram_ts| w_s + w_t^(-1/alpha))``.
+
+    The residual of each equation relative to the size of the terms it sums: ``w`` is the exact
+    solution for a Gram matrix whose entries differ from ``gram``'s by that relative amount. Near a
+    Pareto-stationary point ``(gram w)_t`` is a small difference of large products, and the
+    relative residual :func:`fair_residual` cannot get below this error times the ratio of the
+    two (far above 1e-9 when the gradients' correlation matrix has a condition number of 1e8);
+    the backward error can always get to the rounding level.
+    """
+    target = w ** (-1.0 / alpha)
+    scale = np.abs(gram) @ w + target
+    return float(np.max(np.abs(gram @ w - target) / scale))
+
+
+def _newton(a: np.ndarray, alpha: float, max_iter: int, tol: float) -> tuple[np.ndarray, bool]:
+    """Minimises ``f`` (module docstring) over ``x = log w`` for a Gram ``a`` with a positive
+    diagonal; returns the last ``w`` and whether it converged: residual <= ``tol``, or stalled
+    below ``_FLOOR`` (the residual of a nearly singular ``a`` cannot get below about its
+    condition number times the machine epsilon).
+
+    In ``x`` the solution may lie many orders of magnitude from the start (near a Pareto-
+    stationary point ``w`` is huge) and a step moves ``w`` by a factor. ``f(exp x)`` is not convex
+    everywhere, so the Hessian's diagonal term ``w_t (a w)_t - (1 - 1/alpha) w_t^(1 - 1/alpha)``
+    is floored at its value at the solution, ``w_t^(1 - 1/alpha) / alpha`` (> 0): the step is a
+    descent direction everywhere and Newton's step near the solution, where the floor is exact.
+    """
+    q = 1.0 / alpha
+
+    def f(x: np.ndarray) -> float:
+        w = np.exp(x)
+        phi = x if alpha == 1.0 else w ** (1.0 - q) / (1.0 - q)
+        value = float(0.5 * w @ a @ w - phi.sum())
+        return value if math.isfinite(value) else math.inf
+
+    x = np.log(np.diag(a)) * (-alpha / (alpha + 1.0))  # the solution for orthogonal gradients
+    for _ in range(max_iter):
+        w = np.exp(x)
+        res = fair_residual(a, w, alpha)
+        if res <= tol or fair_backward_error(a, w, alpha) <= BACKWARD_TOL:
+            return w, True
+        aw = a @ w
+        wq = w ** (1.0 - q)
+        grad = w * aw - wq
+        diag = np.maximum(w * aw - (1.0 - q) * wq, q * wq)
+        hess = w[:, None] * a * w[None, :] + np.diag(diag)
+        s = 1.0 / np.sqrt(np.diag(hess))
+        try:
+            step = -s * np.linalg.solve(s[:, None] * hess * s[None, :], s * grad)
+        except np.linalg.LinAlgError:
+            break
+        step *= min(1.0, _MAX_LOG_STEP / max(float(np.abs(step).max()), 1e-300))
+        decrement = -float(grad @ step)
+        f0 = f(x)
+        t = 1.0
+        # Armijo backtracking, blind to changes of f below its rounding error (the quadratic
+        # term sums large cancelling products when the Gram matrix is nearly singular).
+        slack = 64 * np.finfo(float).eps * float(w @ np.abs(a) @ w + np.abs(wq).sum() + abs(f0))
+        while t > 1e-10 and f(x + t * step) > f0 - 1e-4 * t * decrement + slack:
+            t *= 0.5
+        if t <= 1e-10:  # no decrease f can resolve: Newton's full step if it lowers the residual
+            if fair_residual(a, np.exp(x + step), alpha) >= res:
+                break
+            t = 1.0
+        x = x + t * step
+    w = np.exp(x)
+    return w, fair_residual(a, w, alpha) <= tol or fair_backward_error(a, w, alpha) <= BACKWARD_TOL
+
+
+def fair_weights(
+    gram: np.ndarray, alpha: float = 1.0, max_iter: int = 200, tol: float = 1e-9
+) -> np.ndarray:
+    """``w > 0`` with ``(gram w)_t = w_t^(-1/alpha)`` for a PSD ``gram (T, T)`` with a positive
+    diagonal; float64. Tries no ridge, then a ridge of 1e-8 and 1e-6 (relative to the mean
+    diagonal) when there is no solution; failing all, returns the best finite iterate."""
+    n = gram.shape[0]
+    scale = float(np.trace(gram)) / n
+    a = gram / scale
+    best, best_res = None, math.inf
+    for ridge in (0.0, 1e-8, 1e-6):
+        w, converged = _newton(a + ridge * np.eye(n), alpha, max_iter, tol)
+        if np.all(np.isfinite(w)) and np.all(w > 0):
+            if converged:
+                best = w
+                break
+            r0 = fair_residual(a, w, alpha)
+            if r0 < best_res:
+                best, best_res = w, r0
+    if best is None:
+        best = np.diag(a) ** (-alpha / (alpha + 1.0))
+    return best * scale ** (-alpha / (alpha + 1.0))
+
+
+@register("fairgrad")
+class Fairgrad(GradientWeighting):
+    """The update ``G^T w`` whose per-task improvements are ``w_t^(-1/alpha)`` (alpha-fair)."""
+
+    config_class = FairgradConfig
+    config: FairgradConfig
+
+    def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        g = grads.double()
+        present = (g.abs().amax(dim=1) > 0).cpu()
+        w = torch.zeros(grads.shape[0], dtype=torch.float64)
+        if bool(present.any()):
+            gp = g[present.to(g.device)]
+            gram = (gp @ gp.T).cpu().numpy()
+            cfg = self.config
+            w[present] = torch.from_numpy(fair_weights(gram, cfg.alpha, cfg.max_iter, cfg.tol))
+        w = w.to(g.device)
+        return (w @ g).to(grads.dtype), w.to(grads.dtype)
