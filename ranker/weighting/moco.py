@@ -23,8 +23,10 @@ Choices where the paper leaves room:
   ``rho = 0``: LibMTL's, from the authors' code.
 * Gradient normalisation (``normalization``): the authors' code (as LibMTL runs it) rescales each
   task gradient to the norm of its loss, ``g_t / ||g_t|| * L_t``, before tracking; that is the
-  default ``loss``. ``none`` is Algorithm 1 as written (then ``gamma`` must suit the gradients'
-  squared scale). The authors' code also replaces the projection onto the simplex by a softmax;
+  default ``loss``. ``none`` is Algorithm 1 as written; ``l2`` rescales to unit norm. The
+  ``lambda`` step scales with the squared gradient norms: with losses as large as this project's
+  watch-time MSE (~1e3) and ``gamma = 0.1``, ``lambda`` jumps between vertices of the simplex
+  from step to step until ``gamma_k`` has decayed; ``l2`` (or a smaller ``gamma``) avoids that. The authors' code also replaces the projection onto the simplex by a softmax;
   here it is the paper's Euclidean projection (Duchi et al., ICML 2008, sort-based, exact). The
   projection ``Pi_L`` of ``y`` onto a bounded set, there for the analysis, is not applied.
 * ``representation`` mode: gradient tracking averages gradients of the same coordinates over
@@ -60,8 +62,8 @@ class MocoConfig(GradientConfigBase):
     gamma: float = Field(0.1, gt=0, allow_inf_nan=False, description="lambda step size")
     gamma_sigma: float = Field(0.5, ge=0, allow_inf_nan=False, description="gamma_k = gamma/k^this")
     rho: float = Field(0.0, ge=0, allow_inf_nan=False, description="l2 regulariser of lambda")
-    normalization: Literal["loss", "none"] = Field(
-        "loss", description="rescale g_t to norm L_t (authors' code) or not (Algorithm 1)"
+    normalization: Literal["loss", "l2", "none"] = Field(
+        "loss", description="rescale g_t to norm L_t (authors' code), to norm 1, or not (paper)"
     )
 
     @model_validator(mode="after")
@@ -108,8 +110,9 @@ class Moco(GradientWeighting):
         g = grads.double()
         norms = g.norm(dim=1)
         present = norms > 0
-        if cfg.normalization == "loss":
-            scale = losses.double().to(g.device) / norms.clamp_min(1e-300)
+        if cfg.normalization != "none":
+            target = losses.double().to(g.device) if cfg.normalization == "loss" else 1.0
+            scale = target / norms.clamp_min(1e-300)
             g = g * torch.where(present, scale, 0.0)[:, None]
         y = self.y
         if y.shape != g.shape or y.device != g.device:
