@@ -19,17 +19,17 @@ conditions of the strictly convex function
 
 (``phi = log`` for ``alpha = 1``, ``w^(1 - 1/alpha) / (1 - 1/alpha)`` otherwise; ``-phi`` is
 convex), whose unique minimiser is the solution. :func:`fair_weights` minimises it by a damped
-Newton method in ``log w`` (see :func:`_newton`), which keeps ``w > 0`` and reaches solutions many
-orders of magnitude from the start in a few steps; the linear solves are Jacobi-scaled. The Gram
-matrix is divided by its mean diagonal first (the solution for ``c G G^T`` is
+Newton method that keeps ``w > 0`` (see :func:`_newton`; at most 36 iterations over the test
+sweep). The Gram matrix is divided by its mean diagonal first (the solution for ``c G G^T`` is
 ``c^(-alpha/(alpha+1))`` times that for ``G G^T``). The stopping test is the scale-free residual
 ``max_t |w_t^(1/alpha) (G G^T w)_t - 1| <= tol`` or, where rounding keeps that above ``tol``
 (nearly Pareto-stationary gradients, see :func:`fair_backward_error`), a componentwise backward
 error at the rounding level: ``w`` then solves the equations exactly for a Gram matrix within
 rounding of the given one. When 0 is in the convex hull of the gradients (Pareto-stationary)
-there is no exact solution; the weights of the stationary combination grow until the backward
-error is at the rounding level (that combination adds about nothing to ``d``). Should Newton still
-fail, a ridge ``r I`` (1e-8, then 1e-6, relative) is added, as Nash-MTL does here.
+there is no exact solution: Newton's iterates grow without converging, and the equations are
+solved for the Gram matrix with its diagonal raised by 1e-8 (then 1e-6) of itself, a ridge as
+Nash-MTL uses here; the stationary combination then gets large weights and adds about nothing
+to ``d``.
 
 ``alpha`` defaults to 1, the official code's and LibMTL's default (the paper also reports other
 values). No state: a resumed run is the same as an uninterrupted one.
@@ -51,8 +51,8 @@ from torch import Tensor
 
 from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
 
-_MAX_LOG_STEP = 10.0
-"""A Newton step changes no ``w_t`` by more than a factor ``exp(_MAX_LOG_STEP)``."""
+RIDGES = (1e-8, 1e-6)
+"""Relative increases of the Gram matrix's diagonal tried, in order, when there is no solution."""
 
 BACKWARD_TOL = 1024 * float(np.finfo(float).eps)
 """Componentwise backward error at which ``w`` solves the equations for a Gram matrix within
@@ -89,71 +89,74 @@ def fair_backward_error(gram: np.ndarray, w: np.ndarray, alpha: float) -> float:
 
 
 def _newton(a: np.ndarray, alpha: float, max_iter: int, tol: float) -> tuple[np.ndarray, bool]:
-    """Minimises ``f`` (module docstring) over ``x = log w`` for a Gram ``a`` with a positive
-    diagonal; returns the last ``w`` and whether it converged: residual <= ``tol``, or stalled
-    below ``_FLOOR`` (the residual of a nearly singular ``a`` cannot get below about its
-    condition number times the machine epsilon).
+    """Minimises ``f`` (module docstring) for a Gram ``a`` with a positive diagonal by Newton's
+    method from the solution for orthogonal gradients; returns the last ``w`` and whether it
+    converged: residual <= ``tol``, or the backward error at the rounding level.
 
-    In ``x`` the solution may lie many orders of magnitude from the start (near a Pareto-
-    stationary point ``w`` is huge) and a step moves ``w`` by a factor. ``f(exp x)`` is not convex
-    everywhere, so the Hessian's diagonal term ``w_t (a w)_t - (1 - 1/alpha) w_t^(1 - 1/alpha)``
-    is floored at its value at the solution, ``w_t^(1 - 1/alpha) / alpha`` (> 0): the step is a
-    descent direction everywhere and Newton's step near the solution, where the floor is exact.
+    ``f`` is strictly convex and its Hessian ``a + diag(w^(-1/alpha - 1) / alpha)`` positive
+    definite, so every Newton step is a descent direction; the step is cut to stay inside
+    ``w > 0`` (at most 99% of the way to the boundary) and then by Armijo backtracking. Near a
+    Pareto-stationary point ``f``'s quadratic term sums large cancelling products: changes of
+    ``f`` below its rounding error are not trusted, and when backtracking finds no decrease ``f``
+    can resolve, the step is taken if it lowers the residual (Newton's region), else the method
+    stops. Newton's iterates do not depend on the scale of the variables, so tasks whose weights
+    differ by many orders of magnitude cost nothing extra; the linear solves are Jacobi-scaled.
     """
     q = 1.0 / alpha
 
-    def f(x: np.ndarray) -> float:
-        w = np.exp(x)
-        phi = x if alpha == 1.0 else w ** (1.0 - q) / (1.0 - q)
-        value = float(0.5 * w @ a @ w - phi.sum())
+    def phi(w: np.ndarray) -> np.ndarray:
+        return np.log(w) if alpha == 1.0 else w ** (1.0 - q) / (1.0 - q)
+
+    def f(w: np.ndarray) -> float:
+        if np.any(w <= 0):
+            return math.inf
+        value = float(0.5 * w @ a @ w - phi(w).sum())
         return value if math.isfinite(value) else math.inf
 
-    x = np.log(np.diag(a)) * (-alpha / (alpha + 1.0))  # the solution for orthogonal gradients
+    w = np.diag(a) ** (-alpha / (alpha + 1.0))
     for _ in range(max_iter):
-        w = np.exp(x)
         res = fair_residual(a, w, alpha)
         if res <= tol or fair_backward_error(a, w, alpha) <= BACKWARD_TOL:
             return w, True
-        aw = a @ w
-        wq = w ** (1.0 - q)
-        grad = w * aw - wq
-        diag = np.maximum(w * aw - (1.0 - q) * wq, q * wq)
-        hess = w[:, None] * a * w[None, :] + np.diag(diag)
+        grad = a @ w - w ** (-q)
+        hess = a + np.diag(q * w ** (-q - 1.0))
         s = 1.0 / np.sqrt(np.diag(hess))
         try:
             step = -s * np.linalg.solve(s[:, None] * hess * s[None, :], s * grad)
         except np.linalg.LinAlgError:
             break
-        step *= min(1.0, _MAX_LOG_STEP / max(float(np.abs(step).max()), 1e-300))
         decrement = -float(grad @ step)
-        f0 = f(x)
-        t = 1.0
-        # Armijo backtracking, blind to changes of f below its rounding error (the quadratic
-        # term sums large cancelling products when the Gram matrix is nearly singular).
-        slack = 64 * np.finfo(float).eps * float(w @ np.abs(a) @ w + np.abs(wq).sum() + abs(f0))
-        while t > 1e-10 and f(x + t * step) > f0 - 1e-4 * t * decrement + slack:
+        neg = step < 0
+        t_max = min(1.0, 0.99 * float(np.min(-w[neg] / step[neg]))) if neg.any() else 1.0
+        f0 = f(w)
+        rounding = 64 * np.finfo(float).eps
+        slack = rounding * float(w @ np.abs(a) @ w + np.abs(phi(w)).sum() + abs(f0))
+        t = t_max
+        while t > 1e-10 * t_max and f(w + t * step) > f0 - 1e-4 * t * decrement + slack:
             t *= 0.5
-        if t <= 1e-10:  # no decrease f can resolve: Newton's full step if it lowers the residual
-            if fair_residual(a, np.exp(x + step), alpha) >= res:
+        if t <= 1e-10 * t_max:
+            if fair_residual(a, w + t_max * step, alpha) >= res:
                 break
-            t = 1.0
-        x = x + t * step
-    w = np.exp(x)
-    return w, fair_residual(a, w, alpha) <= tol or fair_backward_error(a, w, alpha) <= BACKWARD_TOL
+            t = t_max
+        w = w + t * step
+    ok = fair_residual(a, w, alpha) <= tol or fair_backward_error(a, w, alpha) <= BACKWARD_TOL
+    return w, ok
 
 
 def fair_weights(
     gram: np.ndarray, alpha: float = 1.0, max_iter: int = 200, tol: float = 1e-9
 ) -> np.ndarray:
     """``w > 0`` with ``(gram w)_t = w_t^(-1/alpha)`` for a PSD ``gram (T, T)`` with a positive
-    diagonal; float64. Tries no ridge, then a ridge of 1e-8 and 1e-6 (relative to the mean
-    diagonal) when there is no solution; failing all, returns the best finite iterate."""
+    diagonal; float64. When there is no solution (0 in the convex hull of the gradients), solves
+    the equations for ``gram`` with its diagonal raised by the first of :data:`RIDGES` that works
+    (each task's squared gradient norm raised by that fraction: a perturbation of the given
+    size, whatever the scales); failing all, returns the best finite iterate."""
     n = gram.shape[0]
     scale = float(np.trace(gram)) / n
     a = gram / scale
     best, best_res = None, math.inf
-    for ridge in (0.0, 1e-8, 1e-6):
-        w, converged = _newton(a + ridge * np.eye(n), alpha, max_iter, tol)
+    for ridge in (0.0, *RIDGES):
+        w, converged = _newton(a + ridge * np.diag(np.diag(a)), alpha, max_iter, tol)
         if np.all(np.isfinite(w)) and np.all(w > 0):
             if converged:
                 best = w
