@@ -26,9 +26,10 @@ Choices where the paper leaves room:
   default ``loss``. ``none`` is Algorithm 1 as written; ``l2`` rescales to unit norm. The
   ``lambda`` step scales with the squared gradient norms: with losses as large as this project's
   watch-time MSE (~1e3) and ``gamma = 0.1``, ``lambda`` jumps between vertices of the simplex
-  from step to step until ``gamma_k`` has decayed; ``l2`` (or a smaller ``gamma``) avoids that. The authors' code also replaces the projection onto the simplex by a softmax;
-  here it is the paper's Euclidean projection (Duchi et al., ICML 2008, sort-based, exact). The
-  projection ``Pi_L`` of ``y`` onto a bounded set, there for the analysis, is not applied.
+  from step to step until ``gamma_k`` has decayed; ``l2`` (or a smaller ``gamma``) avoids that.
+  The authors' code also replaces the projection onto the simplex by a softmax; here it is the
+  paper's Euclidean projection (Duchi et al., ICML 2008, sort-based, exact). The projection
+  ``Pi_L`` of ``y`` onto a bounded set, there for the analysis, is not applied.
 * ``representation`` mode: gradient tracking averages gradients of the same coordinates over
   steps; representation gradients are different samples in every batch, so that mode is accepted
   only without tracking (``beta = 1``, ``beta_sigma = 0``: ``y_t = g_t``). The default mode is
