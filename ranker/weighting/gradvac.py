@@ -86,14 +86,19 @@ def vaccinate(
             gi_norm = float(gi.norm())
             if gi_norm == 0:
                 break
-            phi = max(-1.0, min(1.0, float(gi @ g[j]) / (gi_norm * float(norms[j]))))
+            dot = float(gi @ g[j])
+            phi = max(-1.0, min(1.0, dot / (gi_norm * float(norms[j]))))
             goal = float(goals[i, j])
             if phi < goal:
                 root_goal = math.sqrt(max(1.0 - goal * goal, 0.0))
                 if root_goal > 0:
+                    # sqrt(1 - phi^2) from the part of g_i orthogonal to g_j: 1 - phi^2 loses
+                    # all its digits when g_i and g_j are nearly opposite.
+                    rejection = gi - (dot / float(norms[j]) ** 2) * g[j]
+                    root_phi = min(float(rejection.norm()) / gi_norm, 1.0)
                     c = (
                         gi_norm
-                        * (goal * math.sqrt(1.0 - phi * phi) - phi * root_goal)
+                        * (goal * root_phi - phi * root_goal)
                         / (float(norms[j]) * root_goal)
                     )
                     gi = gi + c * g[j]
