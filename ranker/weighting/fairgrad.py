@@ -4,8 +4,7 @@ Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024
 (https://arxiv.org/abs/2402.15638; official code https://github.com/OptMN-Lab/fairgrad).
 
 The update ``d = G^T w`` maximises the sum of the tasks' alpha-fair utilities of their local
-improvements ``<g_t, d>``. The paper's optimality condition (its equation (6), Section 4) is, for
-every task ``t``,
+improvements ``<g_t, d>``. The paper's optimality condition (Section 4) is, for every task ``t``,
 
     (G G^T w)_t = w_t^(-1/alpha),   w > 0,
 

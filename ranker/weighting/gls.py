@@ -2,7 +2,7 @@
 
 Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation and
 Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019
-(https://arxiv.org/abs/1904.08492), Section 3.2, equation (4).
+(https://arxiv.org/abs/1904.08492), the geometric loss strategy.
 
 The total loss is the geometric mean ``L = (prod_t L_t)^(1/T)`` instead of the sum. Its gradient
 is ``sum_t (L / (T L_t)) grad L_t``: each task's gradient is divided by its own loss, so a task

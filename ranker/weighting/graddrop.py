@@ -102,7 +102,7 @@ class Graddrop(GradientWeighting):
         t = grads.shape[0]
         acts = self._activations
         if acts is not None:
-            # (T, B, F): sign(A) * dL_i/dA, summed over the batch (Algorithm 1, lines 3-5).
+            # (T, B, F): sign(A) * dL_i/dA, summed over the batch (Algorithm 1).
             per_sample = grads.reshape(t, acts.shape[0], -1)
             signed = (per_sample * acts.reshape(1, acts.shape[0], -1).sign()).sum(1)
         else:

@@ -2,7 +2,7 @@
 
 Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving Multi-task
 Optimization in Massively Multilingual Models", ICLR 2021 (https://arxiv.org/abs/2010.05874),
-Algorithm 2.
+Section 3 and its algorithm.
 
 PCGrad only acts when two gradients conflict (negative cosine) and then makes them orthogonal.
 GradVac keeps, for every ordered pair of tasks, a goal ``phi_hat_ij`` for their cosine
@@ -24,8 +24,8 @@ Choices where the paper leaves room:
   ``representation`` mode the goals track cosines of gradients over different batches' samples:
   a goal is a statistic of the tasks' alignment, which stays meaningful from batch to batch.
 * ``beta`` defaults to 0.01, the paper's value (LibMTL's default is 0.5).
-* The EMA update uses the cosine measured before the adjustment, as in Algorithm 2 (line 7
-  computes ``phi_ij`` and line 10 updates the goal with it).
+* The EMA update uses the cosine measured before the adjustment, as in the paper's algorithm
+  (and LibMTL).
 
 State: the goals ``phi_hat (T, T)`` and the step count (which seeds the random orders,
 ``numpy.random.default_rng([seed, k])`` at step ``k``) are buffers, so a resumed run continues
@@ -59,7 +59,7 @@ class GradvacConfig(GradientConfigBase):
 def vaccinate(
     grads: Tensor, orders: list[list[int]], goals: Tensor, beta: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GradVac's adjustments (Algorithm 2).
+    """GradVac's adjustments (module docstring).
 
     Args:
         grads: task gradients ``(T, N)``; rows that are exactly 0 are skipped.

@@ -2,7 +2,7 @@
 
 Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
 Optimization", ICML 2024 (https://arxiv.org/abs/2402.19078; official code
-https://github.com/Xi-L/STCH), equation (8).
+https://github.com/Xi-L/STCH).
 
 The Tchebycheff scalarisation ``max_t lambda_t (f_t - z_t)`` optimises the worst weighted task,
 but is not smooth: its gradient is the gradient of one task at a time. STCH replaces the max by
@@ -13,8 +13,8 @@ its log-sum-exp smoothing with parameter ``mu > 0``,
 whose gradient is ``sum_t p_t lambda_t grad f_t`` with ``p = softmax(lambda (f - z) / mu)``: the
 worse a task stands, the more weight it gets. The bounds
 ``max_t lambda_t (f_t - z_t) <= g_mu <= max_t lambda_t (f_t - z_t) + mu log T`` (the paper's
-Proposition 3.3) make ``mu -> 0`` the Tchebycheff scalarisation; ``mu -> inf`` gives ``p``
-uniform, the linear scalarisation.
+bound on the smoothing error) make ``mu -> 0`` the Tchebycheff scalarisation; ``mu -> inf``
+gives ``p`` uniform, the linear scalarisation.
 
 Choices where the paper leaves room:
 

@@ -6,10 +6,10 @@ Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024
 Each task gradient ``g_i`` is projected onto the dual cone of the task gradients,
 ``C = {x : <g_t, x> >= 0 for every t}``, the directions that increase no task's loss to first
 order: ``pi(g_i) = argmin_{x in C} ||x - g_i||^2``. The update is the mean of the projections,
-``d = (1/T) sum_i pi(g_i)`` (the paper's equation (5) with uniform preference). Properties the
-paper proves: ``d`` is in ``C`` (non-conflicting), ``d`` is the mean gradient when no pair of
-gradients conflicts (every ``g_i`` is already in ``C``), and ``d`` is a non-negative combination of
-the gradients.
+``d = (1/T) sum_i pi(g_i)`` (the paper's UPGrad with uniform preference; ``pi`` is its
+equation (3)). Properties the paper proves: ``d`` is in ``C`` (non-conflicting), ``d`` is the
+mean gradient when no pair of gradients conflicts (every ``g_i`` is already in ``C``), and ``d``
+is a non-negative combination of the gradients.
 
 The projection in weights (the paper's Proposition 1): ``pi(g_i) = G^T v`` with
 ``v = argmin_{v >= e_i} v^T (G G^T) v``. The cone ``C`` does not change when a gradient is scaled
