@@ -117,7 +117,8 @@ class Graddrop(GradientWeighting):
         keep = (leak + (1.0 - leak) * masks).to(grads.dtype)  # (T, F)
         kept = per_sample * keep[:, None, :]
         direction = kept.sum(0).reshape(-1)
-        sq = grads.double().pow(2).sum(1)
-        kept_sq = kept.double().pow(2).reshape(t, -1).sum(1)
+        # squared norms accumulated in float64 without float64 copies of the gradients
+        sq = torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64) ** 2
+        kept_sq = torch.linalg.vector_norm(kept.reshape(t, -1), dim=1, dtype=torch.float64) ** 2
         weights = torch.where(sq > 0, kept_sq / sq.clamp_min(1e-300), 0.0)
         return direction, weights.to(grads.dtype)
