@@ -48,7 +48,14 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 
 RIDGES = (1e-8, 1e-6)
 """Relative increases of the Gram matrix's diagonal tried, in order, when there is no solution."""
@@ -176,13 +183,11 @@ class Fairgrad(GradientWeighting):
     config: FairgradConfig
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.double()
-        present = (g.abs().amax(dim=1) > 0).cpu()
+        gram = gram_matrix(grads)
+        present = present_tasks(gram)
         w = torch.zeros(grads.shape[0], dtype=torch.float64)
         if bool(present.any()):
-            gp = g[present.to(g.device)]
-            gram = (gp @ gp.T).cpu().numpy()
             cfg = self.config
-            w[present] = torch.from_numpy(fair_weights(gram, cfg.alpha, cfg.max_iter, cfg.tol))
-        w = w.to(g.device)
-        return (w @ g).to(grads.dtype), w.to(grads.dtype)
+            sub = gram[present][:, present].numpy()
+            w[present] = torch.from_numpy(fair_weights(sub, cfg.alpha, cfg.max_iter, cfg.tol))
+        return combine_rows(w, grads), w.to(device=grads.device, dtype=grads.dtype)

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    register,
+)
 
 
 class UpgradConfig(GradientConfigBase):
@@ -123,7 +129,5 @@ class Upgrad(GradientWeighting):
     config: UpgradConfig
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.double()
-        gram = (g @ g.T).cpu().numpy()
-        w = torch.from_numpy(upgrad_weights(gram)).to(g.device)
-        return (w @ g).to(grads.dtype), w.to(grads.dtype)
+        w = torch.from_numpy(upgrad_weights(gram_matrix(grads).numpy()))
+        return combine_rows(w, grads), w.to(device=grads.device, dtype=grads.dtype)
