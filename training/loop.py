@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ranker.allocator import apply_glibc_malloc
 from ranker.artifact import build_model, save_artifact
 from ranker.config import Config
+from ranker.cpu import CpuFeatures, cpu_features
 from ranker.errors import TrainingError
 from ranker.features import FeatureEncoder
 from ranker.heads import head_loss, init_head
@@ -40,6 +41,7 @@ from training.evaluate import (
     json_ready,
     predict_split,
 )
+from training.samples import build_samples
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     rows_per_second: float = 0.0
     gate_utilisation: dict[str, dict[str, float]] | None = None  # task -> expert -> mean weight
+    precision: str = "fp32"  # what training.precision resolved to (training_precision)
 
 
 class _Telemetry:
@@ -100,6 +103,19 @@ def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | 
     return ShallowTower(cards, p.hidden, p.dropout)
 
 
+def training_precision(config: Config, features: CpuFeatures | None = None) -> str:
+    """``fp32`` or ``bf16`` for ``training.precision``; ``auto`` is bf16 only on a CPU with
+    bf16 matrix units (AMX), where autocast gave 1.49-1.53x samples/s with validation metrics
+    within the seed spread of fp32 (docs/performance.md); on AVX-512 BF16 alone the gain is
+    small, and without it bf16 is emulated and slower. Other devices: fp32 unless named."""
+    t = config.training
+    if t.precision != "auto":
+        return t.precision
+    if torch.device(t.device).type != "cpu":
+        return "fp32"
+    return "bf16" if (features or cpu_features()).amx else "fp32"
+
+
 def train(
     config: Config, progress: bool = True, export: bool = True, resume: bool = False
 ) -> TrainResult:
@@ -120,6 +136,7 @@ def train(
     rng = np.random.default_rng(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
     device = torch.device(t.device)
+    bf16 = training_precision(config) == "bf16"
     ckpt_path = t.run_dir / "checkpoint.pt"
     dctx = Dist.from_env(t.device)
     if dctx.enabled and resume:
@@ -263,7 +280,11 @@ def train(
                     torch.set_rng_state(state["rng_torch"])
                 continue
             batch = batch.to(device)
-            out = model.forward_detailed(batch.cat, batch.num)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                out = model.forward_detailed(batch.cat, batch.num)
+            if bf16:  # the losses in fp32 (the representation stays as computed: weighting
+                # differentiates the losses with respect to that very tensor)
+                out.raw = {k: v.float() for k, v in out.raw.items()}
             if tower is not None and batch.bias is not None:
                 bias_logit = tower(batch.bias)  # (B,)
                 for name in config.position.tasks:
@@ -368,10 +389,14 @@ def train(
         seconds=time.perf_counter() - started,
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
         gate_utilisation=gates,
+        precision="bf16" if bf16 else "fp32",
     )
     if export and dctx.is_main:
-        report: dict[str, Any] = {"validation": json_ready(metrics)}
+        report: dict[str, Any] = {"validation": json_ready(metrics), "precision": result.precision}
         if gates is not None:
             report["gate_utilisation"] = json_ready(gates)
-        result.artifact = save_artifact(model, encoder, config, report)
+        samples = build_samples(
+            config, encoder, config.export.sample_requests, config.export.sample_candidates
+        )
+        result.artifact = save_artifact(model, encoder, config, report, samples=samples)
     return result

@@ -8,13 +8,14 @@ from typing import Any
 
 from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
-from ranker.errors import ArtifactError, ConfigError, TrainingError
+from ranker.errors import ArtifactError, ConfigError, DataError, TrainingError
 from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.checkpoint import read_checkpoint
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
+from training.samples import build_samples
 from training.truth import (
     format_truth_table,
     logged_ranking_metrics,
@@ -110,6 +111,12 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
+    e = config.export
+    try:
+        samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)
+    except DataError as err:  # the training data is elsewhere: the weights still export
+        print(f"warning: no sample requests in the artifact ({err}); auto serves fp32 engines")
+        samples = None
     return save_artifact(
-        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root
+        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root, samples
     )
