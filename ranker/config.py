@@ -89,7 +89,7 @@ class FeatureSpec(Strict):
 
 
 BINARY_LOSSES = ("bce",)
-REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal")
+REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal")
 
 
 class TaskSpec(Strict):
@@ -99,10 +99,11 @@ class TaskSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     kind: Literal["binary", "regression"]
     label: str = Field(min_length=1, description="label column in the impression log")
-    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal"]
+    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal"]
     """``weighted_logistic``: watch time as in Covington et al. 2016 (rows with a positive label
     are positives weighted by it, others unit-weight negatives; the odds estimate the expected
-    value). ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
+    value). ``ziln``: zero-inflated lognormal (Wang, Liu & Miao 2019), serves the mean in label
+    units. ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
     levels: int | None = Field(default=None, ge=2, le=100, description="ordinal: number of levels")
     weight_column: str | None = Field(
         default=None, description="a log column whose value weights each row's loss"

@@ -314,7 +314,7 @@ class BatchBuilder:
                     f"{origin}: ordinal label column {t.label!r} has values outside 1..{t.levels}"
                 )
             if (
-                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic")
+                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic", "ziln")
                 and ok.any()
                 and (y[ok] < 0).any()
             ):
