@@ -139,7 +139,14 @@ class DataConfig(Strict):
         default=0.1, gt=0, lt=1, description="the last fraction of the time span validates"
     )
     validation_from: float | None = Field(
-        default=None, description="explicit time cutoff; overrides validation_fraction"
+        default=None,
+        description="explicit time cutoff; overrides validation_fraction; a cutoff that leaves "
+        "no validation row is an error (set validation = false to train on every row)",
+    )
+    validation: bool = Field(
+        default=True,
+        description="false: no validation split, every row trains (what training.refit does "
+        "after selection); the last epoch's weights are kept",
     )
 
 
@@ -195,8 +202,42 @@ class ModelConfig(Strict):
         return v
 
 
+HIGHER_IS_BETTER = ("auc", "gauc", "xauc", "gxauc")
+LOWER_IS_BETTER = ("loss", "logloss", "ece", "rmse", "rmse_log1p", "mae")
+
+
+class SelectionConfig(Strict):
+    """Which validation point's weights are kept, and when training stops
+    (``training/selection.py``).
+
+    ``criterion``: ``relative_loss`` (the mean over tasks of each task's validation loss divided
+    by its value after the first epoch, so that no head's scale dominates), or ``task.metric``
+    with a metric of :func:`training.evaluate.head_metrics` or ``loss`` (``click.gauc``,
+    ``watch_time.rmse``, ``like.loss``). ``keep``: ``best`` restores the weights of the best
+    point, ``last`` keeps the final ones; ``per_head`` restores the shared layers at the best
+    point and each task's tower at the point where that task's own validation loss was lowest
+    (heads that peak at different epochs, e.g. a sparse head still improving when the dense ones
+    overfit). ``patience``: stop after that many epochs without improvement (none: run every
+    epoch)."""
+
+    criterion: str = Field(default="relative_loss", pattern=r"^(relative_loss|\w+\.\w+)$")
+    keep: Literal["best", "last", "per_head"] = "best"
+    patience: int | None = Field(default=None, gt=0)
+    min_delta: float = Field(default=0.0, ge=0, description="smaller gains do not count")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "relative_loss" and v.split(".", 1)[1] not in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+            raise ValueError(
+                f"unknown metric in {v!r}; use relative_loss or task.metric with a metric in "
+                f"{HIGHER_IS_BETTER + LOWER_IS_BETTER}"
+            )
+        return v
+
+
 class TrainingConfig(Strict):
-    epochs: int = Field(default=2, gt=0)
+    epochs: int = Field(default=2, gt=0, description="the most epochs (selection may stop sooner)")
     batch_size: int = Field(default=2048, gt=0)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -210,6 +251,12 @@ class TrainingConfig(Strict):
         default=500, ge=0, description="mid-epoch checkpoints for --resume; 0: at epoch ends only"
     )
     device: str = "cpu"
+    selection: SelectionConfig = SelectionConfig()
+    refit: bool = Field(
+        default=False,
+        description="after selection, retrain from scratch on every row (validation days "
+        "included) for the selected number of epochs",
+    )
     run_dir: Path = Path("runs/default")
     glibc_malloc: GlibcMalloc = Field(
         default="retain",
@@ -305,6 +352,16 @@ class Config(Strict):
             raise ValueError(
                 f"position.column: {self.position.column!r} is also a declared feature; "
                 "position handling adds it itself"
+            )
+        crit = self.training.selection.criterion
+        if crit != "relative_loss" and crit.split(".")[0] not in self.task_names:
+            raise ValueError(
+                f"training.selection.criterion: unknown task in {crit!r}; tasks are "
+                f"{self.task_names}"
+            )
+        if self.training.refit and not self.data.validation:
+            raise ValueError(
+                "training.refit: needs a validation split to select on (data.validation = false)"
             )
         for f in self.features:
             if f.source == "bias":
