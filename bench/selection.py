@@ -1,0 +1,154 @@
+"""KuaiRand: a fixed epoch count vs best-epoch selection (overall and per head), and the
+watch-time heads side by side, on the validation day 2022-04-30.
+
+For each watch-time head and seed one run of ``--epochs`` epochs with ``keep = "per_head"``
+(``training/selection.py``): its history holds every epoch's validation metrics (so the fixed
+epoch counts and the best epoch by the default criterion, the mean relative validation loss,
+come from the same run), and its final metrics are those of the per-head composite (shared
+layers at the best epoch, each tower at its own task's best epoch).
+
+    cd .. && PYTHONPATH=bestepoch .venv/bin/python bestepoch/bench/selection.py   # ~15 min
+    .venv/bin/python bench/selection.py --heads mse_log1p --seeds 1               # quick look
+
+The config's data paths are relative (``../shared/data/kuairand-pure-val``): run it from a
+directory where they resolve, or pass ``--data``. Prints markdown tables for
+``docs/kuairand.md`` and writes the raw numbers to ``bench/results/selection.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ranker.config import load_config  # noqa: E402
+from training.loop import train  # noqa: E402
+
+CONFIG = ROOT / "configs/kuairand.toml"
+HEADS = ("mse_log1p", "ziln", "weighted_logistic", "mse")
+COLUMNS = (
+    ("click", "auc"),
+    ("click", "gauc"),
+    ("like", "auc"),
+    ("long_view", "auc"),
+    ("watch_time", "rmse_log1p"),
+    ("watch_time", "rmse"),
+    ("watch_time", "xauc"),
+)
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(rows: dict[str, list[dict[str, dict[str, float]]]], extra: str = "") -> str:
+    head = "| variant | " + " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(COLUMNS)]
+    for name, runs in rows.items():
+        cells = [cell([r[t][m] for r in runs]) for t, m in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=None, help="the kuairand-pure-val folder")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench/results/selection.json")
+    args = ap.parse_args()
+    sets = []
+    if args.data:
+        sets = [f'data.{k}="{args.data / (k + ".parquet")}"' for k in ("log", "users", "videos")]
+    cfg = load_config(CONFIG, sets)
+    if not Path(cfg.data.log).exists():
+        print(f"{cfg.data.log} does not exist (pass --data); nothing to do.")
+        return
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    raw: list[dict[str, Any]] = []
+    fixed: dict[str, list[dict[str, dict[str, float]]]] = {}
+    heads: dict[str, list[dict[str, dict[str, float]]]] = {}
+    calib: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for head in args.heads.split(","):
+            for seed in range(args.seeds):
+                c = load_config(
+                    CONFIG,
+                    [
+                        *sets,
+                        f"training.seed={seed}",
+                        f"training.epochs={args.epochs}",
+                        f"training.threads={args.threads}",
+                        'training.selection.keep="per_head"',
+                        f'training.run_dir="{Path(tmp) / "run"}"',
+                    ],
+                )
+                tasks = [
+                    t.model_copy(update={"loss": head}) if t.name == "watch_time" else t
+                    for t in c.tasks
+                ]
+                c = c.model_copy(update={"tasks": tasks})
+                t0 = time.perf_counter()
+                r = train(c, progress=False, export=False)
+                assert r.selection is not None
+                by_epoch = {h["epoch"]: h["validation"] for h in r.history}
+                best = by_epoch[r.selection.epoch]
+                raw.append(
+                    {
+                        "head": head,
+                        "seed": seed,
+                        "selection": r.selection.as_json(),
+                        "epochs": by_epoch,
+                        "per_head": r.metrics,
+                    }
+                )
+                if head == "mse_log1p":
+                    for e in (2, 3):
+                        fixed.setdefault(f"fixed {e} epochs", []).append(by_epoch[e])
+                    fixed.setdefault("best epoch (mean relative loss)", []).append(best)
+                    fixed.setdefault("best epoch, per-head towers", []).append(r.metrics)
+                heads.setdefault(f"{head}, best epoch", []).append(best)
+                w = best["watch_time"]
+                calib.setdefault(head, []).append(w["mean_pred"] / w["mean_label"])
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(raw, indent=1))  # partial results survive
+                print(
+                    f"{head} seed {seed}: selected {r.selection.as_json()} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(raw, indent=1))
+    print(
+        f"\nvalidation day 2022-04-30, {args.seeds} seeds, up to {args.epochs} epochs, "
+        f"{time.perf_counter() - started:.0f} s\n"
+    )
+    if fixed:
+        print(table(fixed) + "\n")
+    print(table(heads) + "\n")
+    print("| watch head | mean prediction / mean label |\n|---|---:|")
+    for head, v in calib.items():
+        print(f"| {head} | {cell(v)} |")
+    print("\nselected (epoch, per-task epochs) per run:")
+    for r in raw:
+        print(f"  {r['head']} seed {r['seed']}: {r['selection']}")
+    print(f"\nraw: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
