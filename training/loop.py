@@ -32,6 +32,7 @@ from ranker.model import RankingModel
 from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
 from ranker.weighting import SharedPart, build_weighting
+from training.calibration import calibrate_means
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
 from training.distributed import Dist, parameter_digest, shard_files
 from training.encoding import fit_encoder
@@ -59,6 +60,7 @@ class TrainResult:
     rows_per_second: float = 0.0
     gate_utilisation: dict[str, dict[str, float]] | None = None  # task -> expert -> mean weight
     selection: Selected | None = None  # the kept validation point (None: no validation split)
+    calibration: dict[str, float] = field(default_factory=dict)  # ZILN head -> mean scale factor
 
 
 class _Telemetry:
@@ -189,6 +191,8 @@ def train(
         report: dict[str, Any] = {"validation": json_ready(result.metrics)}
         if result.gate_utilisation is not None:
             report["gate_utilisation"] = json_ready(result.gate_utilisation)
+        if result.calibration:
+            report["calibration"] = result.calibration
         if result.selection is not None:
             report["selection"] = result.selection.as_json() | {
                 "refit": config.training.refit,
@@ -466,7 +470,6 @@ def _fit(
     selected = None
     if selector is not None:
         selected = selector.restore(model) if dctx.is_main else None
-        dctx.broadcast_parameters([model])  # rank 0 kept them: every rank ends alike
         if selected is not None and plan is None:
             selected.stopped_early = stopped
             if dctx.is_main:
@@ -481,6 +484,15 @@ def _fit(
                 metrics = next(h for h in history if h.get("epoch") == selected.epoch)["validation"]
         if plan is not None:
             selected = None
+    calibration: dict[str, float] = {}
+    if dctx.is_main:  # ZILN heads: the mean right on the training rows (training/calibration.py)
+        calibration = calibrate_means(config, model, val_builder, log, str(device))
+        if calibration and validating:
+            preds = predict_split(model, val_builder, log, "validation", device=str(device))
+            metrics = head_metrics(config, preds)
+        if calibration and progress:
+            print(f"mean calibration of ZILN heads (x factor): {calibration}")
+    dctx.broadcast_parameters([model])  # rank 0 restored and calibrated: every rank ends alike
     gates = None
     if dctx.is_main:
         split = "validation" if validating else "train"
@@ -504,5 +516,6 @@ def _fit(
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
         gate_utilisation=gates,
         selection=selected,
+        calibration=calibration,
     )
     return result

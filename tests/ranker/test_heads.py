@@ -212,3 +212,29 @@ def test_ziln_served_mean_matches_the_sample_mean() -> None:
     log1p.add(y)
     assert math.expm1(log1p.bias()[0]) < 0.5 * y.mean()
     assert output_dim(ZILN) == 3
+
+
+def test_trained_ziln_head_serves_the_mean_label_in_seconds(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    """The world's watch time (duration x a Beta fraction) is not lognormal: the raw ZILN mean
+    overshoots, the calibration on the training rows makes it the mean label there."""
+    from training.data import BatchBuilder, ImpressionLog
+    from training.evaluate import predict_split
+    from training.loop import train
+
+    def edit(d: dict) -> None:
+        {t["name"]: t for t in d["tasks"]}["watch_time"]["loss"] = "ziln"
+        d["training"]["epochs"] = 1
+
+    cfg = _config(tiny_world, tmp_path, edit)
+    r = train(cfg, progress=False, export=False)
+    assert set(r.calibration) == {"watch_time"} and r.calibration["watch_time"] != 1.0
+    builder = BatchBuilder(cfg, r.encoder, r.users, r.videos, serving=True)
+    p = predict_split(r.model, builder, ImpressionLog(cfg), "train")
+    m = p.masks["watch_time"]
+    mean_pred = p.preds["watch_time"][m].mean()
+    assert mean_pred == pytest.approx(p.labels["watch_time"][m].mean(), rel=1e-4)
+    assert r.metrics["watch_time"]["mean_pred"] == pytest.approx(
+        r.metrics["watch_time"]["mean_label"], rel=0.5
+    )
