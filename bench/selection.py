@@ -36,6 +36,7 @@ from training.loop import train  # noqa: E402
 
 CONFIG = ROOT / "configs/kuairand.toml"
 HEADS = ("mse_log1p", "ziln", "weighted_logistic", "mse")
+CRITERIA = ("relative_loss", "click.loss", "click.gauc", "watch_time.loss")
 COLUMNS = (
     ("click", "auc"),
     ("click", "gauc"),
@@ -62,6 +63,38 @@ def table(rows: dict[str, list[dict[str, dict[str, float]]]], extra: str = "") -
     return "\n".join(lines)
 
 
+def select(epochs: dict[str, dict[str, dict[str, float]]], criterion: str) -> int:
+    """The epoch ``training/selection.py`` keeps under ``criterion`` (no patience), replayed
+    from a run's stored per-epoch validation metrics."""
+    from torch import nn
+
+    from ranker.config import SelectionConfig
+    from training.selection import Selector
+
+    tasks = list(next(iter(epochs.values())))
+    sel = Selector(SelectionConfig(criterion=criterion), tasks)
+    for e in sorted(epochs, key=int):
+        sel.update(int(e), 0, epochs[e], nn.Linear(1, 1))
+    assert sel.best is not None
+    return sel.best.epoch
+
+
+def criteria_table(raw: list[dict[str, Any]], head: str) -> str:
+    """Per criterion: the epochs it keeps over the seeds and the validation metrics there."""
+    rows: dict[str, list[dict[str, dict[str, float]]]] = {}
+    picks: dict[str, list[int]] = {}
+    for r in raw:
+        if r["head"] != head:
+            continue
+        eps = {str(k): v for k, v in r["epochs"].items()}
+        for crit in CRITERIA:
+            e = select(eps, crit)
+            picks.setdefault(crit, []).append(e)
+            rows.setdefault(f"{crit} (epochs {{}})", []).append(eps[str(e)])
+    named = {k.format(picks[k.split(" ")[0]]): v for k, v in rows.items()}
+    return table(named)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -70,7 +103,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", type=Path, default=None, help="the kuairand-pure-val folder")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/selection.json")
+    ap.add_argument("--from-json", action="store_true", help="only the tables, from --json")
     args = ap.parse_args()
+    if args.from_json:
+        raw = json.loads(args.json.read_text())
+        for head in dict.fromkeys(r["head"] for r in raw):
+            print(f"\n{head}: the epoch each criterion keeps, and its metrics\n")
+            print(criteria_table(raw, head))
+        return
     sets = []
     if args.data:
         sets = [f'data.{k}="{args.data / (k + ".parquet")}"' for k in ("log", "users", "videos")]
