@@ -281,7 +281,10 @@ class PositionConfig(Strict):
     extra_columns: list[str] = Field(
         default=["device"], description="shallow tower only: more bias inputs from the log"
     )
-    tasks: list[str] = Field(default=["click"], description="heads the bias logit is added to")
+    tasks: list[str] = Field(
+        default=["click"],
+        description="shallow tower only: heads the bias logit is added to (checked in that mode)",
+    )
     dropout: float = Field(default=0.1, ge=0, lt=1)
     hidden: list[int] = Field(default=[16])
     serving_value: int = Field(
@@ -341,8 +344,10 @@ class Config(Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what}: duplicate names {dup}")
+        # position.tasks is read by the shallow tower only: a config without a "click" task
+        # must not be refused for a default it never uses.
         unknown = [t for t in self.position.tasks if t not in self.task_names]
-        if unknown:
+        if unknown and self.position.mode == "shallow_tower":
             raise ValueError(
                 f"position.tasks: unknown task(s) {unknown}; tasks are {self.task_names}"
             )

@@ -9,7 +9,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -18,11 +17,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from ranker.scoring import RankingFormula
 from service.decode import decode_rank_request
 from service.engine import ServingModel, load_formula, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
@@ -38,16 +37,10 @@ from service.schemas import (
     ValidationProblem,
 )
 from service.settings import Settings
+from service.state import ServingState
 
 log = logging.getLogger("ranker.service")
-
-
-@dataclass
-class ServingState:
-    """What requests read; replaced as a whole, never mutated, so readers need no lock."""
-
-    model: ServingModel
-    formula: RankingFormula
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that disconnected first
 
 
 async def serving_state(request: Request) -> ServingState:
@@ -133,6 +126,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _ranker_error(_: Request, exc: RankerError) -> JSONResponse:
         status = 503 if isinstance(exc, ArtifactError | ConfigError) else 500
         return JSONResponse(status_code=status, content={"detail": str(exc)})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(_: Request, __: ClientDisconnect) -> Response:
+        """The client went away before its body arrived: nobody reads the answer, and it is no
+        server error. 499 (nginx's "client closed request") is what the request log and
+        ``ranker_requests_total`` then record, instead of a 500 with a traceback."""
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

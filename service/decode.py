@@ -8,9 +8,14 @@ take only that path.
 Anything msgspec refuses, and the few values it lets through that the API refuses (a context
 number outside int64 or not finite), goes through exactly the validation FastAPI would run,
 :class:`service.schemas.RankRequest`, so what is accepted and every error message and ``loc``
-stay those of the documented schema: msgspec is the fast path, never the definition. A value
-msgspec is stricter about than pydantic's lax mode (``"5"`` for an integer) is then accepted
-by the pydantic pass, as it always was.
+stay those of the documented schema: msgspec is the fast path, never the definition. Ids and
+``top_k`` are strict integers on both paths (``true``, ``"7"`` and ``7.0`` are 422s); a context
+value msgspec is stricter about than pydantic's lax mode is then accepted by the pydantic pass.
+
+Two things JSON allows that the service cannot use are refused on the slow path, naming where
+they are: strings holding a lone UTF-16 surrogate (``"\ud800"``: Python's ``json`` decodes it,
+msgspec does not, and it cannot be encoded as UTF-8 later, for Arrow or for a response), and
+nesting deeper than Python's recursion limit (``json`` raises ``RecursionError``).
 """
 
 from __future__ import annotations
@@ -93,11 +98,52 @@ def _is_json(content_type: str | None) -> bool:
     return subtype == "json" or subtype.endswith("+json")
 
 
+def _lone_surrogate(body: Any) -> tuple[str | int, ...] | None:
+    """The location of the first string (key or value) in ``body`` holding a lone surrogate,
+    or None. Iterative, so any depth ``json.loads`` produced is walked without recursion."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return loc
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not _is_unicode(k):
+                    return (*loc, k.encode("utf-8", "backslashreplace").decode())
+                stack.append((v, (*loc, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*loc, i)) for i, v in enumerate(value))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (``json`` pairs the valid ones)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _validate_as_fastapi_would(raw: bytes, content_type: str | None) -> RankInput:
     body: Any = raw
     if _is_json(content_type):
         try:
             body = json.loads(raw)
+        except RecursionError:  # e.g. a thousand nested [
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body",),
+                        "msg": "JSON nested too deeply",
+                        "input": {},
+                    }
+                ]
+            ) from None
         except json.JSONDecodeError as e:
             raise RequestValidationError(
                 [
@@ -112,6 +158,18 @@ def _validate_as_fastapi_would(raw: bytes, content_type: str | None) -> RankInpu
             ) from e
         except ValueError as e:  # not UTF-8/16/32 text at all
             raise HTTPException(400, "There was an error parsing the body") from e
+        where = _lone_surrogate(body)
+        if where is not None:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_unicode",
+                        "loc": ("body", *where),
+                        "msg": "a lone UTF-16 surrogate (\\ud800-\\udfff) is not a character",
+                        "input": None,
+                    }
+                ]
+            )
     try:
         req = RankRequest.model_validate(body)
     except ValidationError as e:

@@ -31,7 +31,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -46,10 +46,8 @@ from ranker.scoring import RankingConfig, RankingFormula, load_ranking_config
 from service.engine import ServingModel, encode_context, make_predictor, score_rows
 from service.schemas import Problem, ReloadRequest, ReloadResult, ValidationProblem
 from service.settings import Settings
+from service.state import ServingState
 from service.store import FeatureStore, InProcessStore, Lookup
-
-if TYPE_CHECKING:
-    from service.app import ServingState
 
 log = logging.getLogger("ranker.service.reload")
 
@@ -231,8 +229,6 @@ class Reloader:
             model_changed = plan.model is not before.model
             ranking_changed = plan.formula is not before.formula
             if model_changed or ranking_changed:
-                from service.app import ServingState
-
                 self.app.state.serving = ServingState(plan.model, plan.formula)
                 self.reloads += 1
                 log.info(

@@ -13,9 +13,14 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 ContextValue = str | Int64 | FiniteFloat | None
 
 
+# Ids and top_k are strict: a JSON integer, not true, "7" or 7.0 (the msgspec fast path in
+# service/decode.py is strict by itself).
+Id = Annotated[int, Field(ge=-(2**63), lt=2**63, strict=True)]
+
+
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    video_id: int = Field(ge=-(2**63), lt=2**63)
+    video_id: Id
 
 
 class RankRequest(BaseModel):
@@ -32,7 +37,7 @@ class RankRequest(BaseModel):
             ]
         },
     )
-    user_id: int = Field(ge=-(2**63), lt=2**63)
+    user_id: Id
     context: dict[str, ContextValue] = Field(
         default_factory=dict, description="request context features by name (device, hour, ...)"
     )
@@ -41,6 +46,7 @@ class RankRequest(BaseModel):
         default=None,
         ge=1,
         le=10**9,
+        strict=True,
         description="return only the best k (at most RANKER_MAX_CANDIDATES)",
     )
 

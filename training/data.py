@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -119,6 +120,11 @@ class Batch:
         )
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ImpressionLog:
     """The impression log as a Parquet dataset, split by time into train and validation.
 
@@ -135,10 +141,18 @@ class ImpressionLog:
         try:
             self.dataset = ds.dataset(self.path, format="parquet")
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"impression log {self.path} is not readable as Parquet: {e}") from None
+            if self.path.is_dir():  # the schema is read from one file: name which
+                files = self.path.rglob("*")
+                self._check_files(
+                    sorted(str(p) for p in files if p.is_file() and p.name[0] not in "._")
+                )
+            raise DataError(
+                f"impression log {self.path} is not readable as Parquet: {_first_line(e)}"
+            ) from None
         self.files = sorted(getattr(self.dataset, "files", []))
         if not self.files:
             raise DataError(f"impression log {self.path} holds no Parquet files")
+        self._check_files(self.files)
         self._check_columns()
         self.cutoff = self._cutoff()
 
@@ -154,6 +168,19 @@ class ImpressionLog:
             cols.append(t.label)
             cols += [c for c in (t.only_where, t.weight_column) if c]
         return list(dict.fromkeys(cols))
+
+    @staticmethod
+    def _check_files(files: list[str]) -> None:
+        """Reads every file's footer (a few KB each): a truncated or foreign file is named here,
+        before any training, instead of surfacing as an Arrow traceback mid-epoch."""
+        for f in files:
+            try:
+                pq.read_metadata(f)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise DataError(
+                    f"impression log file {f} is not readable as Parquet "
+                    f"(truncated or damaged?): {_first_line(e)}"
+                ) from None
 
     def _check_columns(self) -> None:
         names = set(self.dataset.schema.names)
@@ -186,10 +213,15 @@ class ImpressionLog:
         if d.validation_from is not None:
             return float(d.validation_from)
         lo, hi = np.inf, -np.inf
-        for b in self.dataset.to_batches(columns=[d.time_column], batch_size=1 << 20):
-            mm = pc.min_max(b.column(0))
-            if mm["min"].is_valid:
-                lo, hi = min(lo, mm["min"].as_py()), max(hi, mm["max"].as_py())
+        for f in self.files:
+            frag = ds.dataset(f, format="parquet", schema=self.dataset.schema)
+            try:
+                for b in frag.to_batches(columns=[d.time_column], batch_size=1 << 20):
+                    mm = pc.min_max(b.column(0))
+                    if mm["min"].is_valid:
+                        lo, hi = min(lo, mm["min"].as_py()), max(hi, mm["max"].as_py())
+            except (OSError, pa.ArrowInvalid) as e:
+                raise DataError(f"impression log file {f}: {_first_line(e)}") from None
         if not np.isfinite(lo):
             raise DataError(f"impression log {self.path}: column {d.time_column!r} has no values")
         return lo + (1.0 - d.validation_fraction) * (hi - lo)
@@ -231,10 +263,13 @@ class ImpressionLog:
     def count_rows(self, split: Split, files: list[str] | None = None) -> int:
         """Rows of one split (in ``files``, default all), from the time column alone."""
         flt = self.filter(split)
-        return sum(
-            ds.dataset(f, format="parquet").count_rows(filter=flt)
-            for f in (files if files is not None else self.files)
-        )
+        total = 0
+        for f in files if files is not None else self.files:
+            try:
+                total += ds.dataset(f, format="parquet").count_rows(filter=flt)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise DataError(f"impression log file {f}: {_first_line(e)}") from None
+        return total
 
     def record_batches(
         self,
@@ -256,8 +291,8 @@ class ImpressionLog:
                 for rb in frag.to_batches(columns=cols, filter=flt, batch_size=batch_size):
                     if rb.num_rows:
                         yield f, rb
-            except pa.ArrowInvalid as e:
-                raise DataError(f"{f}: {e}") from None
+            except (OSError, pa.ArrowInvalid) as e:
+                raise DataError(f"impression log file {f}: {_first_line(e)}") from None
 
 
 class BatchBuilder:
@@ -347,6 +382,8 @@ class BatchBuilder:
             if t.only_where:
                 w = pc.cast(rb.column(t.only_where), pa.float64()).to_numpy(zero_copy_only=False)
                 ok &= np.nan_to_num(np.asarray(w, dtype=np.float64)) != 0
+            if t.value_range is not None:
+                self._check_range(rb, origin, t.label, t.value_range, y, ok)
             if t.weight_column:
                 w = pc.cast(rb.column(t.weight_column), pa.float64()).to_numpy(zero_copy_only=False)
                 w = np.asarray(w, dtype=np.float64)
@@ -360,6 +397,32 @@ class BatchBuilder:
             labels[t.name] = torch.from_numpy(np.where(ok, y, 0.0).astype(np.float32))
             masks[t.name] = torch.from_numpy(ok)
         return labels, masks, weights
+
+    def _check_range(
+        self,
+        rb: pa.RecordBatch,
+        origin: str,
+        label: str,
+        value_range: tuple[float, float],
+        y: np.ndarray,
+        ok: np.ndarray,
+    ) -> None:
+        """Labels that count must lie in the task's ``value_range``: predictions are clipped to
+        it, so a label outside (ratings x10 against 1..5) trains a head that can never reach
+        its target, silently, with a huge loss. Checked like the binary labels' 0/1."""
+        lo, hi = value_range
+        out = ok & ((y < lo) | (y > hi))
+        if not out.any():
+            return
+        i = int(np.flatnonzero(out)[0])
+        d = self.config.data
+        keys = ", ".join(
+            f"{k}={rb.column(k)[i].as_py()}" for k in (d.request_key, d.user_key, d.video_key)
+        )
+        raise DataError(
+            f"{origin}: label column {label!r} has {int(out.sum())} values outside value_range "
+            f"[{lo:g}, {hi:g}] (after label_scale), e.g. {y[i]:g} ({keys})"
+        )
 
     def build(self, rb: pa.RecordBatch, origin: str = "") -> Batch:
         enc, uid, _ = self.features(rb, origin)

@@ -33,6 +33,7 @@ from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
 from ranker.weighting import SharedPart, build_weighting
 from training.calibration import calibrate_means
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
 from training.distributed import Dist, parameter_digest, shard_files
 from training.encoding import fit_encoder
@@ -83,39 +84,6 @@ class _Telemetry:
 
     def close(self) -> None:
         self.file.close()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Writes beside the target and renames, so a kill mid-write leaves the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, config: Config) -> dict[str, Any]:
-    """Reads a checkpoint for ``--resume`` and checks it belongs to this config."""
-    if not path.is_file():
-        raise TrainingError(f"cannot resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure means an unusable file
-        raise TrainingError(f"cannot resume: checkpoint {path} is unreadable: {e}") from None
-    if "batches_done" not in state:
-        raise TrainingError(f"cannot resume: {path} was written by an older version")
-    saved = Config.model_validate_json(state["config"])
-    differ = [
-        k
-        for k in ("data", "features", "tasks", "model", "weighting", "position")
-        if getattr(saved, k) != getattr(config, k)
-    ]
-    if differ or saved.training.model_copy(update={"epochs": 0}) != config.training.model_copy(
-        update={"epochs": 0}
-    ):
-        raise TrainingError(
-            f"cannot resume: the config differs from the checkpoint's in {differ or ['training']}"
-            " (only training.epochs may change)"
-        )
-    return state
 
 
 def make_optimizer(

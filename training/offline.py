@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
-from ranker.errors import ArtifactError
+from ranker.errors import ArtifactError, TrainingError
 from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
+from training.checkpoint import read_checkpoint
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
 from training.truth import (
@@ -92,11 +91,9 @@ def evaluate_artifact(
 def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder)."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"checkpoint {checkpoint} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ArtifactError(f"checkpoint {checkpoint} is unreadable: {e}") from None
+        state = read_checkpoint(checkpoint)
+    except TrainingError as e:
+        raise ArtifactError(f"cannot export: {e}") from None
     config = Config.model_validate_json(state["config"])
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)

@@ -85,3 +85,18 @@ def test_config_json_round_trip() -> None:
     cfg = load_config(DEFAULT_CONFIG)
     again = type(cfg).model_validate_json(cfg.model_dump_json())
     assert again == cfg
+
+
+@pytest.mark.parametrize("mode", ["none", "feature"])
+def test_position_tasks_are_checked_only_where_the_tower_uses_them(
+    tmp_path: Path, mode: str
+) -> None:
+    """A config without a ``click`` task loads unless the shallow tower would add to it."""
+    text = DEFAULT_CONFIG.read_text().replace('name = "click"', 'name = "clicked"')
+    assert 'mode = "shallow_tower"' in text
+    text = text.replace('mode = "shallow_tower"', f'mode = "{mode}"')
+    (tmp_path / "c.toml").write_text(text)
+    assert "click" not in load_config(tmp_path / "c.toml").task_names
+    (tmp_path / "t.toml").write_text(text.replace(f'"{mode}"', '"shallow_tower"'))
+    with pytest.raises(ConfigError, match=r"position\.tasks: unknown task\(s\) \['click'\]"):
+        load_config(tmp_path / "t.toml")

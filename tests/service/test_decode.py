@@ -39,9 +39,7 @@ def test_a_correct_body_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     "body",
     [
-        '{"user_id": "7", "candidates": [{"video_id": 1}]}',  # lax: numeric string
-        '{"user_id": 7.0, "candidates": [{"video_id": 1.0}]}',  # lax: whole float
-        '{"user_id": 7, "candidates": [{"video_id": 1}], "top_k": "3"}',
+        '{"user_id": 7, "candidates": [{"video_id": 1}], "context": {"hour": "3"}}',
         # beyond int64 but a finite float: the schema takes it as a float (the engine then
         # refuses it for an integer-coded feature, naming it)
         f'{{"user_id": 7, "candidates": [{{"video_id": 1}}], "context": {{"h": {2**70}}}}}',
@@ -66,6 +64,21 @@ def test_what_pydantic_accepts_in_lax_mode_is_still_accepted(body: str) -> None:
         ('{"user_id": 1, "candidates": [{"video_id": 1}], "top_k": 0}', "top_k"),
         ('{"user_id": 1, "candidates": [{"video_id": 1}], "extra": 0}', "extra"),
         ('{"user_id": 1, "candidates": ', 29),  # not JSON: loc is the character position
+        # ids and top_k are strict integers: no booleans, numeric strings or whole floats
+        ('{"user_id": true, "candidates": [{"video_id": 1}]}', "user_id"),
+        ('{"user_id": "7", "candidates": [{"video_id": 1}]}', "user_id"),
+        ('{"user_id": 7.0, "candidates": [{"video_id": 1}]}', "user_id"),
+        ('{"user_id": 1, "candidates": [{"video_id": false}]}', "video_id"),
+        ('{"user_id": 1, "candidates": [{"video_id": "7"}]}', "video_id"),
+        ('{"user_id": 1, "candidates": [{"video_id": 1}], "top_k": "3"}', "top_k"),
+        ('{"user_id": 1, "candidates": [{"video_id": 1}], "top_k": true}', "top_k"),
+        # a lone surrogate anywhere: in a context value or key, an unknown key, a wrong value
+        ('{"user_id": 1, "candidates": [{"video_id": 1}], "context": {"d": "\\ud800"}}', "d"),
+        ('{"user_id": 1, "candidates": [{"video_id": 1}], "context": {"\\udfff": 1}}', "context"),
+        ('{"user_id": 1, "candidates": [{"video_id": 1, "\\ud800x": 1}]}', "candidates"),
+        ('{"user_id": "\\ud800", "candidates": [{"video_id": 1}]}', "user_id"),
+        ("[" * 1000 + "]" * 1000, "body"),  # deeper than Python's recursion limit
+        ('{"user_id": 1, "candidates": [{"video_id": 1}], "x": ' + "[" * 5000, "body"),
     ],
 )
 def test_refusals_name_the_field_under_body(body: str, loc: str | int) -> None:
@@ -73,6 +86,12 @@ def test_refusals_name_the_field_under_body(body: str, loc: str | int) -> None:
         decode_rank_request(body.encode(), "application/json")
     first = e.value.errors()[0]["loc"]
     assert first[0] == "body" and loc in first
+    json.dumps(e.value.errors(), ensure_ascii=False).encode()  # the 422 body can be UTF-8
+
+
+def test_a_valid_surrogate_pair_is_a_character_not_a_refusal() -> None:
+    body = '{"user_id": 1, "candidates": [{"video_id": 1}], "context": {"d": "\\ud83d\\ude00"}}'
+    assert decode_rank_request(body.encode(), None).context == {"d": "\U0001f600"}
 
 
 def test_a_body_that_is_not_text_is_400_and_a_non_json_type_is_422() -> None:

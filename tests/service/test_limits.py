@@ -63,6 +63,18 @@ def post_raw(url: str, raw: bytes | Iterator[bytes]) -> httpx.Response:
         (f'"top_k": {10**10}', "top_k"),
         (f'"top_k": {10**100}', "top_k"),
         ('"top_k": "5"x', "body"),  # not JSON at all
+        # ids and top_k are strict integers
+        ('"user_id": true', "user_id"),
+        ('"user_id": "7"', "user_id"),
+        ('"candidates": [{"video_id": true}]', "video_id"),
+        ('"candidates": [{"video_id": "7"}]', "video_id"),
+        ('"top_k": "3"', "top_k"),
+        # lone UTF-16 surrogates, wherever the request carries a string
+        ('"context": {"device": "\\ud800"}', "device"),
+        ('"context": {"device": "ios\\udc00"}', "device"),
+        ('"context": {"\\ud800": "ios"}', "context"),
+        ('"candidates": [{"video_id": 1, "\\ud800": 1}]', "candidates"),
+        ('"user_id": "\\ud800"', "user_id"),
     ],
 )
 def test_hostile_fields_get_422_naming_the_field(
