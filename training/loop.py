@@ -412,7 +412,7 @@ def _fit(
             raise TrainingError("the training split produced no batches")
         mean_losses = dctx.mean_dict({k: v / n_steps for k, v in sums.items()})
         weighting.epoch_end(mean_losses)
-        entry: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": mean_losses}
+        entry: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": mean_losses}
         if dctx.is_main and validating:  # ranks hold identical weights: rank 0 validates
             preds = predict_split(model, val_builder, log, "validation", device=str(device))
             metrics = head_metrics(config, preds)

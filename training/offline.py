@@ -15,6 +15,7 @@ from ranker.tables import FeatureTable
 from training.checkpoint import read_checkpoint
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
+from training.selection import Selector
 from training.truth import (
     format_truth_table,
     logged_ranking_metrics,
@@ -89,7 +90,10 @@ def evaluate_artifact(
 
 
 def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
-    """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder)."""
+    """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder),
+    with the weights that best-epoch selection kept so far (``training/selection.py``), not the
+    last ones, unless ``training.selection.keep = "last"``. A ZILN head's mean calibration needs
+    the log (``training/calibration.py``) and is not applied here."""
     try:
         state = read_checkpoint(checkpoint)
     except TrainingError as e:
@@ -98,6 +102,10 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
+    if state.get("selection") is not None:
+        selector = Selector(config.training.selection, config.task_names)
+        selector.load_state_dict(state["selection"])
+        selector.restore(model)
     return save_artifact(
         model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root
     )

@@ -74,7 +74,8 @@ def test_a_client_that_disconnects_mid_body_is_a_499_not_a_500(logged: tuple) ->
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(
                 b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 5000\r\nX-Request-ID: gone-%d\r\n\r\n" % i
+                b"Content-Length: 5000\r\nX-Request-ID: gone-%d\r\n\r\n"
+                % i
                 + b'{"user_id": 1, "candidates": ['
             )
             time.sleep(0.2)  # the service is reading the body when the client leaves

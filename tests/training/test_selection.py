@@ -152,7 +152,7 @@ def test_training_without_validation_uses_every_row(tiny_world: Path, tmp_path: 
     cfg = _config(tiny_world, tmp_path, "data.validation=false", "training.epochs=1")
     r = train(cfg, progress=False, export=False)
     rows = ImpressionLog(cfg).count_rows("all")
-    assert r.history[-1]["step"] == math.ceil(rows / cfg.training.batch_size)
+    assert r.history[-1]["steps"] == math.ceil(rows / cfg.training.batch_size)
     assert "validation" not in r.history[-1] and r.selection is None
 
 
@@ -177,7 +177,7 @@ def test_refit_retrains_on_every_row_for_the_selected_epochs(
     refits = [h["refit"] for h in r.history if "refit" in h]
     assert len(selection_runs) == 3 and len(refits) == 1  # 3 epochs to select, 1 refit epoch
     rows = ImpressionLog(cfg).count_rows("all")
-    assert refits[0]["step"] == math.ceil(rows / cfg.training.batch_size)
+    assert refits[0]["steps"] == math.ceil(rows / cfg.training.batch_size)
     manifest = load_artifact(r.artifact).manifest
     assert manifest["metrics"]["selection"]["refit"] is True
     assert manifest["metrics"]["validation"]["click"]["loss"] == pytest.approx(
