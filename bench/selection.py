@@ -104,12 +104,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="the kuairand-pure-val folder")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/selection.json")
     ap.add_argument("--from-json", action="store_true", help="only the tables, from --json")
+    ap.add_argument("--criterion", default="click.loss", help="selection for the tables")
     args = ap.parse_args()
     if args.from_json:
-        raw = json.loads(args.json.read_text())
-        for head in dict.fromkeys(r["head"] for r in raw):
-            print(f"\n{head}: the epoch each criterion keeps, and its metrics\n")
-            print(criteria_table(raw, head))
+        report(json.loads(args.json.read_text()), args.criterion)
         return
     sets = []
     if args.data:
@@ -121,9 +119,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     raw: list[dict[str, Any]] = []
-    fixed: dict[str, list[dict[str, dict[str, float]]]] = {}
-    heads: dict[str, list[dict[str, dict[str, float]]]] = {}
-    calib: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for head in args.heads.split(","):
             for seed in range(args.seeds):
@@ -146,8 +141,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 r = train(c, progress=False, export=False)
                 assert r.selection is not None
-                by_epoch = {h["epoch"]: h["validation"] for h in r.history}
-                best = by_epoch[r.selection.epoch]
+                by_epoch = {str(h["epoch"]): h["validation"] for h in r.history}
                 raw.append(
                     {
                         "head": head,
@@ -157,14 +151,6 @@ def main() -> None:
                         "per_head": r.metrics,
                     }
                 )
-                if head == "mse_log1p":
-                    for e in (2, 3):
-                        fixed.setdefault(f"fixed {e} epochs", []).append(by_epoch[e])
-                    fixed.setdefault("best epoch (mean relative loss)", []).append(best)
-                    fixed.setdefault("best epoch, per-head towers", []).append(r.metrics)
-                heads.setdefault(f"{head}, best epoch", []).append(best)
-                w = best["watch_time"]
-                calib.setdefault(head, []).append(w["mean_pred"] / w["mean_label"])
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(raw, indent=1))  # partial results survive
                 print(
@@ -172,22 +158,45 @@ def main() -> None:
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(raw, indent=1))
     print(
         f"\nvalidation day 2022-04-30, {args.seeds} seeds, up to {args.epochs} epochs, "
-        f"{time.perf_counter() - started:.0f} s\n"
+        f"{time.perf_counter() - started:.0f} s"
     )
-    if fixed:
-        print(table(fixed) + "\n")
-    print(table(heads) + "\n")
-    print("| watch head | mean prediction / mean label |\n|---|---:|")
+    report(raw, args.criterion)
+    print(f"\nraw: {args.json}")
+
+
+def report(raw: list[dict[str, Any]], criterion: str) -> None:
+    """The markdown tables of docs/kuairand.md from the runs' stored histories."""
+    for r in raw:
+        r["epochs"] = {str(k): v for k, v in r["epochs"].items()}
+    base = [r for r in raw if r["head"] == "mse_log1p"]
+    if base:
+        rows: dict[str, list[dict[str, dict[str, float]]]] = {}
+        for e in sorted(base[0]["epochs"], key=int):
+            rows[f"fixed {e} epochs"] = [r["epochs"][e] for r in base]
+        picks = [select(r["epochs"], criterion) for r in base]
+        rows[f"best epoch by {criterion} ({picks})"] = [
+            r["epochs"][str(e)] for r, e in zip(base, picks, strict=True)
+        ]
+        rows["best epoch by relative_loss, per-head towers"] = [r["per_head"] for r in base]
+        print("\nmse_log1p watch head: fixed epoch counts vs selection\n")
+        print(table(rows))
+        print("\nmse_log1p: the epoch each criterion keeps, and its metrics\n")
+        print(criteria_table(raw, "mse_log1p"))
+    heads: dict[str, list[dict[str, dict[str, float]]]] = {}
+    calib: dict[str, list[float]] = {}
+    for r in raw:
+        e = select(r["epochs"], criterion)
+        m = r["epochs"][str(e)]
+        heads.setdefault(f"{r['head']} (epochs by {criterion})", []).append(m)
+        w = m["watch_time"]
+        calib.setdefault(r["head"], []).append(w["mean_pred"] / w["mean_label"])
+    print("\nwatch-time heads\n")
+    print(table(heads))
+    print("\n| watch head | mean prediction / mean label |\n|---|---:|")
     for head, v in calib.items():
         print(f"| {head} | {cell(v)} |")
-    print("\nselected (epoch, per-task epochs) per run:")
-    for r in raw:
-        print(f"  {r['head']} seed {r['seed']}: {r['selection']}")
-    print(f"\nraw: {args.json}")
 
 
 if __name__ == "__main__":
