@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ranker.config import load_config  # noqa: E402
+from ranker.config import SelectionConfig, load_config  # noqa: E402
 from training.loop import train  # noqa: E402
 
 CONFIG = ROOT / "configs/kuairand.toml"
@@ -68,7 +68,6 @@ def select(epochs: dict[str, dict[str, dict[str, float]]], criterion: str) -> in
     from a run's stored per-epoch validation metrics."""
     from torch import nn
 
-    from ranker.config import SelectionConfig
     from training.selection import Selector
 
     tasks = list(next(iter(epochs.values())))
@@ -129,7 +128,6 @@ def main() -> None:
                         f"training.seed={seed}",
                         f"training.epochs={args.epochs}",
                         f"training.threads={args.threads}",
-                        'training.selection.keep="per_head"',
                         f'training.run_dir="{Path(tmp) / "run"}"',
                     ],
                 )
@@ -137,7 +135,12 @@ def main() -> None:
                     t.model_copy(update={"loss": head}) if t.name == "watch_time" else t
                     for t in c.tasks
                 ]
-                c = c.model_copy(update={"tasks": tasks})
+                # every epoch validated, none stopped early, no refit: the history holds all
+                # the points the criteria are replayed on
+                every_epoch = c.training.model_copy(
+                    update={"refit": False, "selection": SelectionConfig(keep="per_head")}
+                )
+                c = c.model_copy(update={"tasks": tasks, "training": every_epoch})
                 t0 = time.perf_counter()
                 r = train(c, progress=False, export=False)
                 assert r.selection is not None
