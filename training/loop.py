@@ -452,6 +452,7 @@ def _fit(
                 metrics = next(h for h in history if h.get("epoch") == selected.epoch)["validation"]
         if plan is not None:
             selected = None
+        selected = dctx.broadcast_object(selected)  # every rank decides alike on a refit
     calibration: dict[str, float] = {}
     if dctx.is_main:  # ZILN heads: the mean right on the training rows (training/calibration.py)
         calibration = calibrate_means(config, model, val_builder, log, str(device))
