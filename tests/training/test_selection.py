@@ -194,3 +194,23 @@ def test_selection_criterion_names_an_unknown_task_or_metric(
         _config(tiny_world, tmp_path, 'training.selection.criterion="click.nope"')
     with pytest.raises(ConfigError, match=r"training.refit"):
         _config(tiny_world, tmp_path, "training.refit=true", "data.validation=false")
+
+
+def test_cli_names_the_key_of_an_empty_validation_split(tiny_world: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = [a for o in tiny_overrides(tiny_world, tmp_path) for a in ("--set", o)]
+    r = subprocess.run(
+        [sys.executable, "-m", "ranker", "train", "--config", str(DEFAULT_CONFIG), *args]
+        + ["--set", "data.validation_from=1e18", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data.validation_from" in lines[0]
