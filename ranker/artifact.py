@@ -6,6 +6,8 @@ One directory per exported version::
         manifest.json     format version, creation time, code version, tasks, sha256 per file,
                           offline metrics, model facts (FLOPs per row, architecture)
         config.json       the resolved training config (re-validated on load)
+        ranking.json      the ranking formula that fits the heads (``Config.effective_ranking``):
+                          what evaluate, tune and the service use when given no other
         encoder.json      vocabularies and normalisation statistics
         model.safetensors the weights (no pickle anywhere on this path)
 
@@ -34,10 +36,14 @@ from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
 from ranker.heads import output_dim
 from ranker.model import RankingModel
+from ranker.scoring import RankingConfig, RankingFormula
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FILES = ("config.json", "encoder.json", "model.safetensors")
+RANKING = "ranking.json"
+"""Written since the artifact carries its ranking config; older artifacts lack it (their config's
+derived ranking stands in), so it is verified when the manifest lists it, not required."""
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Artifact:
     config: Config
     encoder: FeatureEncoder
     model: RankingModel
+    ranking: RankingConfig
 
 
 def _sha256(path: Path) -> str:
@@ -114,6 +121,9 @@ def save_artifact(
     try:
         (tmp / "config.json").write_text(config.model_dump_json(indent=2))
         (tmp / "encoder.json").write_text(json.dumps(encoder.to_json()))
+        ranking = config.effective_ranking
+        RankingFormula(ranking, config.task_names)  # fits the heads, or nothing is written
+        (tmp / RANKING).write_text(ranking.model_dump_json(indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         manifest = {
@@ -129,7 +139,7 @@ def save_artifact(
                 "flops_per_row": model.flops_per_row(),
             },
             "position": position_note(config),
-            "files": {f: _sha256(tmp / f) for f in FILES},
+            "files": {f: _sha256(tmp / f) for f in (*FILES, RANKING)},
             "metrics": metrics or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -175,7 +185,7 @@ def load_artifact(path: Path) -> Artifact:
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path}: format version {got!r}, this code reads {FORMAT_VERSION}")
     files = manifest.get("files", {})
-    for f in FILES:
+    for f in (*FILES, *[RANKING] * (RANKING in files)):
         if f not in files:
             raise ArtifactError(f"{path}: manifest lists no checksum for {f}")
         if not (path / f).is_file():
@@ -185,6 +195,11 @@ def load_artifact(path: Path) -> Artifact:
     try:
         config = Config.model_validate_json((path / "config.json").read_text())
         encoder = FeatureEncoder.from_json(json.loads((path / "encoder.json").read_text()))
+        ranking = (
+            RankingConfig.model_validate_json((path / RANKING).read_text())
+            if RANKING in files
+            else config.effective_ranking
+        )
         model = build_model(config, encoder)
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -199,7 +214,7 @@ def load_artifact(path: Path) -> Artifact:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Artifact(path, manifest["version"], manifest, config, encoder, model)
+    return Artifact(path, manifest["version"], manifest, config, encoder, model, ranking)
 
 
 def manifest_summary(artifact: Artifact) -> dict[str, Any]:

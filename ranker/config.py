@@ -7,6 +7,7 @@ artifact and the service re-validates it with these same classes.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
 
 from ranker.allocator import GlibcMalloc
 from ranker.errors import ConfigError
+from ranker.scoring import HeadWeight, RankingConfig
 from ranker.weighting import WeightingConfig
 from ranker.weighting.equal import EqualConfig
 
@@ -128,9 +130,15 @@ class TaskSpec(Strict):
 
 
 class DataConfig(Strict):
+    """Where the data is. ``users`` and ``videos`` are optional: a log that carries every
+    feature in its own columns (census-income style data) needs neither; its features are then
+    all ``source = "context"`` (read from the log in training, from the request at serving). The
+    log still needs the id columns: ``user_key`` groups rows for GAUC, ``request_key`` makes the
+    lists of the per-request metrics."""
+
     log: Path = Field(description="a Parquet file or a directory of them (the impression log)")
-    users: Path
-    videos: Path
+    users: Path | None = Field(default=None, description="users table; needed by source 'user'")
+    videos: Path | None = Field(default=None, description="videos table; needed by 'video'")
     user_key: str = "user_id"
     video_key: str = "video_id"
     request_key: str = "request_id"
@@ -321,6 +329,30 @@ class Config(Strict):
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     position: PositionConfig = PositionConfig()
+    ranking: RankingConfig | None = Field(
+        default=None,
+        description="the ranking formula the exported artifact carries (the schema of "
+        "configs/ranking.toml); default: derived from the heads (see effective_ranking)",
+    )
+
+    @property
+    def effective_ranking(self) -> RankingConfig:
+        """The ranking config written into the artifact: ``[ranking]`` when given, else every
+        head at weight 1 in its served unit, heavy-tailed regression heads (the log-scale
+        losses, e.g. watch time) through ``log1p`` so that seconds do not drown probabilities.
+        A starting point that fits the model's heads, not tuned weights: ``ranker tune``
+        chooses those."""
+        if self.ranking is not None:
+            return self.ranking
+        log_scale = ("mse_log1p", "huber_log1p", "weighted_logistic")
+        return RankingConfig(
+            heads={
+                t.name: HeadWeight(
+                    weight=1.0, transform="log1p" if t.loss in log_scale else "identity"
+                )
+                for t in self.tasks
+            }
+        )
 
     @property
     def effective_features(self) -> list[FeatureSpec]:
@@ -371,6 +403,17 @@ class Config(Strict):
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")
+            if f.source in ("user", "video") and getattr(self.data, f"{f.source}s") is None:
+                raise ValueError(
+                    f"features: {f.name!r} has source {f.source!r} but data.{f.source}s is not "
+                    "set; a feature read from the log itself has source 'context'"
+                )
+        if self.ranking is not None:
+            unknown = sorted(set(self.ranking.heads) - set(self.task_names))
+            if unknown:
+                raise ValueError(
+                    f"ranking.heads: unknown head(s) {unknown}; tasks are {self.task_names}"
+                )
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:
@@ -419,8 +462,36 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "log"),
+    ("data", "users"),
+    ("data", "videos"),
+    ("training", "run_dir"),
+    ("export", "artifact_root"),
+)
+"""The config's file and folder paths: made absolute by :func:`load_config`."""
+
+
+def _anchor(data: dict[str, Any], base: Path, keys: set[tuple[str, str]]) -> None:
+    """Makes the relative paths under ``keys`` absolute against ``base`` (normalised, links not
+    followed), so the resolved config (the one in checkpoints and artifacts) means the same
+    files from any working directory."""
+    for section, key in keys:
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            node[key] = os.path.normpath(p if p.is_absolute() else base / p)  # type: ignore[index]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it."""
+    """Reads a TOML config, applies ``key.path=value`` overrides (TOML values), validates it.
+
+    Relative paths in the file resolve against the file's own folder (``configs/default.toml``
+    says ``../data/default/log``), so a config means the same files from any working directory;
+    relative paths given as overrides resolve against the working directory, as paths typed on
+    a command line do. Both end up absolute in the returned config.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -428,6 +499,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _anchor(data, path.absolute().parent, set(PATH_KEYS))
+    overridden: set[tuple[str, str]] = set()
     for o in overrides or []:
         _apply_override(data, o)
+        parts = tuple(o.partition("=")[0].strip().split("."))
+        if parts in PATH_KEYS:
+            overridden.add(parts)  # type: ignore[arg-type]
+    _anchor(data, Path.cwd(), overridden)
     return parse_config(data, str(path))

@@ -49,6 +49,11 @@ class FeatureTable:
             raise DataError(
                 f"{origin}: key column {key!r} is missing; columns are {table.schema.names}"
             )
+        if table.num_rows == 0:
+            raise DataError(
+                f"{origin}: the {source}s table has no rows; give a table with one row per "
+                f"{source}, or leave data.{source}s out when the log itself carries every feature"
+            )
         ids = as_int64_ids(table.column(key), f"{origin} column {key!r}")
         # Duplicate keys: the last row wins (tables are appended to over time).
         order = np.argsort(ids, kind="stable")
@@ -63,9 +68,19 @@ class FeatureTable:
         return cls(source, sorted_ids, rows)
 
     @classmethod
+    def absent(cls, encoder: FeatureEncoder, source: Source) -> FeatureTable:
+        """No table: every id resolves to the default row. What a config without
+        ``data.users`` / ``data.videos`` gets (it has no features of that source, so the default
+        row has no columns)."""
+        return cls(source, np.zeros(0, np.int64), encoder.defaults(source))
+
+    @classmethod
     def from_parquet(
-        cls, path: Path, key: str, encoder: FeatureEncoder, source: Source
+        cls, path: Path | None, key: str, encoder: FeatureEncoder, source: Source
     ) -> FeatureTable:
+        """The table at ``path``; :meth:`absent` when ``path`` is None (no table configured)."""
+        if path is None:
+            return cls.absent(encoder, source)
         try:
             table = pq.read_table(path)
         except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:

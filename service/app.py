@@ -23,7 +23,7 @@ import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
-from service.engine import ServingModel, load_formula, rank
+from service.engine import ServingModel, rank, serving_formula
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.threads)
         apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
         model = ServingModel.load(settings)
-        formula = load_formula(settings.ranking_config, model.artifact.config.task_names)
+        formula = serving_formula(settings.ranking_config, model)
         app.state.serving = ServingState(model, formula)
         log.info(
             "serving model %s from %s; position: %s",

@@ -81,6 +81,14 @@ def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
     return RankingFormula(load_ranking_config(path), tasks)
 
 
+def serving_formula(path: Path | None, model: ServingModel) -> RankingFormula:
+    """The file at ``path`` (``RANKER_RANKING_CONFIG``) when set, else the artifact's own."""
+    tasks = model.artifact.config.task_names
+    if path is None:
+        return RankingFormula(model.artifact.ranking, tasks)
+    return load_formula(path, tasks)
+
+
 def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) -> Encoded:
     """One encoded row ``(1, ...)`` from the request's context; absent keys get the defaults."""
     specs = encoder.of("context")

@@ -260,6 +260,8 @@ class Reloader:
         new_model = self._changed_model(current, explicit)
         if new_model is not None:
             models.insert(0, new_model)
+            if self.settings.ranking_config is None:  # the artifact's own ranking comes with it
+                configs.insert(0, new_model.artifact.ranking)
         # The first (model, config) pair that fits and warms, new ones first: a new model and a
         # new config naming its new head arrive together, and either alone may not fit the other.
         errors: dict[tuple[int, int], str] = {}
@@ -296,7 +298,10 @@ class Reloader:
         self, current: ServingState, explicit: bool
     ) -> RankingConfig | None:
         """The ranking config file's content when it differs from what serves and parses; an
-        unreadable or invalid file is refused (recorded), the served weights stay."""
+        unreadable or invalid file is refused (recorded), the served weights stay. None without
+        a ranking file: the artifact's own ranking arrives with its model."""
+        if self.settings.ranking_config is None:
+            return None
         path = Path(self.settings.ranking_config)
         digest = _file_digest(path)
         seen = (digest, current.model.version)

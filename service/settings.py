@@ -19,7 +19,11 @@ class Settings(BaseSettings):
         default=Path("artifacts/default"),
         description="an artifact version directory, or a directory whose newest version is served",
     )
-    ranking_config: Path = Path("configs/ranking.toml")
+    ranking_config: Path | None = Field(
+        default=None,
+        description="ranking config TOML; default: the one the artifact carries (its training "
+        "config's [ranking], or weights derived from its heads)",
+    )
     users: Path | None = Field(
         default=None, description="users table; default: the artifact config's"
     )

@@ -37,6 +37,11 @@ class FeatureStore(Protocol):
     async def close(self) -> None: ...
 
 
+def _path(p: str | Path | None) -> Path | None:
+    """None stays None: a config without a users or videos table has no features there."""
+    return None if p is None else Path(p)
+
+
 class InProcessStore:
     """Encoded feature tables in memory; lookups are vectorised ``searchsorted`` + gather."""
 
@@ -56,8 +61,8 @@ class InProcessStore:
     ) -> InProcessStore:
         d = config.data
         return cls(
-            FeatureTable.from_parquet(Path(users or d.users), d.user_key, encoder, "user"),
-            FeatureTable.from_parquet(Path(videos or d.videos), d.video_key, encoder, "video"),
+            FeatureTable.from_parquet(_path(users or d.users), d.user_key, encoder, "user"),
+            FeatureTable.from_parquet(_path(videos or d.videos), d.video_key, encoder, "video"),
         )
 
     async def lookup(self, user_id: int, video_ids: np.ndarray) -> Lookup:

@@ -91,11 +91,12 @@ def load_checkpoint(path: Path, config: Config) -> dict[str, Any]:
         for k in ("data", "features", "tasks", "model", "weighting", "position")
         if getattr(saved, k) != getattr(config, k)
     ]
-    if differ or saved.training.model_copy(update={"epochs": 0}) != config.training.model_copy(
-        update={"epochs": 0}
-    ):
+    # epochs may grow; run_dir is where the run lives now, not what it trains (a run folder
+    # that was moved resumes with --set training.run_dir=<its new place>)
+    free = {"epochs": 0, "run_dir": Path()}
+    if differ or saved.training.model_copy(update=free) != config.training.model_copy(update=free):
         raise TrainingError(
             f"cannot resume: the config differs from the checkpoint's in {differ or ['training']}"
-            " (only training.epochs may change)"
+            " (only training.epochs and training.run_dir may change)"
         )
     return state

@@ -98,7 +98,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         split=a.split,
         progress=not a.quiet,
         out=a.out,
-        ranking=Path(a.ranking),
+        ranking=Path(a.ranking) if a.ranking else None,
         k=a.k,
     )
     if a.json:
@@ -126,10 +126,16 @@ def cmd_push_features(a: argparse.Namespace) -> None:
         print(f"{redact(url)} {prefix}: version {current} is current again ({previous} kept)")
         return
     d = load_config(a.config, a.overrides).data
+    users, videos = a.users or d.users, a.videos or d.videos
+    if users is None or videos is None:
+        raise RankerError(
+            f"{a.config} names no {'users' if users is None else 'videos'} table (data.users / "
+            "data.videos): nothing to push; give --users and --videos"
+        )
     r = push_files(
         url,
-        Path(a.users or d.users),
-        Path(a.videos or d.videos),
+        Path(users),
+        Path(videos),
         d.user_key,
         d.video_key,
         prefix,
@@ -154,7 +160,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
         Path(a.out),
         log=a.log,
         split=a.split,
-        ranking=Path(a.ranking),
+        ranking=Path(a.ranking) if a.ranking else None,
         maximize=a.maximize,
         minimize=a.minimize,
         constraints=a.constraints,
@@ -232,7 +238,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--split", choices=["validation", "train", "all"], default="validation")
     e.add_argument("--out", help="write the metrics JSON here")
     e.add_argument(
-        "--ranking", default="configs/ranking.toml", help="ranking config for NDCG against truth"
+        "--ranking",
+        help="ranking config for the ranking-score metrics; default: the artifact's own",
     )
     e.add_argument("--k", type=int, default=10, help="cut-off for NDCG@k")
     e.add_argument("--json", action="store_true", help="also print the JSON")
@@ -264,7 +271,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--artifact", default="artifacts/default", help="version dir or its parent")
     u.add_argument("--log", help="Parquet log; default: the artifact config's")
     u.add_argument("--split", choices=["validation", "train", "all"], default="validation")
-    u.add_argument("--ranking", default="configs/ranking.toml", help="the current weights")
+    u.add_argument("--ranking", help="the current weights; default: the artifact's own")
     u.add_argument("--out", default="runs/tune", help="output folder")
     u.add_argument("--maximize", metavar="METRIC", help="e.g. watch_time@10 (docs/tuning.md)")
     u.add_argument("--minimize", metavar="METRIC")

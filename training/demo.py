@@ -106,6 +106,11 @@ def main() -> None:
     print("\n=== timings ===")
     for k, v in timings.items():
         print(f"{k:<16} {v:6.1f} s")
+    print(
+        "\nThe service has stopped. To rank requests yourself (README, 'Ranking a request'):\n"
+        f"  .venv/bin/ranker serve --artifact {artifact}\n"
+        "then, in another shell, the README's curl example against localhost:8000."
+    )
 
 
 if __name__ == "__main__":

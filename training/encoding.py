@@ -98,15 +98,26 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
         raise DataError(
             f"impression log {log.path}: no training rows before the time cutoff {log.cutoff}"
         )
-    users = read_table(str(d.users), "users")
-    videos = read_table(str(d.videos), "videos")
-    _fit_entity(fitter, users, d.user_key, users_seen, "user", str(d.users))
-    _fit_entity(fitter, videos, d.video_key, videos_seen, "video", str(d.videos))
+    tables: dict[Source, pa.Table | None] = {}
+    for source, path, key, seen in (
+        ("user", d.users, d.user_key, users_seen),
+        ("video", d.videos, d.video_key, videos_seen),
+    ):
+        tables[source] = None if path is None else read_table(str(path), f"{source}s")
+        if tables[source] is not None:
+            _fit_entity(fitter, tables[source], key, seen, source, str(path))
     encoder = fitter.finish()
     head_bias = {name: st.bias() for name, st in stats.items()}
+
+    def table(source: Source, path: object, key: str) -> FeatureTable:
+        t = tables[source]
+        if t is None:
+            return FeatureTable.absent(encoder, source)
+        return FeatureTable.build(t, key, encoder, source, str(path))
+
     return Fitted(
         encoder,
-        FeatureTable.build(users, d.user_key, encoder, "user", str(d.users)),
-        FeatureTable.build(videos, d.video_key, encoder, "video", str(d.videos)),
+        table("user", d.users, d.user_key),
+        table("video", d.videos, d.video_key),
         head_bias,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
-from ranker.errors import ArtifactError, TrainingError
+from ranker.errors import ArtifactError, ConfigError, TrainingError
 from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
@@ -30,12 +30,14 @@ def evaluate_artifact(
     split: Split = "validation",
     progress: bool = True,
     out: str | None = None,
-    ranking: Path | None = Path("configs/ranking.toml"),
+    ranking: Path | None = None,
     k: int = 10,
 ) -> dict[str, Any]:
     """Per-head metrics of an exported model on a log, with the artifact's own encoder; on a log
     with truth columns (the synthetic world) also the metrics against the truth, including
-    NDCG@k of the ranking score (``ranking`` config) against the true utility."""
+    NDCG@k of the ranking score against the true utility. The ranking score is the ``ranking``
+    file's, else the artifact's own; one that does not fit the heads costs the ranking metrics
+    only (the reason is printed and kept under ``ranking_score_missing``), never the heads'."""
     artifact = load_artifact(artifact_path)
     config = artifact.config
     if log:
@@ -52,9 +54,12 @@ def evaluate_artifact(
     builder = BatchBuilder(config, artifact.encoder, users, videos, extra, serving=True)
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
-    formula = None
-    if ranking is not None and Path(ranking).is_file():
-        formula = RankingFormula(load_ranking_config(ranking), config.task_names)
+    formula, missing = None, None
+    try:
+        chosen = load_ranking_config(ranking) if ranking is not None else artifact.ranking
+        formula = RankingFormula(chosen, config.task_names)
+    except ConfigError as e:
+        missing = str(e)
     truth = truth_metrics(config, preds, formula, k) if extra else {}
     ranking_score = logged_ranking_metrics(preds, formula, k) if formula is not None else {}
     result = json_ready(
@@ -65,7 +70,12 @@ def evaluate_artifact(
             "rows": len(preds),
             "position": artifact.manifest.get("position"),
             "heads": metrics,
+            "ranking": {
+                "config": str(ranking) if ranking is not None else "the artifact's own",
+                "version": formula.version if formula is not None else None,
+            },
             "ranking_score_logged": ranking_score,
+            "ranking_score_missing": missing,
             "truth": truth,
         }
     )
@@ -77,6 +87,8 @@ def evaluate_artifact(
             f"(per-request std {ranking_score[f'ndcg@{k}_std']:.4f}, "
             f"{int(ranking_score['requests'])} requests)"
         )
+    if missing:
+        print(f"no ranking score: {missing}")
     if truth:
         print(format_truth_table(truth))
     if out:

@@ -464,6 +464,14 @@ def build_report(
         ("epochs x batch size", f"{tr.epochs} x {tr.batch_size}"),
         ("learning rate", tr.lr),
         ("features", ", ".join(f"{f.name} ({f.source})" for f in config.features)),
+        (
+            "ranking it carries",
+            f"{art.ranking.formula}: "
+            + ", ".join(
+                f"{h} {w.weight:g}" + (f" ({w.transform})" if w.transform != "identity" else "")
+                for h, w in art.ranking.heads.items()
+            ),
+        ),
     ]
     task_rows = [[t.name, t.kind, t.label, t.loss, t.only_where or "", t.unit or ""] for t in tasks]
     body += _section(

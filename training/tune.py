@@ -868,7 +868,7 @@ def run_tune(
     *,
     log: str | None = None,
     split: Literal["train", "validation", "all"] = "validation",
-    ranking: Path = Path("configs/ranking.toml"),
+    ranking: Path | None = None,
     maximize: str | None = None,
     minimize: str | None = None,
     constraints: list[str] | None = None,
@@ -902,8 +902,10 @@ def run_tune(
     parse_goal(maximize, minimize, list(constraints or []), k)
     axes = [parse_metric(m, k, where=f"plot axis {m!r}") for m in (x, y)]
     tf = parse_transforms(list(transforms or []))
-    current = load_ranking_config(ranking)
+    current = load_ranking_config(ranking) if ranking is not None else None
     held = load_heldout(artifact, log, split, with_truth=True, progress=progress)
+    if current is None:  # the weights the artifact carries are the ones in use
+        current = held.artifact.ranking
     result = tune_predictions(
         held.predictions,
         held.config.tasks,
@@ -927,7 +929,7 @@ def run_tune(
         "version": held.artifact.version,
         "log": str(held.log.path),
         "split": split,
-        "ranking_config": str(ranking),
+        "ranking_config": str(ranking) if ranking is not None else "the artifact's own",
     }
     aliases = metric_aliases(result.metrics)
     xm, ym = (str(parse_metric(m, k, aliases, f"plot axis {m!r}")) for m in (x, y))

@@ -3,9 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ranker.config import load_config
 from ranker.errors import ConfigError
 from ranker.scoring import HeadWeight, RankingConfig, RankingFormula, load_ranking_config
-from tests.conftest import RANKING_CONFIG
+from tests.conftest import DEFAULT_CONFIG, RANKING_CONFIG
 
 PREDS = {
     "click": np.array([0.5, 0.2]),
@@ -54,3 +55,8 @@ def test_bad_ranking_config_names_the_key(tmp_path: Path) -> None:
     p.write_text("[heads.click]\nweight = 0.0\n")
     with pytest.raises(ConfigError, match="non-zero"):
         load_ranking_config(p)
+
+
+def test_the_default_training_config_carries_the_shipped_ranking_weights() -> None:
+    """configs/default.toml's [ranking] (what its artifacts carry) is configs/ranking.toml."""
+    assert load_config(DEFAULT_CONFIG).ranking == load_ranking_config(RANKING_CONFIG)

@@ -328,7 +328,7 @@ def test_a_half_copied_version_is_refused_then_loaded_once_complete(
 
         partial = root / "20300101T000001-copy"
         partial.mkdir()
-        for f in ("manifest.json", "config.json", "encoder.json"):
+        for f in ("manifest.json", "config.json", "encoder.json", "ranking.json"):
             shutil.copy(tiny_artifact / f, partial / f)
         until(lambda: ready()["last_reload_error"] is not None, "the partial copy refused")
         assert "model.safetensors is missing" in ready()["last_reload_error"]
