@@ -7,11 +7,12 @@ epoch counts and the best epoch by the default criterion, the mean relative vali
 come from the same run), and its final metrics are those of the per-head composite (shared
 layers at the best epoch, each tower at its own task's best epoch).
 
-    cd .. && PYTHONPATH=bestepoch .venv/bin/python bestepoch/bench/selection.py   # ~15 min
-    .venv/bin/python bench/selection.py --heads mse_log1p --seeds 1               # quick look
+    .venv/bin/python bench/selection.py                              # 4 heads x 3 seeds, ~15 min
+    .venv/bin/python bench/selection.py --heads mse_log1p --seeds 1  # quick look
+    .venv/bin/python bench/selection.py --from-json                  # the tables from the JSON
 
-The config's data paths are relative (``../shared/data/kuairand-pure-val``): run it from a
-directory where they resolve, or pass ``--data``. Prints markdown tables for
+The config's data paths are relative to the config file (``../../shared/data/...``); from a
+checkout elsewhere pass ``--data`` (the kuairand-pure-val folder). Prints markdown tables for
 ``docs/kuairand.md`` and writes the raw numbers to ``bench/results/selection.json``.
 """
 
