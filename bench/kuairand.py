@@ -1,17 +1,20 @@
-"""A real log: KuaiRand-Pure (Gao et al., CIKM 2022), shared-bottom vs MMoE vs PLE next to simple
-baselines, per head on the last day.
+"""A real log: KuaiRand-Pure (Gao et al., CIKM 2022), shared-bottom vs MMoE vs PLE vs
+cross-stitch, softmax vs DSelect-k gates, next to simple baselines, per head on the last day.
 
 Trains on 2022-04-25..29 and validates on 2022-04-30 with ``configs/kuairand.toml`` (the log's
 own columns mapped onto the ranker's tasks: click = is_click, watch_time = play_time_ms / 1000,
-like = is_like, long_view; no rating head), for each architecture and several seeds, with the
-sizes matched as in ``bench/architectures.py``. Baselines, fitted on the same training days:
+like = is_like, long_view; no rating head), for each candidate of ``bench/architectures.py`` and
+several seeds, with the sizes matched as there; the cost column is MFLOP per candidate, plain and
+with the service's user-side split. Baselines, fitted on the same training days:
 
 * global mean: every impression gets the training rate (mean watch time): AUC 0.5 by definition;
 * per-video rate: the video's training click / like / long-view rate (mean watch time), shrunk
   towards the global value with ``--prior`` pseudo-impressions; unseen videos get the global value.
 
-    .venv/bin/python bench/kuairand.py             # 3 archs x 3 seeds, ~4 min
+    .venv/bin/python bench/kuairand.py             # 5 candidates x 3 seeds, ~8 min
     .venv/bin/python bench/kuairand.py --seeds 1
+    .venv/bin/python bench/kuairand.py --only mmoe cross_stitch mmoe+dselect
+    .venv/bin/python bench/kuairand.py --data /work/shared/data/kuairand-pure-val  # a worktree
 
 The data lives beside the checkout (``../shared/data/kuairand-pure-val``); without it this
 script says so and exits 0. Prints the markdown table for ``docs/kuairand.md`` and writes the raw
@@ -38,14 +41,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from architectures import head_params, sized  # noqa: E402
+from architectures import (  # noqa: E402
+    CANDIDATES,
+    cost,
+    head_params,
+    sized,
+    sparsity,
+    stitch_units,
+    units_table,
+)
+from machine import cpu_model  # noqa: E402
 
 from ranker.config import SOURCES, Config, load_config  # noqa: E402
 from ranker.metrics import binary_summary, regression_summary  # noqa: E402
 from training.loop import train  # noqa: E402
 
 CONFIG = ROOT / "configs/kuairand.toml"
-ARCHS = ("shared_bottom", "mmoe", "ple")
+ARCHS = tuple(CANDIDATES)
 COLUMNS = (
     ("click", "auc"),
     ("click", "gauc"),
@@ -92,13 +104,21 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def table(rows: dict[str, list[dict[str, dict[str, float]]]], params: dict[str, int]) -> str:
-    head = "| model | params (non-emb.) | " + " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
+def table(
+    rows: dict[str, list[dict[str, dict[str, float]]]],
+    params: dict[str, int],
+    costs: dict[str, dict[str, float]] | None = None,
+) -> str:
+    costs = costs or {}
+    head = "| model | params (non-emb.) | MFLOP/cand. (served) | "
+    head += " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(COLUMNS)]
     for name, runs in rows.items():
         cells = [cell([r[t][m] for r in runs]) for t, m in COLUMNS]
         p = f"{params[name]:,}" if name in params else "-"
-        lines.append(f"| {name} | {p} | " + " | ".join(cells) + " |")
+        c = costs.get(name)
+        f = f"{c['mflop']:.3f} ({c['mflop_served']:.3f})" if c else "-"
+        lines.append(f"| {name} | {p} | {f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -107,9 +127,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="default: the config's")
     ap.add_argument("--prior", type=float, default=5.0, help="per-video baseline shrinkage")
+    ap.add_argument("--only", nargs="+", choices=ARCHS, default=list(ARCHS), help="candidates")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/kuairand.json")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="the sample's folder; default: the config's paths"
+    )
     args = ap.parse_args()
-    cfg = load_config(CONFIG)
+    data = (
+        [f'data.{n}="{args.data / f"{n}.parquet"}"' for n in ("log", "users", "videos")]
+        if args.data
+        else []
+    )
+    cfg = load_config(CONFIG, data)
     if not Path(cfg.data.log).exists():
         print(
             f"{cfg.data.log} does not exist: the KuaiRand sample lives beside the checkout "
@@ -125,14 +154,16 @@ def main() -> None:
     inputs = [f for f in cfg.effective_features if f.source in SOURCES]
     d_in = sum(cfg.model.embedding_dim if f.kind == "categorical" else 1 for f in inputs)
     params: dict[str, int] = {}
+    costs: dict[str, dict[str, float]] = {}
     raw: list[dict[str, Any]] = []
     gates: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for arch in ARCHS:
+            for arch in args.only:
                 model, _ = sized(arch, cfg.model, len(cfg.tasks), d_in)
                 sets = [
-                    f'model.architecture="{arch}"',
+                    f'model.architecture="{model.architecture}"',
+                    f'model.gate="{model.gate}"',
                     f"model.expert_hidden={model.expert_hidden}",
                     f"training.seed={seed}",
                     "training.threads=1",
@@ -140,10 +171,12 @@ def main() -> None:
                 ]
                 if args.epochs:
                     sets.append(f"training.epochs={args.epochs}")
-                c = load_config(CONFIG, sets)
+                c = load_config(CONFIG, data + sets)
                 t0 = time.perf_counter()
                 r = train(c, progress=False, export=False)
                 params[arch] = head_params(r.model)
+                costs[arch] = cost(r)
+                used = sparsity(c, r)
                 rows.setdefault(arch, []).append(r.metrics)
                 raw.append(
                     {
@@ -152,14 +185,18 @@ def main() -> None:
                         "metrics": r.metrics,
                         "gates": r.gate_utilisation,
                         "params": params[arch],
+                        "cost": costs[arch],
+                        "experts_per_gate": used,
+                        "stitch_units": stitch_units(r),
                     }
                 )
                 if seed == 0 and r.gate_utilisation:
                     gates[arch] = r.gate_utilisation
                 print(
                     f"seed {seed} {arch}: click auc {r.metrics['click']['auc']:.4f}, "
-                    f"like auc {r.metrics['like']['auc']:.4f} "
-                    f"({time.perf_counter() - t0:.0f} s)",
+                    f"like auc {r.metrics['like']['auc']:.4f}"
+                    + (f", experts per gate {used:.2f}" if used is not None else "")
+                    + f" ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -170,15 +207,21 @@ def main() -> None:
         )
     )
     print(
-        f"\nvalidation day 2022-04-30, {args.seeds} seeds, {time.perf_counter() - started:.0f} s\n"
+        f"\nvalidation day 2022-04-30, {args.seeds} seeds, {time.perf_counter() - started:.0f} s"
+        f" on {cpu_model()}, one torch thread\n"
     )
-    print(table(rows, params))
+    print(table(rows, params, costs))
     for arch, util in gates.items():
         experts = list(next(iter(util.values())))
         print(f"\ngate utilisation, {arch} (seed 0):\n")
         print("| gate | " + " | ".join(experts) + " |\n|---|" + "---:|" * len(experts))
         for task, row in util.items():
             print(f"| {task} | " + " | ".join(f"{row[e]:.2f}" for e in experts) + " |")
+    for run in raw:
+        if run["seed"] == 0 and run["stitch_units"] is not None:
+            print(
+                f"\nlast cross-stitch unit, seed 0:\n\n{units_table(cfg.task_names, run['stitch_units'][-1])}"
+            )
     print(f"\nraw: {args.json}")
 
 

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ranker
@@ -174,8 +176,46 @@ def resolve(path: Path) -> Path:
     return max(versions, key=lambda v: v.name)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Loads and verifies an artifact; raises :class:`ArtifactError` saying what is wrong."""
+def check_model_size(
+    path: Path,
+    config: Config,
+    encoder: FeatureEncoder,
+    max_parameters: int | None = None,
+    limit_name: str = "max_parameters",
+) -> int:
+    """The parameter count ``config.json`` and ``encoder.json`` describe, checked before anything
+    is allocated: the model is built on PyTorch's ``meta`` device (shapes, no storage), its size
+    is held against ``max_parameters`` (named ``limit_name`` in the error), and every shape
+    against ``model.safetensors``'s header (read without its data). An edited config with
+    inflated layer sizes is refused here instead of after allocating them (hundreds of MiB).
+    """
+    with torch.device("meta"):
+        shapes = build_model(config, encoder)
+    n = sum(p.numel() for p in shapes.parameters())
+    if max_parameters is not None and n > max_parameters:
+        mib = sum(p.numel() * p.element_size() for p in shapes.parameters()) / 2**20
+        raise ArtifactError(
+            f"{path}: config.json describes a model of {n:,} parameters ({mib:,.0f} MiB), "
+            f"more than the {max_parameters:,} allowed ({limit_name})"
+        )
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+            stored = tuple(f.get_slice(key).get_shape())
+            if key in expected and stored != expected[key]:
+                raise ArtifactError(
+                    f"{path}: weights do not fit the model: {key} is {list(stored)} in "
+                    f"model.safetensors, {list(expected[key])} by config.json"
+                )
+    return n
+
+
+def load_artifact(
+    path: Path, max_parameters: int | None = None, limit_name: str = "max_parameters"
+) -> Artifact:
+    """Loads and verifies an artifact; raises :class:`ArtifactError` saying what is wrong.
+    ``max_parameters``: refuse a model larger than that before building it
+    (:func:`check_model_size`)."""
     path = resolve(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -200,6 +240,7 @@ def load_artifact(path: Path) -> Artifact:
             if RANKING in files
             else config.effective_ranking
         )
+        check_model_size(path, config, encoder, max_parameters, limit_name)
         model = build_model(config, encoder)
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -4,8 +4,9 @@
 registers its own subcommands instead: ``training/cli.py`` and ``service/cli.py`` expose
 ``register(subparsers)``, found through the ``ranker.commands`` entry-point group that
 pyproject.toml declares. An installation whose metadata predates that group (an editable
-install not rerun since) finds no entry point; the command then registers the modules of this
-project's own packages (:data:`BUILTIN_COMMANDS`), by name, so it works either way.
+install not rerun since) finds no entry point there; this project's own modules
+(:data:`BUILTIN_COMMANDS`) are then imported by name, so the command works either way, and
+another installed package can add subcommands through the same group.
 
 Heavy imports happen inside each job so ``ranker --help`` is instant and the service does not
 import the trainer.
@@ -54,15 +55,16 @@ def parse_value(raw: str) -> Any:
 
 
 def command_registrars() -> list[Register]:
-    """The ``register`` functions of every package that contributes subcommands: the installed
-    entry points of :data:`ENTRY_POINT_GROUP`, else :data:`BUILTIN_COMMANDS`."""
-    order = {name: i for i, name in enumerate(BUILTIN_COMMANDS)}  # the jobs in pipeline order
-    found = sorted(
-        entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (order.get(ep.module, 99), ep.name)
-    )
-    if found:
-        return [ep.load() for ep in found]
-    return [importlib.import_module(name).register for name in BUILTIN_COMMANDS]
+    """The ``register`` functions of every package that contributes subcommands: this
+    project's own (:data:`BUILTIN_COMMANDS`, through their entry points when installed, by
+    module name when the installed metadata predates the group), then any other installed
+    entry point of :data:`ENTRY_POINT_GROUP`, each module once."""
+    installed = {ep.module: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    modules = [*BUILTIN_COMMANDS, *sorted(set(installed) - set(BUILTIN_COMMANDS))]
+    return [
+        installed[m].load() if m in installed else importlib.import_module(m).register
+        for m in modules
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,13 +172,21 @@ class ModelConfig(Strict):
       mixes its own and the shared experts, a shared gate mixes all of them for the next level;
       ``ple_levels = 1`` is CGC (Customized Gate Control). Every expert of every level is an MLP
       with ``expert_hidden`` layers.
+    * ``cross_stitch``: one column of ``expert_hidden`` layers per task, and after every layer
+      a learned ``T x T`` cross-stitch unit that mixes the tasks' activations (Misra et al.,
+      CVPR 2016), initialised with ``stitch_self`` on its diagonal (1: independent columns).
+
+    ``gate`` (mmoe, omoe, ple): ``softmax``, or ``dselect_k``: DSelect-k (Hazimeh et al.,
+    NeurIPS 2021), ``dselect_k`` single-expert selectors with smooth-step binary codes of width
+    ``dselect_gamma``, sparse once trained (at most ``dselect_k`` experts per gate), with an
+    entropy regulariser of weight ``dselect_entropy`` (:mod:`ranker.dselect`).
 
     ``gate_dropout``: in training, each expert's gate weight is dropped with this probability and
     the remaining weights renormalised (Zhao et al., RecSys 2019, section 4.2: it keeps gates
     from polarising onto one expert); no effect in evaluation or serving.
     """
 
-    architecture: Literal["mmoe", "omoe", "shared_bottom", "ple"] = "mmoe"
+    architecture: Literal["mmoe", "omoe", "shared_bottom", "ple", "cross_stitch"] = "mmoe"
     embedding_dim: int = Field(default=16, gt=0)
     num_experts: int = Field(default=6, gt=0, description="mmoe/omoe: experts in the bank")
     expert_hidden: list[int] = Field(default=[256, 128], min_length=1)
@@ -188,6 +196,17 @@ class ModelConfig(Strict):
     task_experts: int = Field(default=2, ge=0, description="ple: experts per task per level")
     shared_experts: int = Field(default=2, ge=0, description="ple: shared experts per level")
     ple_levels: int = Field(default=1, ge=1, le=8, description="ple: levels; 1 = CGC")
+    gate: Literal["softmax", "dselect_k"] = Field(
+        default="softmax", description="mmoe/omoe/ple: how a gate weighs its experts"
+    )
+    dselect_k: int = Field(default=2, ge=1, description="dselect_k: experts a gate may select")
+    dselect_gamma: float = Field(default=1.0, gt=0, description="dselect_k: smooth-step width")
+    dselect_entropy: float = Field(
+        default=1e-3, ge=0, description="dselect_k: weight of the selectors' entropy in the loss"
+    )
+    stitch_self: float = Field(
+        default=0.9, gt=0, le=1, description="cross_stitch: initial self weight of every unit"
+    )
 
     @field_validator("expert_hidden", "tower_hidden")
     @classmethod
@@ -207,6 +226,30 @@ class ModelConfig(Strict):
                 else "without task experts PLE degenerates to MMoE over the shared experts"
             )
             raise ValueError(f"architecture 'ple' needs >= 1 ({what})")
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_fits(cls, v: str, info: ValidationInfo) -> str:
+        arch = info.data.get("architecture")
+        if v == "dselect_k" and arch not in ("mmoe", "omoe", "ple"):
+            raise ValueError(f"'dselect_k' is a gate; architecture {arch!r} has no gates")
+        if v == "dselect_k" and info.data.get("gate_dropout", 0.0) > 0:
+            raise ValueError("gate_dropout drops softmax logits; 'dselect_k' does not take it")
+        return v
+
+    @field_validator("dselect_k")
+    @classmethod
+    def _k_fits(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("gate") != "dselect_k":
+            return v
+        d = info.data
+        if d.get("architecture") == "ple":  # a task gate sees its own and the shared experts
+            n = d.get("task_experts", 0) + d.get("shared_experts", 0)
+        else:
+            n = d.get("num_experts", 0)
+        if v > n:
+            raise ValueError(f"k = {v} is more than the {n} experts a gate sees")
         return v
 
 

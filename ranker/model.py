@@ -14,6 +14,11 @@
   a shared gate mixes *all* experts into the shared experts' input for the next level. Explicitly
   separated task experts are PLE's answer to the "seesaw" (one task improving at another's
   cost) that MMoE's all-shared experts show on weakly related tasks. One level is CGC.
+* ``cross_stitch``: one column per task, whose hidden layers are mixed after every layer by
+  learned linear cross-stitch units (Misra et al., CVPR 2016; :mod:`ranker.cross_stitch`).
+
+mmoe, omoe and ple gates are softmax gates or DSelect-k gates (``gate = "dselect_k"``, Hazimeh
+et al., NeurIPS 2021; :mod:`ranker.dselect`), which select at most ``k`` experts once trained.
 
 The model returns raw head outputs keyed by task name; losses, weighting and devices live outside.
 The state-dict keys of ``mmoe``, ``omoe`` and ``shared_bottom`` (``embed``, ``experts``, ``gate``,
@@ -28,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ranker.config import ModelConfig
+from ranker.cross_stitch import CrossStitchColumns
+from ranker.dselect import DSelectGateBank
 from ranker.modules import (
     ColumnSplit,
     ExpertBank,
@@ -52,7 +59,22 @@ class ModelOutput:
     gates: Tensor | None
     """``(B, T, E)`` gate weights of each task over :meth:`RankingModel.expert_names` (each row
     sums to 1; for ple the last level's gates, 0 on the other tasks' experts, which a task's gate
-    cannot see); ``None`` for shared-bottom, which has no gate."""
+    cannot see); ``None`` for shared-bottom and cross-stitch, which have no gates."""
+    regulariser: Tensor | None = None
+    """A scalar the trainer adds to the objective (DSelect-k's entropy term, training mode
+    only; its graph reaches the gates' parameters alone, :mod:`ranker.dselect`); ``None`` when
+    there is nothing to add."""
+
+
+def gate_bank(num_gates: int, in_dim: int, num_experts: int, config: ModelConfig) -> GateBank:
+    """The gates ``config.gate`` asks for: softmax (:class:`GateBank`, with gate dropout) or
+    DSelect-k (k capped by what the gate sees: PLE's shared gate sees more experts)."""
+    if config.gate == "dselect_k":
+        k = min(config.dselect_k, num_experts)
+        return DSelectGateBank(
+            num_gates, in_dim, num_experts, k, config.dselect_gamma, config.dselect_entropy
+        )
+    return GateBank(num_gates, in_dim, num_experts, config.gate_dropout)
 
 
 class ExtractionLevel(nn.Module):
@@ -65,7 +87,7 @@ class ExtractionLevel(nn.Module):
         in_dim: input size (the embeddings for level 1, the expert size ``H`` after it).
         hidden: layer sizes of every expert MLP.
         dropout: dropout inside the experts.
-        gate_dropout: see :func:`ranker.modules.gate_softmax`.
+        config: the gate settings (:func:`gate_bank`).
         last: the last level has no shared gate (nothing above reads the shared mixture).
     """
 
@@ -77,7 +99,7 @@ class ExtractionLevel(nn.Module):
         in_dim: int,
         hidden: list[int],
         dropout: float,
-        gate_dropout: float,
+        config: ModelConfig,
         last: bool,
     ) -> None:
         super().__init__()
@@ -85,8 +107,8 @@ class ExtractionLevel(nn.Module):
         self.num_tasks, self.task_experts, self.shared_experts = t, mt, ms
         self.task_bank = ExpertBank(t * mt, in_dim, hidden, dropout)  # task i: [i*mt, (i+1)*mt)
         self.shared_bank = ExpertBank(ms, in_dim, hidden, dropout)
-        self.task_gates = GateBank(t, in_dim, mt + ms, gate_dropout)
-        self.shared_gate = None if last else GateBank(1, in_dim, t * mt + ms, gate_dropout)
+        self.task_gates = gate_bank(t, in_dim, mt + ms, config)
+        self.shared_gate = None if last else gate_bank(1, in_dim, t * mt + ms, config)
         self.out_dim = self.task_bank.out_dim
         # owner[k]: the task whose input expert k of the task bank reads (deeper levels)
         self.register_buffer(
@@ -182,8 +204,10 @@ class RankingModel(nn.Module):
         self.embed = FeatureEmbedding(cardinalities, num_numeric, config.embedding_dim, cat_widths)
         d_in = self.embed.out_dim
         self.experts: ExpertBank | None = None
-        self.gate: nn.Linear | None = None
+        self.gate: nn.Linear | None = None  # softmax gates of mmoe / omoe
+        self.dselect: DSelectGateBank | None = None  # their DSelect-k gates instead
         self.levels = nn.ModuleList()  # ple only
+        self.columns: CrossStitchColumns | None = None  # cross_stitch only
         self.n_gates = 0
         if self.arch == "ple":
             if config.task_experts < 1 or config.shared_experts < 1:
@@ -197,17 +221,32 @@ class RankingModel(nn.Module):
                     d,
                     config.expert_hidden,
                     config.dropout,
-                    config.gate_dropout,
+                    config,
                     last=level == config.ple_levels - 1,
                 )
                 self.levels.append(lvl)
                 d = lvl.out_dim
             h = d
+        elif self.arch == "cross_stitch":
+            self.columns = CrossStitchColumns(
+                len(tasks), d_in, config.expert_hidden, config.dropout, config.stitch_self
+            )
+            h = self.columns.out_dim
         else:
             n_experts = 1 if self.arch == "shared_bottom" else config.num_experts
             self.experts = ExpertBank(n_experts, d_in, config.expert_hidden, config.dropout)
             self.n_gates = {"mmoe": len(tasks), "omoe": 1, "shared_bottom": 0}[self.arch]
-            self.gate = nn.Linear(d_in, self.n_gates * n_experts) if self.n_gates else None
+            if self.n_gates and config.gate == "dselect_k":
+                self.dselect = DSelectGateBank(
+                    self.n_gates,
+                    d_in,
+                    n_experts,
+                    config.dselect_k,
+                    config.dselect_gamma,
+                    config.dselect_entropy,
+                )
+            elif self.n_gates:
+                self.gate = nn.Linear(d_in, self.n_gates * n_experts)
             h = self.experts.out_dim
         dims = {t: 1 for t in tasks} | (output_dims or {})
         self.output_dims = {t: dims[t] for t in tasks}
@@ -227,11 +266,14 @@ class RankingModel(nn.Module):
     def expert_names(self) -> list[str]:
         """Names of the experts the ``gates`` of :class:`ModelOutput` weigh, in their order:
         ``e0..`` (mmoe, omoe), ``bottom`` (shared-bottom), ``<task>.<i>`` then ``shared.<i>``
-        (ple, last level)."""
+        (ple, last level); for cross-stitch (no gates) the columns of ``representation``,
+        named by task."""
         if self.arch == "ple":
             c = self.config
             own = [f"{t}.{i}" for t in self.tasks for i in range(c.task_experts)]
             return own + [f"shared.{i}" for i in range(c.shared_experts)]
+        if self.columns is not None:
+            return list(self.tasks)
         assert self.experts is not None
         if self.arch == "shared_bottom":
             return ["bottom"]
@@ -241,13 +283,17 @@ class RankingModel(nn.Module):
         """Parameters every task's loss flows through (what gradient-based weighting balances):
         the embeddings and the experts (mmoe, omoe, shared-bottom) and omoe's single gate; for
         ple the embeddings, every level's shared experts and, below the last level, the task
-        experts and shared gates that feed the next level's shared experts. Per-task gates (stored
-        as one tensor, one slice per task) and towers are not shared."""
+        experts and shared gates that feed the next level's shared experts; for cross-stitch
+        the embeddings, every column and every unit but the last
+        (:meth:`CrossStitchColumns.shared_parameters`). Per-task gates (stored as one tensor,
+        one slice per task) and towers are not shared."""
         params = list(self.embed.parameters())
         if self.experts is not None:
             params += list(self.experts.parameters())
-        if self.gate is not None and self.n_gates == 1:  # omoe: one gate for every task
-            params += list(self.gate.parameters())
+        if self.n_gates == 1:  # omoe: one gate for every task
+            params += list((self.gate or self.dselect or nn.Identity()).parameters())
+        if self.columns is not None:
+            params += self.columns.shared_parameters()
         for lvl in self.levels:
             assert isinstance(lvl, ExtractionLevel)
             params += lvl.shared_parameters()
@@ -288,22 +334,40 @@ class RankingModel(nn.Module):
                 last = self.levels[-1]
                 assert isinstance(last, ExtractionLevel)
                 gates = last.full_gates(gates)  # (B, T, E_all)
+        elif self.columns is not None:
+            mixed, rep = self.columns(x)  # (B, T, H) each
+            gates = None
         else:
             assert self.experts is not None
             rep = self.experts(x)  # (B, E, H)
-            if self.gate is None:
+            if self.n_gates == 0:
                 mixed = rep[:, 0:1, :].expand(-1, t, -1)  # (B, T, H)
                 gates = None
             else:
-                logits = first_linear(x, self.gate.weight.T, self.gate.bias)
-                logits = logits.view(b, self.n_gates, -1)  # (B, G, E)
-                gates = gate_softmax(logits, self.config.gate_dropout, self.training)
+                if self.dselect is not None:
+                    gates = self.dselect(x)  # (B, G, E)
+                else:
+                    assert self.gate is not None
+                    logits = first_linear(x, self.gate.weight.T, self.gate.bias)
+                    logits = logits.view(b, self.n_gates, -1)  # (B, G, E)
+                    gates = gate_softmax(logits, self.config.gate_dropout, self.training)
                 mixed = torch.bmm(gates, rep)  # (B, G, H)
                 if self.n_gates == 1:
                     gates = gates.expand(-1, t, -1)
                     mixed = mixed.expand(-1, t, -1)
         raw = {name: self._head(name, mixed[:, i]) for i, name in enumerate(self.tasks)}
-        return ModelOutput(raw, rep, gates)
+        return ModelOutput(raw, rep, gates, self._regulariser())
+
+    def _regulariser(self) -> Tensor | None:
+        """The sum of what this forward's DSelect-k gates left in ``regulariser`` (training)."""
+        if not self.training or self.config.gate != "dselect_k":
+            return None
+        terms = [
+            m.regulariser
+            for m in self.modules()
+            if isinstance(m, DSelectGateBank) and m.regulariser is not None
+        ]
+        return torch.stack(terms).sum() if terms else None
 
     def _head(self, task: str, x: Tensor) -> Tensor:
         out = self.towers[task](x)  # (B, K)
@@ -331,8 +395,12 @@ class RankingModel(nn.Module):
                 total += 2 * m.in_features * m.out_features
         if self.experts is not None:
             total += self.experts.flops_per_row()
-            if self.gate is not None:
+            if self.n_gates:
                 total += 2 * self.n_gates * self.experts.num_experts * self.experts.out_dim
+            if self.dselect is not None:
+                total += self.dselect.flops_per_row()
+        if self.columns is not None:
+            total += self.columns.flops_per_row()
         for lvl in self.levels:
             assert isinstance(lvl, ExtractionLevel)
             total += lvl.flops_per_row()
@@ -346,6 +414,12 @@ class RankingModel(nn.Module):
             banks = [lvl.task_bank.weights[0], lvl.shared_bank.weights[0]]
             gates = [lvl.task_gates.weight] + ([lvl.shared_gate.weight] if lvl.shared_gate else [])
             return sum(w.shape[0] * w.shape[2] for w in banks + gates)
+        if self.columns is not None:
+            w0 = self.columns.layers[0].weights[0]  # type: ignore[union-attr]
+            return w0.shape[0] * w0.shape[2]
         assert self.experts is not None
         w0 = self.experts.weights[0]
-        return w0.shape[0] * w0.shape[2] + (self.gate.out_features if self.gate else 0)
+        gate = self.gate.out_features if self.gate else 0
+        if self.dselect is not None:
+            gate = self.dselect.weight.shape[0] * self.dselect.weight.shape[2]
+        return w0.shape[0] * w0.shape[2] + gate

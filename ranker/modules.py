@@ -1,8 +1,9 @@
 """Building blocks of the ranking models: embeddings (with mean-pooled multi-valued features),
 MLPs, a fused bank of expert MLPs and a bank of softmax gates (with gate dropout).
 
-Every architecture in :mod:`ranker.model` (shared-bottom, OMoE, MMoE, PLE/CGC) is these parts
-arranged differently, so a comparison between them measures the arrangement, not the parts.
+Every architecture in :mod:`ranker.model` (shared-bottom, OMoE, MMoE, PLE/CGC, cross-stitch) is
+these parts arranged differently, so a comparison between them measures the arrangement, not the
+parts (DSelect-k gates, :mod:`ranker.dselect`, are a :class:`GateBank` too).
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ class FeatureEmbedding(nn.Module):
         starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
         starts = starts[: len(cardinalities)]
         width_t = torch.tensor(widths, dtype=torch.long)
-        feature_of = torch.repeat_interleave(torch.arange(len(widths)), width_t)  # (C,)
+        # output_size: no data-dependent size, so the module also builds on the "meta" device
+        feature_of = torch.repeat_interleave(
+            torch.arange(len(widths)), width_t, output_size=sum(widths)
+        )  # (C,)
         first = torch.zeros(len(feature_of), dtype=torch.bool)  # (C,) first column of a feature
         first[width_t.cumsum(0) - width_t] = True
         # Buffers are derived from the constructor arguments, never saved (state_dict unchanged).
@@ -290,13 +294,18 @@ class GateBank(nn.Module):
 
     def forward(self, x: Tensor | SplitInput) -> Tensor:
         """``x (B, In)`` (or split) or ``(B, G, In)`` -> gate weights ``(B, G, E)``."""
+        return gate_softmax(self.linear(x), self.dropout, self.training)
+
+    def linear(self, x: Tensor | SplitInput) -> Tensor:
+        """The gates' logits ``(B, G, E)`` (also what :class:`ranker.dselect.DSelectGateBank`
+        turns into selector codes)."""
         g, d_in, e = self.weight.shape
         if isinstance(x, SplitInput) or x.dim() == 2:  # one matmul for every gate
             flat = self.weight.permute(1, 0, 2).reshape(d_in, g * e)  # (In, G*E)
             logits = first_linear(x, flat, None).view(-1, g, e)
         else:  # one matmul per gate: (G, B, In) @ (G, In, E)
             logits = torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # (B, G, E)
-        return gate_softmax(logits + self.bias, self.dropout, self.training)
+        return logits + self.bias
 
     def flops_per_row(self) -> int:
         return 2 * self.weight.numel()

@@ -60,12 +60,12 @@ def load_ranking_config(path: str | Path) -> RankingConfig:
     try:
         return RankingConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"invalid ranking config {path}:"]
+        problems = []  # one line: the CLI's error line, a log record, /readyz's last error
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msg = "unknown key (misspelt?)" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {loc}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(f"invalid ranking config {path}: {'; '.join(problems)}") from None
 
 
 def _apply(transform: Transform, x: np.ndarray) -> np.ndarray:

@@ -23,7 +23,8 @@ import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
-from service.engine import ServingModel, rank, serving_formula
+from service.docs_page import install_docs
+from service.engine import rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
@@ -37,7 +38,7 @@ from service.schemas import (
     ValidationProblem,
 )
 from service.settings import Settings
-from service.state import ServingState
+from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("ranker.service")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that disconnected first
@@ -74,17 +75,24 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, preloaded: ServingState | None = None) -> FastAPI:
+    """The app for ``settings``. ``preloaded``: the model and formula ``ranker serve`` loaded
+    before starting uvicorn (so that a start-up error is one line, not a traceback from inside
+    the server); None: the lifespan loads them."""
     settings = settings or Settings()
+    # A list emptied at start-up: the closure must not keep the first model alive past reloads.
+    handed_over = [preloaded] if preloaded is not None else []
+    del preloaded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
-        model = ServingModel.load(settings)
-        formula = serving_formula(settings.ranking_config, model)
-        app.state.serving = ServingState(model, formula)
+        first = handed_over.pop() if handed_over else load_serving_state(settings)
+        model, formula = first.model, first.formula
+        app.state.serving = first
+        del first
         log.info(
             "serving model %s from %s; position: %s",
             model.version,
@@ -111,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=ranker.__version__,
         description="Ranks candidate videos by a weighted combination of MMoE head predictions.",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: the same pages, with a note for when the CDN is away
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.degraded_responses = 0  # responses ranked on defaults because of a store fault
@@ -179,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "ranking_version": state.formula.version,
             "user_known": not r.lookup.user_missing,
             "unknown_videos": int(r.lookup.videos_missing.sum()),
+            "unknown_context": list(r.unknown_context),
             "degraded": r.lookup.degraded is not None,
             "degraded_reason": r.lookup.degraded,
         }
@@ -197,9 +208,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: a model is loaded. The feature store's state is reported (``store_ok``,
-        ``detail``, ``degraded_responses``) but does not make the replica unready: every replica
-        shares the store, so failing readiness on a store fault would turn degraded answers
-        into no answers at all."""
+        ``detail``, ``degraded_responses``, and ``degraded`` with its reason while the store
+        fails) but does not make the replica unready: every replica shares the store, so
+        failing readiness on a store fault would turn degraded answers into no answers at all."""
         state: ServingState | None = getattr(request.app.state, "serving", None)
         if state is None:
             body = Readiness(ready=False, model_version=None, ranking_version=None, store="none")
@@ -213,6 +224,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store_ok=ok,
             degraded_responses=request.app.state.degraded_responses,
             detail=detail,
+            degraded=not ok,
+            degraded_reason=None if ok else f"feature store: {detail}; ranking on default features",
             position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
         )
         reloader: Reloader | None = getattr(request.app.state, "reloader", None)
@@ -223,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(status_code=200, content=body.model_dump())
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    install_docs(app)
     install_admin(app, settings)  # /admin/* only with RANKER_ADMIN_TOKEN
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_observability(app)  # last: its middleware is the outermost, /metrics is added

@@ -1,15 +1,59 @@
 """The service's subcommand of ``ranker``: ``serve``. :func:`register` adds it to the command
-line :mod:`ranker.cli` builds (found through the ``ranker.commands`` entry point)."""
+line :mod:`ranker.cli` builds (found through the ``ranker.commands`` entry point).
+
+Start-up errors (no artifact, a corrupt one, an invalid ranking config, a bad ``RANKER_*``
+value) end ``ranker serve`` like every other command: one ``error: ...`` line on stderr, exit
+status 2, and one structured record in the JSON log. The model is therefore loaded before
+uvicorn starts (inside uvicorn, a failing lifespan is a traceback and exit status 3): with one
+worker the loaded state is handed to the app; with several, a spawned process loads it once to
+check, and each worker loads its own.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
-from ranker.errors import RankerError
+from ranker.errors import ConfigError, RankerError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger("ranker.service")
+
+
+def load_settings() -> Settings:
+    """``Settings()`` from the environment; an invalid value is a :class:`ConfigError` naming
+    the variable, on one line."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"RANKER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors(include_url=False)
+        )
+        raise ConfigError(problems) from None
+
+
+def start_up_error() -> str | None:
+    """Loads what ``RANKER_*`` names as a worker would and says what is wrong, or None. Run in
+    a spawned process for ``--workers N``: the supervisor never holds a model."""
+    from service.state import load_serving_state
+
+    try:
+        load_serving_state(load_settings())
+    except RankerError as e:
+        return str(e)
+    return None
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    import logging.config
     import os
 
     import uvicorn
@@ -19,13 +63,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
             os.environ[f"RANKER_{key}"] = str(value)
     from service.logs import logging_config
     from service.observability import multiprocess_metrics
-    from service.settings import Settings, threads_per_worker
+    from service.settings import threads_per_worker
 
     if a.workers < 1:
         raise RankerError(f"--workers {a.workers}: at least 1")
     if a.workers > 1 and "RANKER_THREADS" not in os.environ:
         os.environ["RANKER_THREADS"] = str(threads_per_worker(a.workers, os.cpu_count()))
-    settings = Settings()
+    settings = load_settings()
     host = a.host or settings.host
     port = a.port if a.port is not None else settings.port
     options: dict[str, Any] = {
@@ -35,6 +79,26 @@ def cmd_serve(a: argparse.Namespace) -> None:
         "log_config": logging_config(settings.log_level),  # JSON lines, in every worker
         "access_log": False,  # the service's request log replaces uvicorn's
     }
+    logging.config.dictConfig(options["log_config"])  # the start-up lines are JSON lines too
+    state = None
+    if a.workers == 1:
+        from service.state import load_serving_state
+
+        try:
+            state = load_serving_state(settings)
+        except RankerError as e:
+            log.error("start-up failed: %s", e)
+            raise
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            error = pool.submit(start_up_error).result()
+        if error is not None:
+            log.error("start-up failed: %s", error)
+            raise RankerError(error)
     from service.shutdown import exit_zero_on_sigterm
 
     exit_zero_on_sigterm()  # uvicorn re-raises SIGTERM after draining: exit 0, not 143
@@ -46,7 +110,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         else:
             from service.app import create_app
 
-            uvicorn.run(create_app(settings), **options)
+            app = create_app(settings, state)
+            del state  # the app holds it until a reload replaces it; this frame must not
+            uvicorn.run(app, **options)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

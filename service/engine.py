@@ -46,14 +46,19 @@ class ServingModel:
     # Encoded request contexts: a handful of distinct values (device x hour) repeat on every
     # request, and encoding one through Arrow costs ~0.3 ms. Keyed with each value's type, as
     # 1, 1.0 and True encode differently for a string vocabulary.
-    _contexts: dict[tuple, Encoded] = field(default_factory=dict, repr=False)
+    _contexts: dict[tuple, tuple[Encoded, tuple[str, ...]]] = field(
+        default_factory=dict, repr=False
+    )
 
-    def context(self, context: dict[str, ContextValue]) -> Encoded:
-        """The encoded context row, from the cache when this exact context was seen."""
+    def context(self, context: dict[str, ContextValue]) -> tuple[Encoded, tuple[str, ...]]:
+        """The encoded context row and the features whose given value the model does not know
+        (:func:`unknown_context`), from the cache when this exact context was seen."""
         key = tuple((k, type(v), v) for k, v in sorted(context.items()))
         hit = self._contexts.get(key)
         if hit is None:
-            hit = encode_context(self.artifact.encoder, context)  # raises on a bad value
+            enc = self.artifact.encoder
+            row = encode_context(enc, context)  # raises on a bad value
+            hit = (row, unknown_context(enc, context, row))
             if len(self._contexts) >= CONTEXT_CACHE_ENTRIES:
                 self._contexts.clear()
             self._contexts[key] = hit
@@ -65,7 +70,7 @@ class ServingModel:
 
     @classmethod
     def load(cls, settings: Settings, store: FeatureStore | None = None) -> ServingModel:
-        artifact = load_artifact(settings.artifact)
+        artifact = load_artifact(settings.artifact, *parameter_limit(settings))
         if store is None and settings.redis_url is not None:
             from service.redis_store import RedisStore
 
@@ -75,6 +80,11 @@ class ServingModel:
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
         return cls(artifact, make_predictor(artifact, settings), store)
+
+
+def parameter_limit(settings: Settings) -> tuple[int, str]:
+    """``load_artifact``'s size limit and the setting that names it in a refusal."""
+    return settings.max_model_parameters, "RANKER_MAX_MODEL_PARAMETERS"
 
 
 def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
@@ -120,6 +130,23 @@ def encode_context(encoder: FeatureEncoder, context: dict[str, ContextValue]) ->
     return encoder.encode(pa.table(columns), "context", "request")
 
 
+def unknown_context(
+    encoder: FeatureEncoder, context: dict[str, ContextValue], row: Encoded
+) -> tuple[str, ...]:
+    """The categorical context features the request gave a value for that encode as the
+    unknown bucket (code 0: never seen in training, or too rare): the model ranks them exactly
+    as if the request had left them out, so the response names them (as it names unknown
+    users and videos) instead of answering silently."""
+    names = []
+    col = 0
+    for f in encoder.of("context", "categorical"):
+        codes = row.cat[0, col : col + f.width]
+        col += f.width
+        if context.get(f.name) is not None and not codes.any():
+            names.append(f.name)
+    return tuple(names)
+
+
 @dataclass
 class Ranked:
     video_ids: np.ndarray  # (k,) in ranked order
@@ -130,6 +157,7 @@ class Ranked:
     started: float = 0.0  # perf_counter() at the start: observability times what came before
     all_scores: np.ndarray | None = None  # (n,) every candidate, request order (for metrics)
     all_predictions: dict[str, np.ndarray] | None = None  # task -> (n,), request order
+    unknown_context: tuple[str, ...] = ()  # context features given a value the model lacks
 
 
 def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
@@ -163,7 +191,7 @@ async def rank(
 ) -> Ranked:
     """Scores every candidate and returns them best first (ties keep the request's order)."""
     t0 = time.perf_counter()
-    ctx = model.context(context)
+    ctx, unknown = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
     t1 = time.perf_counter()
     preds = forward_rows(model, lookup, ctx)
@@ -183,4 +211,5 @@ async def rank(
         started=t0,
         all_scores=scores,
         all_predictions=preds,
+        unknown_context=unknown,
     )

@@ -162,6 +162,7 @@ class _Outcome:
     degraded: bool
     user_known: bool
     unknown_videos: int
+    unknown_context: tuple[str, ...]
     scores: np.ndarray  # (n,) every scored candidate
     predictions: dict[str, np.ndarray]  # task -> (n,)
 
@@ -243,6 +244,13 @@ class Observability:
         self.unknown_videos = Counter(
             "ranker_unknown_videos",
             "Candidates the feature store does not know (degraded responses excluded)",
+            registry=reg,
+        )
+        self.unknown_context = Counter(
+            "ranker_unknown_context_values",
+            "Rank requests whose context gave a value the model does not know, by feature "
+            "(ranked as if the feature were absent)",
+            ["feature"],
             registry=reg,
         )
         self.degraded = Counter(
@@ -344,6 +352,8 @@ class Observability:
                 self.unknown_users.inc()
             if out.unknown_videos:
                 self.unknown_videos.inc(out.unknown_videos)
+        for feature in out.unknown_context:
+            self.unknown_context.labels(feature).inc()
         for name, values in out.predictions.items():
             head = self._heads.get(name)
             if head is not None:
@@ -422,6 +432,7 @@ def _outcome(ex: _Exchange) -> _Outcome | None:
         degraded=r.lookup.degraded is not None,
         user_known=not r.lookup.user_missing,
         unknown_videos=int(r.lookup.videos_missing.sum()),
+        unknown_context=r.unknown_context,
         scores=scores,
         predictions=preds,
     )
@@ -514,6 +525,7 @@ def _log_fields(
         "degraded": None,
         "user_known": None,
         "unknown_videos": None,
+        "unknown_context": None,
         "stages_ms": None,
     }
     if out is not None:
@@ -521,6 +533,7 @@ def _log_fields(
         fields["degraded"] = out.degraded
         fields["user_known"] = out.user_known
         fields["unknown_videos"] = out.unknown_videos
+        fields["unknown_context"] = list(out.unknown_context)
         fields["stages_ms"] = {k: round(v * 1000, 3) for k, v in out.stages.items()}
     return fields
 

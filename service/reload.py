@@ -43,7 +43,13 @@ from pydantic import ValidationError
 from ranker.artifact import Artifact, list_versions, load_artifact, resolve
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from ranker.scoring import RankingConfig, RankingFormula, load_ranking_config
-from service.engine import ServingModel, encode_context, make_predictor, score_rows
+from service.engine import (
+    ServingModel,
+    encode_context,
+    make_predictor,
+    parameter_limit,
+    score_rows,
+)
 from service.schemas import Problem, ReloadRequest, ReloadResult, ValidationProblem
 from service.settings import Settings
 from service.state import ServingState
@@ -56,6 +62,8 @@ log = logging.getLogger("ranker.service.reload")
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 WARM_ROWS = 8  # candidates in the warm-up forward pass: enough to run every layer once
 REFREEZE_DELAY_S = 2.0  # after a swap, long enough for requests on the old state to finish
+# An absolute path in a message: a slash at the start or after a space, quote or parenthesis.
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(])/[^\s'\":;,()]+")
 
 Stamp = tuple[tuple[str, int, int], ...]
 
@@ -165,9 +173,27 @@ class Reloader:
 
     @property
     def last_error(self) -> str | None:
-        """Why the newest artifact or ranking config is not what serves; None when it is."""
+        """Why the newest artifact or ranking config is not what serves; None when it is. For
+        ``/readyz`` and the admin answer: versions and files by name, never the machine's paths
+        (the log has those)."""
         errors = [e for e in (self.model_error, self.ranking_error) if e]
-        return "; ".join(errors) or None
+        return self.public("; ".join(errors)) or None
+
+    def public(self, text: str) -> str:
+        """``text`` with paths replaced: a path under the artifact root by ``version <name>``
+        (and the file below it), the root by ``RANKER_ARTIFACT``, the ranking config by its
+        file name, and any other absolute path by its last component."""
+        named: list[tuple[Path, str]] = [(self.root, "RANKER_ARTIFACT")]
+        if self.settings.ranking_config is not None:
+            ranking = Path(self.settings.ranking_config)
+            named.insert(0, (ranking, ranking.name))
+        for path, label in named:
+            forms = sorted({str(path), str(path.absolute()), str(path.resolve())}, key=len)
+            for form in reversed(forms):  # longest first: one form may prefix another
+                if path == self.root:
+                    text = text.replace(form + "/", "version ")
+                text = text.replace(form, label)
+        return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name or m.group(0), text)
 
     def start(self) -> None:
         if self.interval > 0:
@@ -214,12 +240,15 @@ class Reloader:
         refused. ``explicit`` (the admin endpoint) retries inputs refused before and, without a
         ``version``, ends a pin."""
         async with self._lock:
+            pinned_before = self.pinned
             if version is not None:  # lists a directory: off the event loop too
                 self.pinned = await asyncio.to_thread(self.version_path, version)
             elif explicit:
                 self.pinned = None
             before = self.state
             plan = await asyncio.to_thread(self._plan, before, explicit)
+            if version is not None and plan.model.artifact.path != self.pinned:
+                self.pinned = pinned_before  # the named version was refused: no pin taken
             if plan.model.store is not before.model.store:
                 # A new Redis store reads the current version's meta now, not on a request.
                 ok, detail = await plan.model.store.ready()
@@ -338,7 +367,7 @@ class Reloader:
             return None
         log.info("loading model version %s from %s", target.name, target)
         try:
-            artifact = load_artifact(target)
+            artifact = load_artifact(target, *parameter_limit(self.settings))
             store = store_for(artifact, current.model.store, self.settings)
             return ServingModel(artifact, make_predictor(artifact, self.settings), store)
         except RankerError as e:

@@ -62,6 +62,11 @@ class RankResponse(BaseModel):
     ranking_version: str
     user_known: bool
     unknown_videos: int
+    unknown_context: list[str] = Field(
+        default_factory=list,
+        description="context features whose value the model does not know (never seen in "
+        "training): ranked as if the request had left them out",
+    )
     degraded: bool = Field(
         default=False, description="ranked on default features because of a feature-store fault"
     )
@@ -81,6 +86,12 @@ class Readiness(BaseModel):
     store_ok: bool = True
     degraded_responses: int = 0
     detail: str | None = None
+    degraded: bool = Field(
+        default=False,
+        description="the feature store fails: responses are ranked on default features (every "
+        "candidate ties on them); still ready, since it still answers",
+    )
+    degraded_reason: str | None = None
     position: str | None = None  # what the served model does with position (from the manifest)
     reloads: int = Field(default=0, description="model or ranking swaps since start")
     last_reload_error: str | None = Field(

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1 << 20, gt=0, description="request bodies larger than this get a 413"
     )
+    # 100M parameters (about 380 MiB of float32): the default model has 0.6M. Checked before a
+    # model is built, at start-up and on every reload (ranker.artifact.check_model_size).
+    max_model_parameters: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="refuse an artifact whose config describes a larger model, before building it",
+    )
     reload_interval_s: float = Field(
         default=0.0,
         ge=0,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ranker.scoring import RankingFormula
-from service.engine import ServingModel
+from service.engine import ServingModel, serving_formula
+from service.settings import Settings
 
 
 @dataclass
@@ -18,3 +19,12 @@ class ServingState:
 
     model: ServingModel
     formula: RankingFormula
+
+
+def load_serving_state(settings: Settings) -> ServingState:
+    """The model, its feature store and the ranking formula ``settings`` name, loaded and
+    checked; a :class:`~ranker.errors.RankerError` names what is wrong (no artifact, a corrupt
+    one, a ranking config that is invalid or does not fit the model's heads, a missing table)."""
+    model = ServingModel.load(settings)
+    formula = serving_formula(settings.ranking_config, model)
+    return ServingState(model, formula)

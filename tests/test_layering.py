@@ -83,13 +83,31 @@ def test_entry_points_and_builtin_command_list_agree() -> None:
     assert all(v.endswith(":register") for v in declared.values())
 
 
+JOBS = {"generate", "train", "evaluate", "export", "serve", "push-features", "tune", "report"}
+
+
+def subcommands() -> set[str]:
+    parser = cli.build_parser()
+    return set(next(a for a in parser._actions if a.dest == "command").choices)
+
+
 def test_every_job_is_a_subcommand_with_or_without_entry_points(monkeypatch) -> None:  # noqa: ANN001
-    jobs = {"generate", "train", "evaluate", "export", "serve", "push-features", "tune", "report"}
-
-    def subcommands() -> set[str]:
-        parser = cli.build_parser()
-        return set(next(a for a in parser._actions if a.dest == "command").choices)
-
-    assert subcommands() == jobs  # whatever this environment has installed
+    assert subcommands() == JOBS  # whatever this environment has installed
     monkeypatch.setattr(cli, "entry_points", lambda group: [])  # metadata without the group
-    assert subcommands() == jobs
+    assert subcommands() == JOBS
+
+
+def test_an_installed_entry_point_adds_a_subcommand(monkeypatch, tmp_path: Path) -> None:  # noqa: ANN001
+    """Real package metadata on sys.path: a distribution declaring the group adds its command
+    (and declares one of the project's own modules again, which is registered once)."""
+    dist = tmp_path / "probe_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{cli.ENTRY_POINT_GROUP}]\nprobe = probe_cmd:register\nservice = service.cli:register\n"
+    )
+    (tmp_path / "probe_cmd.py").write_text(
+        "def register(sub):\n    sub.add_parser('probe').set_defaults(func=lambda a: None)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert subcommands() == JOBS | {"probe"}

@@ -374,6 +374,8 @@ def _fit(
             weights = weighting.backward(
                 losses, SharedPart(model.shared_parameters(), out.representation)
             )
+            if out.regulariser is not None:  # DSelect-k's entropy: gate parameters only
+                out.regulariser.backward()
             dctx.average_gradients(trainable)
             optimizer.step()
             step += 1
@@ -389,6 +391,8 @@ def _fit(
                     "losses": loss_values,
                     "weights": weights,
                 }
+                if out.regulariser is not None:
+                    record["regulariser"] = float(out.regulariser.detach())
                 if out.gates is not None:
                     record["gates"] = out.gates.detach().mean(0).tolist()  # (T, E)
                     record["gate_experts"] = model.expert_names()  # the E columns

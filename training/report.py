@@ -623,7 +623,12 @@ def build_report(
                 "Gate utilisation",
                 [
                     f'<p class="note">The {_esc(m.architecture)} architecture has no gates: '
-                    "every task reads the same shared representation.</p>"
+                    + (
+                        "learned cross-stitch units mix the task columns (their weights are in "
+                        "the artifact's model).</p>"
+                        if m.architecture == "cross_stitch"
+                        else "every task reads the same shared representation.</p>"
+                    )
                 ],
             )
 

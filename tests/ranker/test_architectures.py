@@ -1,4 +1,5 @@
-"""Every architecture (shared-bottom, OMoE, MMoE, PLE/CGC) on the same contract: output shapes,
+"""Every architecture (shared-bottom, OMoE, MMoE, PLE/CGC, cross-stitch; softmax and DSelect-k
+gates) on the same contract: output shapes,
 gates that are distributions, experts that start different, gate dropout in training only, the
 shared parameters every task reaches, and config errors that name the key."""
 
@@ -12,7 +13,10 @@ from ranker.modules import FeatureEmbedding, gate_softmax
 from tests.conftest import DEFAULT_CONFIG
 
 TASKS = ["click", "watch_time", "like"]
-ARCHS = ["shared_bottom", "omoe", "mmoe", "ple"]
+ARCHS = ["shared_bottom", "omoe", "mmoe", "ple", "cross_stitch"]
+DSELECT = {"gate": "dselect_k", "dselect_k": 2}
+# (architecture, extra settings): every architecture, and every gated one with DSelect-k gates
+VARIANTS = [(a, {}) for a in ARCHS] + [(a, DSELECT) for a in ("omoe", "mmoe", "ple")]
 
 
 def model(arch: str, **kw: object) -> RankingModel:
@@ -34,18 +38,24 @@ def inputs(b: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 4, (b, 5), generator=g), torch.randn(b, 2, generator=g)
 
 
-@pytest.mark.parametrize(("arch", "levels"), [(a, 1) for a in ARCHS] + [("ple", 2)])
+@pytest.mark.parametrize(
+    ("arch", "levels", "extra"),
+    [(a, 1, kw) for a, kw in VARIANTS] + [("ple", 2, {}), ("ple", 2, DSELECT)],
+)
 def test_each_architecture_gives_one_value_per_row_and_gates_that_sum_to_one(
-    arch: str, levels: int
+    arch: str, levels: int, extra: dict[str, object]
 ) -> None:
-    m = model(arch, ple_levels=levels)
+    m = model(arch, ple_levels=levels, **extra)
     out = m.forward_detailed(*inputs())
     assert list(out.raw) == TASKS and all(v.shape == (6,) for v in out.raw.values())
     names = m.expert_names()
-    rep_experts = {"shared_bottom": 1, "omoe": 3, "mmoe": 3, "ple": 2}[arch]
+    rep_experts = {"shared_bottom": 1, "omoe": 3, "mmoe": 3, "ple": 2, "cross_stitch": 3}[arch]
     assert out.representation.shape == (6, rep_experts, 4)
     if arch == "shared_bottom":
         assert out.gates is None and names == ["bottom"]
+        return
+    if arch == "cross_stitch":  # no gates; the representation's columns are the tasks'
+        assert out.gates is None and names == TASKS
         return
     assert out.gates is not None and out.gates.shape == (6, len(TASKS), len(names))
     assert torch.allclose(out.gates.sum(-1), torch.ones(6, len(TASKS)), atol=1e-5)
@@ -66,9 +76,11 @@ def test_ple_experts_start_different() -> None:
         assert not torch.allclose(lvl.task_bank.weights[0][0], lvl.shared_bank.weights[0][0])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_shared_parameters_are_exactly_those_every_task_reaches(arch: str) -> None:
-    m = model(arch, ple_levels=2)
+@pytest.mark.parametrize(("arch", "extra"), VARIANTS)
+def test_shared_parameters_are_exactly_those_every_task_reaches(
+    arch: str, extra: dict[str, object]
+) -> None:
+    m = model(arch, ple_levels=2, **extra)
     cat, num = inputs()
     reached: list[set[int]] = []
     for t in TASKS:
@@ -78,6 +90,9 @@ def test_shared_parameters_are_exactly_those_every_task_reaches(arch: str) -> No
     # Per-task gates, and PLE's last-level task experts, are fused into one tensor with a slice
     # per task: every task reaches the tensor, not the slices.
     per_task = [*(m.gate.parameters() if m.gate is not None and m.n_gates > 1 else [])]
+    per_task += [*(m.dselect.parameters() if m.dselect is not None and m.n_gates > 1 else [])]
+    # cross-stitch: row i of the last unit is read by task i only
+    per_task += [m.columns.units[-1]] if m.columns is not None else []
     per_task += [p for lvl in m.levels for p in lvl.task_gates.parameters()]
     per_task += [p for lvl in m.levels[-1:] for p in lvl.task_bank.parameters()]
     every = set.intersection(*reached) - {id(p) for p in per_task}
@@ -133,6 +148,71 @@ def test_bad_ple_setting_is_refused_naming_the_key() -> None:
         load_config(DEFAULT_CONFIG, ['model.architecture="ple"', "model.ple_levels=0"])
     with pytest.raises(ConfigError, match=r"model\.gate_dropout"):
         load_config(DEFAULT_CONFIG, ["model.gate_dropout=1.0"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ['model.gate="dselect_k"', "model.num_experts=3", "model.dselect_k=4"],
+            r"model\.dselect_k: .*k = 4 is more than the 3 experts a gate sees",
+        ),
+        (
+            [
+                'model.architecture="ple"',
+                "model.task_experts=1",
+                "model.shared_experts=1",
+                'model.gate="dselect_k"',
+                "model.dselect_k=3",
+            ],
+            r"model\.dselect_k: .*k = 3 is more than the 2 experts",
+        ),
+        (
+            ['model.gate="dselect_k"', "model.dselect_k=0"],
+            r"model\.dselect_k: Input should be greater than or equal to 1",
+        ),
+        (
+            ['model.gate="dselect_k"', "model.dselect_gamma=0"],
+            r"model\.dselect_gamma: Input should be greater than 0",
+        ),
+        (
+            ['model.gate="dselect_k"', "model.dselect_entropy=-1"],
+            r"model\.dselect_entropy: Input should be greater than or equal",
+        ),
+        (['model.gate="top2"'], r"model\.gate: Input should be 'softmax' or 'dselect_k'"),
+        (
+            ['model.architecture="shared_bottom"', 'model.gate="dselect_k"'],
+            r"model\.gate: .*'shared_bottom' has no gates",
+        ),
+        (
+            ['model.architecture="cross_stitch"', 'model.gate="dselect_k"'],
+            r"model\.gate: .*'cross_stitch' has no gates",
+        ),
+        (["model.gate_dropout=0.1", 'model.gate="dselect_k"'], r"model\.gate: .*does not take it"),
+        (
+            ['model.architecture="cross_stitch"', "model.stitch_self=0"],
+            r"model\.stitch_self: Input should be greater than 0",
+        ),
+        (
+            ['model.architecture="cross_stitch"', "model.stitch_self=1.5"],
+            r"model\.stitch_self: Input should be less than or equal to 1",
+        ),
+    ],
+)
+def test_bad_cross_stitch_or_dselect_setting_is_refused_naming_the_key(
+    sets: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT_CONFIG, sets)
+
+
+def test_new_settings_round_trip_through_json() -> None:
+    for sets in (
+        ['model.architecture="cross_stitch"', "model.stitch_self=0.8"],
+        ['model.architecture="ple"', 'model.gate="dselect_k"', "model.dselect_gamma=2.0"],
+    ):
+        cfg = load_config(DEFAULT_CONFIG, sets)
+        assert parse_config(cfg.model_dump(mode="json")).model == cfg.model
 
 
 def test_ple_config_round_trips_through_json() -> None:

@@ -71,3 +71,38 @@ def test_load_artifact_has_the_checkpointed_metrics(tiny_trained) -> None:  # no
     assert np.isclose(
         a.manifest["metrics"]["validation"]["click"]["auc"], tiny_trained.metrics["click"]["auc"]
     )
+
+
+def inflate(artifact: Path, hidden: int) -> None:
+    """Rewrites the artifact's config with experts of one ``hidden``-unit layer (the weights
+    stay), and its checksum with it: a config edited by hand that passes the checksums."""
+    import hashlib
+
+    config = json.loads((artifact / "config.json").read_text())
+    config["model"]["expert_hidden"] = [hidden]
+    (artifact / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    digest = hashlib.sha256((artifact / "config.json").read_bytes()).hexdigest()
+    manifest["files"]["config.json"] = digest
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_model_over_the_size_limit_is_refused_naming_the_limit(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    bad = copy(tiny_artifact, tmp_path)
+    inflate(bad, 400_000)
+    with pytest.raises(
+        ArtifactError, match=r"parameters .*more than the 1,000,000 allowed \(lim\)"
+    ):
+        load_artifact(bad, max_parameters=1_000_000, limit_name="lim")
+
+
+def test_layer_sizes_that_disagree_with_the_weights_are_named(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    bad = copy(tiny_artifact, tmp_path)
+    inflate(bad, 33)
+    with pytest.raises(ArtifactError, match=r"weights do not fit .* in model\.safetensors"):
+        load_artifact(bad)
+    assert load_artifact(tiny_artifact, max_parameters=100_000).model is not None

@@ -11,6 +11,9 @@ Tolerances, on the tiny trained artifact and real encoded rows of its log:
 The service scores one request at a time with the user's and context's first-layer share
 computed once (``request_split``); every backend in that mode is held to the same tolerances
 against plain eager on request-shaped rows (one user and one context, 200 videos).
+
+Cross-stitch and DSelect-k gates (mmoe, omoe, two-level ple) are held to the same tolerances,
+plain and per request, on models with the tiny artifact's embeddings and towers.
 """
 
 from __future__ import annotations
@@ -169,3 +172,91 @@ def test_service_setting_selects_the_backend(tiny_artifact: Path) -> None:
     assert make_predictor(a, settings).backend == "onnx"
     with pytest.raises(ValueError, match="backend"):
         Settings(artifact=tiny_artifact, backend="tensorrt")
+
+
+# --- cross-stitch and DSelect-k gates on every backend ------------------------------------------
+
+VARIANTS = {
+    "cross_stitch": {"architecture": "cross_stitch"},
+    "mmoe+dselect": {"architecture": "mmoe", "num_experts": 3, "gate": "dselect_k"},
+    "omoe+dselect": {"architecture": "omoe", "num_experts": 5, "gate": "dselect_k"},
+    "ple2+dselect": {
+        "architecture": "ple",
+        "ple_levels": 2,
+        "task_experts": 1,
+        "shared_experts": 2,
+        "gate": "dselect_k",
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, loaded):  # noqa: ANN001, ANN201 - (name, RankingModel)
+    """The tiny artifact's embeddings and towers under another architecture, the rest drawn at
+    random: cross-stitch units far from identity, DSelect-k selector logits spread so that some
+    selectors are binary and some are not (both regimes of the smooth-step get exported)."""
+    import torch
+
+    from ranker.artifact import build_model
+    from ranker.dselect import DSelectGateBank
+
+    cfg = loaded.config.model_copy(
+        update={"model": loaded.config.model.model_copy(update=VARIANTS[request.param])}
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, loaded.encoder)
+    trained = loaded.model.state_dict()
+    keep = {k: v for k, v in trained.items() if k.startswith(("embed.", "towers."))}
+    model.load_state_dict(keep, strict=False)
+    with torch.no_grad():
+        if model.columns is not None:
+            for alpha in model.columns.units:
+                alpha.copy_(torch.eye(len(alpha)) * 0.6 + torch.rand(alpha.shape) * 0.4)
+        for m in model.modules():
+            if isinstance(m, DSelectGateBank):
+                km = m.k * m.m
+                m.weight[..., :km].mul_(300.0)
+                m.bias[:, :km].mul_(30.0)
+    return request.param, model.eval()
+
+
+def test_new_architectures_score_alike_on_every_backend(
+    variant,  # noqa: ANN001
+    loaded,  # noqa: ANN001
+    rows: Encoded,
+    request_rows: Encoded,
+    formula: RankingFormula,
+) -> None:
+    """Every exact backend, plain and per request, within the exact tolerances of eager; int8
+    keeps the top of the ranking; the DSelect-k models really mix binary and open selectors."""
+    import torch
+
+    from ranker.dselect import DSelectGateBank
+
+    name, model = variant
+    tasks = loaded.config.tasks
+    if "dselect" in name:
+        x = model.embed(torch.from_numpy(rows.cat), torch.from_numpy(rows.num))
+        gates = [m for m in model.modules() if isinstance(m, DSelectGateBank)]
+        z = gates[0].linear(x)[..., : gates[0].k * gates[0].m]
+        binary = (z.abs() >= gates[0].gamma / 2).float().mean().item()
+        assert 0.2 < binary < 0.98, binary
+    split = request_split(model, loaded.encoder)
+    for data, s in ((rows, None), (request_rows, split)):
+        eager = Predictor(model, tasks).predict(data)
+        for backend in ("eager", *EXACT):
+            if backend == "eager" and s is None:
+                continue
+            other = Predictor(model, tasks, backend, 1, s).predict(data)
+            for task in eager:
+                np.testing.assert_allclose(
+                    other[task], eager[task], rtol=RTOL, atol=ATOL, err_msg=f"{backend} {task}"
+                )
+        one = data.take(np.arange(1))
+        single = Predictor(model, tasks, "onnx", 1, s).predict(one)
+        for task in eager:
+            np.testing.assert_allclose(single[task], eager[task][:1], rtol=RTOL, atol=ATOL)
+        int8 = Predictor(model, tasks, "onnx-int8", 1, s).predict(data)
+        top_e = set(_ranking(formula.score(eager))[:50])
+        top_q = set(_ranking(formula.score(int8))[:50])
+        assert len(top_e & top_q) / 50 >= INT8_TOP50_OVERLAP

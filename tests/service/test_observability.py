@@ -40,7 +40,7 @@ STAGES = ("decode", "features", "forward", "combine", "encode")
 LOG_FIELDS = {
     "ts", "level", "logger", "pid", "msg", "request_id", "method", "path", "status",
     "latency_ms", "candidates", "model_version", "ranking_version", "degraded", "user_known",
-    "unknown_videos", "stages_ms",
+    "unknown_videos", "unknown_context", "stages_ms",
 }  # fmt: skip
 
 
@@ -98,7 +98,12 @@ def test_serve_refuses_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--workers" in capsys.readouterr().err
 
 
-def _fake_exchange(degraded: str | None, user_missing: bool, videos_missing: list[bool]):  # noqa: ANN202
+def _fake_exchange(  # noqa: ANN202
+    degraded: str | None,
+    user_missing: bool,
+    videos_missing: list[bool],
+    unknown_context: tuple[str, ...] = (),
+):
     n = len(videos_missing)
     task = TaskSpec(name="click", kind="binary", label="click", loss="bce")
     model = SimpleNamespace(
@@ -112,6 +117,7 @@ def _fake_exchange(degraded: str | None, user_missing: bool, videos_missing: lis
         lookup=Lookup(None, None, user_missing, np.array(videos_missing), degraded),  # type: ignore[arg-type]
         timings={"features": 0.001, "forward": 0.002, "combine": 0.0001},
         started=10.001,
+        unknown_context=unknown_context,
     )
     ex = _Exchange("id", 10.0, status=200, responded=10.01, ranked=ranked, ranked_at=10.005)  # type: ignore[arg-type]
     ex.model, ex.formula = model, SimpleNamespace(version="r1")  # type: ignore[assignment]
@@ -121,7 +127,7 @@ def _fake_exchange(degraded: str | None, user_missing: bool, videos_missing: lis
 def test_degraded_responses_are_counted_apart_from_unknown_ids() -> None:
     obs = Observability()
     for ex in (
-        _fake_exchange(None, True, [True, False, True]),  # an unknown user, 2 unknown videos
+        _fake_exchange(None, True, [True, False, True], ("hour",)),  # user, 2 videos, hour
         _fake_exchange("feature store: Redis unreachable", True, [True, True, True]),
     ):
         obs.observe("/v1/rank", "POST", ex, _outcome(ex), 10.02)
@@ -131,6 +137,7 @@ def test_degraded_responses_are_counted_apart_from_unknown_ids() -> None:
     assert reg.get_sample_value("ranker_unknown_users_total") == 1
     assert reg.get_sample_value("ranker_unknown_videos_total") == 2
     assert reg.get_sample_value("ranker_degraded_responses_total") == 1
+    assert reg.get_sample_value("ranker_unknown_context_values_total", {"feature": "hour"}) == 1
     assert reg.get_sample_value("ranker_prediction_click_count") == 6
     assert reg.get_sample_value("ranker_model_info", {"version": "m1"}) == 1
     assert reg.get_sample_value("ranker_ranking_config_info", {"version": "r1"}) == 1

@@ -49,6 +49,36 @@ def test_top_k_and_unknown_ids_are_reported(service_url: str, tiny_world) -> Non
     assert out["user_known"] is False and out["unknown_videos"] == 2
 
 
+def _unknown_context_counts(url: str) -> dict[str, float]:
+    counts = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ranker_unknown_context_values_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('"')[1]] = float(value)
+    return counts
+
+
+def test_context_values_the_model_does_not_know_are_named(service_url: str, tiny_world) -> None:  # noqa: ANN001
+    """An unknown device or hour is ranked as if absent: the response and a metric say so."""
+    body = sample_request(tiny_world, 10)
+    before = _unknown_context_counts(service_url)
+    known = httpx.post(f"{service_url}/v1/rank", json=body, timeout=10).json()
+    assert known["unknown_context"] == []
+    none = httpx.post(f"{service_url}/v1/rank", json=body | {"context": {}}, timeout=10).json()
+    assert none["unknown_context"] == []  # left out: the default, as asked
+    body["context"] = {"device": "nokia", "hour": 99}
+    odd = httpx.post(f"{service_url}/v1/rank", json=body, timeout=10).json()
+    assert odd["unknown_context"] == ["device", "hour"]
+    assert [i["score"] for i in odd["items"]] == [i["score"] for i in none["items"]]
+    body["context"] = {"device": "ios", "hour": 99}
+    assert httpx.post(f"{service_url}/v1/rank", json=body, timeout=10).json()[
+        "unknown_context"
+    ] == ["hour"]
+    after = _unknown_context_counts(service_url)
+    assert after.get("device", 0) - before.get("device", 0) == 1
+    assert after.get("hour", 0) - before.get("hour", 0) == 2
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -79,6 +109,23 @@ def test_health_readiness_and_docs(service_url: str) -> None:
     assert httpx.get(f"{service_url}/docs").status_code == 200
     spec = httpx.get(f"{service_url}/openapi.json").json()
     assert "/v1/rank" in spec["paths"]
+
+
+def visible_text(html: str) -> str:
+    """What a browser shows of ``html`` when no script runs (none could be fetched)."""
+    import re
+
+    html = re.sub(r"(?s)<(script|style|head)\b.*?</\1>", " ", html)
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_say_what_they_need_when_offline(service_url: str, page: str) -> None:
+    r = httpx.get(f"{service_url}{page}")
+    assert r.status_code == 200
+    text = visible_text(r.text)
+    assert "cdn.jsdelivr.net" in text and "/openapi.json" in text, text
+    assert "/v1/rank" in httpx.get(f"{service_url}/openapi.json").json()["paths"]
 
 
 def test_invalid_json_is_a_4xx(service_url: str) -> None:

@@ -360,6 +360,8 @@ def test_store_faults_degrade_and_recover(
         ready = httpx.get(f"{url}/readyz", timeout=10)
         assert ready.status_code == 200 and ready.json()["store_ok"] is False
         assert ready.json()["degraded_responses"] == before + 2
+        assert ready.json()["ready"] is True and ready.json()["degraded"] is True
+        assert "no answer within" in ready.json()["degraded_reason"]
     finally:
         server.resume()
     _until(recovered, "recovered after the stall")
@@ -367,9 +369,13 @@ def test_store_faults_degrade_and_recover(
     server.stop()
     try:
         degraded("Redis unreachable")
-        ready = httpx.get(f"{url}/readyz", timeout=10).json()
+        ready = httpx.get(f"{url}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text  # still answers: ready, and says degraded
+        ready = ready.json()
         assert ready["ready"] is True and ready["store_ok"] is False
         assert "unreachable" in ready["detail"]
+        assert ready["degraded"] is True and "unreachable" in ready["degraded_reason"]
+        assert "default features" in ready["degraded_reason"]
     finally:
         server.start()  # same port, empty: nothing is saved
     _until(
@@ -381,3 +387,4 @@ def test_store_faults_degrade_and_recover(
     _until(recovered, "recovered after the restart and a push")
     ready = httpx.get(f"{url}/readyz", timeout=10).json()
     assert ready["store_ok"] is True and ready["degraded_responses"] >= before + 4
+    assert ready["degraded"] is False and ready["degraded_reason"] is None
