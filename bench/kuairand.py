@@ -52,7 +52,7 @@ from architectures import (  # noqa: E402
 )
 from machine import cpu_model  # noqa: E402
 
-from ranker.config import SOURCES, Config, load_config  # noqa: E402
+from ranker.config import SOURCES, Config, SelectionConfig, load_config  # noqa: E402
 from ranker.metrics import binary_summary, regression_summary  # noqa: E402
 from training.loop import train  # noqa: E402
 
@@ -176,12 +176,13 @@ def main() -> None:
                     f'training.run_dir="{Path(tmp) / "run"}"',
                 ]
                 if args.epochs:
-                    sets += [
-                        f"training.epochs={args.epochs}",
-                        "training.refit=false",
-                        'training.selection.keep="last"',
-                    ]
+                    sets += [f"training.epochs={args.epochs}", "training.refit=false"]
                 c = load_config(CONFIG, data + sets)
+                if args.epochs:  # every epoch trained (no patience), the last one kept
+                    fixed = c.training.model_copy(
+                        update={"selection": SelectionConfig(keep="last")}
+                    )
+                    c = c.model_copy(update={"training": fixed})
                 t0 = time.perf_counter()
                 r = train(c, progress=False, export=False)
                 params[arch] = head_params(r.model)
