@@ -34,6 +34,13 @@ several times that when other jobs share the machine).
     .venv/bin/python bench/weighting.py --requests 800 --seeds 2 --max-steps 2 \\
         --timing-rounds 1 --timing-steps 1 --out /tmp/wq                    # a quick look
 
+Only the cost, for every strategy in both modes, before/after a change (``--baseline``: another
+checkout's code timed in the same invocation; see ``bench/weighting_cost.py``)::
+
+    git worktree add --detach /tmp/wbase main
+    .venv/bin/python bench/weighting.py --cost-only --requests 800 --timing-rounds 5 \\
+        --timing-steps 2 --baseline /tmp/wbase                                # ~10 min
+
 Writes ``<out>/weighting.md`` (strategy reference, tables, machine, date, command) and
 ``<out>/img/weighting_weights.png`` (representative strategies' task weights over training, seed
 0); ``--raw FILE`` also keeps the raw numbers, ``--render FILE`` rewrites the markdown and the plot
@@ -56,8 +63,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from weighting_cost import code_root, cost_report, time_baseline, write_cost_block  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = code_root(Path(__file__).resolve().parent.parent)
+"""The checkout whose code and configs are benchmarked: this one, or ``$WEIGHTING_BENCH_CODE``
+(``--baseline`` times another checkout that way)."""
 sys.path.insert(0, str(ROOT))
 
 from machine import cpu_model  # noqa: E402
@@ -661,7 +671,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs"), help="where weighting.md and img/ go")
     ap.add_argument("--raw", default=None, help="also write the raw results to this JSON file")
     ap.add_argument("--render", default=None, help="only re-render from this raw JSON file")
+    ap.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only (a); rewrite only the cost block of weighting.md (see bench/weighting_cost.py)",
+    )
+    ap.add_argument(
+        "--baseline", default=None, help="with --cost-only: also time this checkout's code"
+    )
+    ap.add_argument("--cost-json", default=None, help=argparse.SUPPRESS)  # the baseline's child
     a = ap.parse_args()
+    if a.cost_only:
+        a.skip_quality, a.skip_timing = True, False
     out = Path(a.out)
     if a.render:
         res = Results(**json.loads(Path(a.render).read_text()))
@@ -676,6 +697,12 @@ def main() -> None:
         date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     started = time.perf_counter()
+    baseline = None
+    if a.baseline and not a.cost_json:
+        timing_flags = ["--requests", str(a.requests), "--threads", str(a.threads)]
+        timing_flags += ["--timing-rounds", str(a.timing_rounds)]
+        timing_flags += ["--timing-steps", str(a.timing_steps)]
+        baseline = time_baseline(Path(a.baseline), ["--cost-only", *timing_flags])
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         if not a.skip_quality:
@@ -687,6 +714,27 @@ def main() -> None:
             all_cases = cases(res.static_weights or {t: 1.0 for t in _task_names()})
             measure_cost(world, tmp, all_cases, a, res)
     res.seconds = time.perf_counter() - started
+    if a.cost_json:
+        Path(a.cost_json).write_text(json.dumps({"timing": res.timing, "equal_ms": res.equal_ms}))
+        return
+    if not a.skip_timing:
+        block = cost_report(
+            res.timing,
+            baseline,
+            a.baseline,
+            res.machine,
+            res.date,
+            command,
+            res.equal_ms,
+            a.timing_rounds,
+            a.timing_steps,
+        )
+        print(f"\nStep time / equal weighting\n\n{block}")
+    if a.cost_only:
+        write_cost_block(out / "weighting.md", block)
+        print(f"written: the cost block of {out / 'weighting.md'}")
+        print(f"rerun: {command}")
+        return
     if a.raw:
         Path(a.raw).write_text(json.dumps(vars(res), indent=1))
     print("\n" + render(res, out))

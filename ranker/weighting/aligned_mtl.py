@@ -33,7 +33,14 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 
 
 class AlignedMtlConfig(GradientConfigBase):
@@ -68,12 +75,13 @@ class AlignedMtlConfig(GradientConfigBase):
             )
 
 
-def alignment_matrix(grads: Tensor, scale: str = "min") -> Tensor:
-    """The symmetric ``B (T, T)`` (float64) such that ``B @ grads`` has equal singular values."""
-    g = grads.double()
-    gram = g @ g.T
+def alignment_from_gram(gram: Tensor, scale: str = "min", eps: float = 2.0**-52) -> Tensor:
+    """The symmetric ``B (T, T)`` (float64) such that ``B G`` has equal singular values, from
+    the Gram matrix ``G G^T``; eigenvalues at or below ``lambda_max * T * eps`` count as 0
+    (``eps``: that of the gradients' dtype, as in the official code)."""
+    gram = gram.to(torch.float64).cpu()
     lam, vec = torch.linalg.eigh(gram)  # ascending
-    tol = float(lam.max()) * gram.shape[0] * torch.finfo(grads.dtype).eps
+    tol = float(lam.max()) * gram.shape[0] * eps
     keep = lam > tol
     if not bool(keep.any()):
         return torch.zeros_like(gram)
@@ -85,6 +93,11 @@ def alignment_matrix(grads: Tensor, scale: str = "min") -> Tensor:
     else:
         target = lam.mean()
     return (vec * (target.sqrt() / lam.sqrt())) @ vec.T
+
+
+def alignment_matrix(grads: Tensor, scale: str = "min") -> Tensor:
+    """The symmetric ``B (T, T)`` (float64) such that ``B @ grads`` has equal singular values."""
+    return alignment_from_gram(gram_matrix(grads), scale, torch.finfo(grads.dtype).eps)
 
 
 @register("aligned_mtl")
@@ -105,12 +118,13 @@ class AlignedMtl(GradientWeighting):
         self.register_buffer("w", torch.tensor(w, dtype=torch.float64))
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        gram = gram_matrix(grads)
         # A task without labelled rows has an exact zero gradient: left out (its row would only
         # add a zero singular value).
-        present = grads.abs().amax(dim=1) > 0
-        coef = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        present = present_tasks(gram)
+        coef = torch.zeros(grads.shape[0], dtype=torch.float64)
         if bool(present.any()):
-            b = alignment_matrix(grads[present], self.config.scale)
-            coef[present] = b @ self.w.to(b.device)[present]
-        direction = coef @ grads.double()
-        return direction.to(grads.dtype), coef.to(grads.dtype)
+            eps = torch.finfo(grads.dtype).eps
+            b = alignment_from_gram(gram[present][:, present], self.config.scale, eps)
+            coef[present] = b @ self.w.cpu()[present]
+        return combine_rows(coef, grads), coef.to(grads)

@@ -148,6 +148,20 @@ class GradientWeighting(Weighting):
     Subclasses implement :meth:`combine`. This base class gathers the per-task gradients in the
     configured mode and applies the combined direction: task-specific parameters (gates, towers)
     receive their own task's gradient as usual, the shared part receives the combined direction.
+
+    Cost. In ``representation`` mode the gradient matrix is large (``(T, 1.57M)`` for the default
+    model and batch) and the combine step can cost as much as the backward passes, so a rule
+    should touch it as few times as possible, in its own dtype (float32 in training):
+
+    * :func:`gram_matrix` gives ``G G^T`` by one matmul, as a float64 ``(T, T)`` matrix on the
+      CPU: every quantity most rules need (norms, inner products, cosines, projections) is in it,
+      and their small solve runs on it in float64;
+    * :func:`present_tasks` reads the tasks whose gradient is not exactly zero off its diagonal;
+    * :func:`combine_rows` forms ``sum_t w_t g_t`` by one matrix-vector product in the
+      gradients' dtype.
+
+    No float64 copy of the ``(T, N)`` matrix is needed; the properties that define a rule are
+    properties of its ``T x T`` solve, which stays in float64.
     """
 
     config: GradientConfigBase
@@ -176,7 +190,7 @@ class GradientWeighting(Weighting):
             # One backward: the plain sum gives every task-specific parameter its own task's
             # gradient; the correction on the representation replaces the sum of task gradients
             # reaching the shared part by the chosen direction (the Jacobian is linear).
-            correction = (direction - grads.sum(0)).view_as(rep)
+            correction = minus_row_sum(direction, grads).view_as(rep)
             torch.autograd.backward(
                 [stacked.sum(), rep], [torch.ones_like(stacked.sum()), correction]
             )
@@ -184,7 +198,7 @@ class GradientWeighting(Weighting):
             stacked.sum().backward()
             # As in representation mode, replace this call's sum of task gradients by the
             # direction and keep whatever the gradients held before the call.
-            correction = direction - grads.sum(0)
+            correction = minus_row_sum(direction, grads)
             offset = 0
             for p in targets:
                 n = p.numel()
@@ -195,16 +209,44 @@ class GradientWeighting(Weighting):
 
     @staticmethod
     def task_gradients(stacked: Tensor, targets: list[Tensor]) -> Tensor:
-        """Flattened gradient of each loss w.r.t. ``targets``, ``(T, N)``; unused targets give 0."""
-        rows = []
+        """Flattened gradient of each loss w.r.t. ``targets``, ``(T, N)``; unused targets give 0.
+
+        Written row by row into one preallocated matrix (no concatenated or stacked copies)."""
+        sizes = [x.numel() for x in targets]
+        out = targets[0].new_empty(stacked.shape[0], sum(sizes))
         for t in range(stacked.shape[0]):
             gs = torch.autograd.grad(stacked[t], targets, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(x)).reshape(-1)
-                        for g, x in zip(gs, targets, strict=True)
-                    ]
-                )
-            )
-        return torch.stack(rows)
+            for part, g in zip(out[t].split(sizes), gs, strict=True):
+                if g is None:
+                    part.zero_()
+                else:
+                    part.copy_(g.reshape(-1))
+        return out
+
+
+def gram_matrix(grads: Tensor) -> Tensor:
+    """``G G^T`` of the task gradients ``G (T, N)``: one matmul in ``G``'s dtype (float32 in
+    training: no float64 copy of ``G``), returned as a symmetric float64 ``(T, T)`` matrix on the
+    CPU for the rule's small solve. Rounding of a float32 Gram is about ``1e-7`` of
+    ``||g_s|| ||g_t||`` per entry, far below what a weighting rule can resolve."""
+    m = (grads @ grads.T).to(device="cpu", dtype=torch.float64)
+    return 0.5 * (m + m.T)
+
+
+def present_tasks(gram: Tensor) -> Tensor:
+    """Boolean ``(T,)``: the tasks whose gradient is not zero, from the diagonal of
+    :func:`gram_matrix`. A task without a labelled row in the batch has an exact zero gradient
+    (``head_loss`` returns an attached 0); the rules leave such a task out of the step."""
+    return torch.diagonal(gram) > 0
+
+
+def combine_rows(weights: Tensor, grads: Tensor) -> Tensor:
+    """``sum_t w_t g_t`` for weights ``(T,)`` (any dtype, any device) and gradients ``(T, N)``:
+    one matrix-vector product in the gradients' dtype."""
+    return weights.to(device=grads.device, dtype=grads.dtype) @ grads
+
+
+def minus_row_sum(direction: Tensor, grads: Tensor) -> Tensor:
+    """``direction - sum_t g_t`` by one matrix-vector product (no ``(T, N)`` temporary)."""
+    ones = grads.new_ones(grads.shape[0])
+    return torch.addmv(direction.to(grads.dtype), grads.T, ones, alpha=-1.0)

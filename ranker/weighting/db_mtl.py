@@ -34,6 +34,7 @@ returns an attached 0) is left out: weight 0, and its EMA is left as it was.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -45,6 +46,7 @@ from ranker.weighting.base import (
     GradientMode,
     GradientWeighting,
     SharedPart,
+    combine_rows,
     register,
 )
 
@@ -95,21 +97,32 @@ class DbMtl(GradientWeighting):
         """``grads``: gradients of ``log(L_t + eps)``; ``losses``: those log-losses."""
         self.step += 1
         beta_k = self.config.beta / float(self.step) ** self.config.beta_sigma
-        buf = self.grad_buffer
-        if buf.shape != grads.shape or buf.device != grads.device:
-            buf = torch.zeros_like(grads)  # first step (or the shared part changed shape)
         # A task without labelled rows has an exact zero gradient: left out of this step, its
         # EMA neither decays nor pushes the shared part.
-        present = grads.abs().amax(dim=1) > 0
-        buf = torch.where(present[:, None], grads + beta_k * (buf - grads), buf).detach()
+        present = torch.linalg.vector_norm(grads, ord=math.inf, dim=1) > 0
+        buf = self.grad_buffer
+        fresh = buf.shape != grads.shape or buf.device != grads.device or buf.dtype != grads.dtype
+        if beta_k == 0.0 and bool(present.all()):
+            buf = grads.detach()  # the EMA is this step's gradient: no copy
+        else:
+            if fresh:
+                buf = torch.zeros_like(grads)  # first step (or the shared part changed shape)
+            # m <- beta_k m + (1 - beta_k) g on the tasks present; in place when beta_k > 0 (then
+            # the buffer is never a step's gradient itself: beta_k is 0 at every step or none).
+            if beta_k == 0.0:
+                buf = torch.where(present[:, None], grads.detach(), buf)
+            elif bool(present.all()):
+                buf.lerp_(grads.detach(), 1.0 - beta_k)
+            else:
+                buf[present] = torch.lerp(buf[present], grads.detach()[present], 1.0 - beta_k)
         self.grad_buffer = buf
-        norms = torch.where(present, buf.double().norm(dim=1), 0.0)
+        # Row norms in the gradients' dtype (no float64 copy of the (T, N) EMA).
+        norms = torch.where(present, torch.linalg.vector_norm(buf, dim=1), 0.0).double()
         # max / norm; an EMA of exactly 0 has nothing to scale (the official code adds 1e-8 to
         # the norm instead, which also perturbs the balance of small gradients).
         alpha = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-300), 0.0)
-        direction = alpha @ buf.double()
         weights = alpha * torch.exp(-losses.double().to(alpha.device))  # alpha_t / (L_t + eps)
-        return direction.to(grads.dtype), weights.to(grads.dtype)
+        return combine_rows(alpha, buf), weights.to(grads.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The EMA's shape is only known after the first step: take the saved one's.

@@ -13,9 +13,15 @@ stationarity conditions of the strictly convex function
     f(alpha) = 1/2 alpha^T (G G^T) alpha - sum_t log(alpha_t),   alpha > 0,
 
 (``grad f = G G^T alpha - 1/alpha``), whose unique minimiser is therefore the bargaining
-solution. It is minimised with ``scipy.optimize.minimize`` (``trust-exact``, analytic Hessian) in
-``x = log(alpha)``, which keeps ``alpha > 0`` without bounds; the stopping test is the residual
-``max_t |alpha_t (G G^T alpha)_t - 1|`` itself. The solution exists when 0 is not in the convex
+solution. ``f`` is a quadratic plus a log barrier, hence self-concordant (Nesterov & Nemirovski;
+Boyd & Vandenberghe, *Convex Optimization*, 9.6), and it is minimised by Newton's method with a
+backtracking line search that never takes less than the damped step ``1 / (1 + lambda)``
+(``lambda`` the Newton decrement): from any ``alpha > 0`` that step stays in ``alpha > 0`` and
+decreases ``f`` by at least ``lambda - log(1 + lambda)``, so the iteration converges whenever a
+solution exists, whatever the CPU's rounding (the ``trust-exact`` solve used before could stop
+far from it: residuals near 1 on some inputs, which ones depending on the CPU). The stopping test
+is the residual ``max_t |alpha_t (G G^T alpha)_t - 1|`` itself, down to ``tol`` or to the
+rounding floor of float64 for that Gram matrix. The solution exists when 0 is not in the convex
 hull of the gradients (not Pareto stationary); for the stationary case a tiny ridge on ``G G^T``
 keeps it finite. As in the official code the Gram matrix is divided by its Frobenius norm for
 conditioning and the previous ``alpha`` warm-starts the solve.
@@ -45,10 +51,17 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from scipy.optimize import minimize
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, SharedPart, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    SharedPart,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 
 
 class NashMtlConfig(GradientConfigBase):
@@ -69,16 +82,91 @@ def bargaining_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
     return float(np.max(np.abs(alpha * (gram @ alpha) - 1.0)))
 
 
+def rounding_floor(gram: np.ndarray, alpha: np.ndarray) -> float:
+    """The size of float64 rounding in :func:`bargaining_residual` at ``alpha``:
+    ``eps * max_t alpha_t (|gram| alpha)_t``. Close to Pareto stationarity ``alpha`` is large and
+    ``gram @ alpha`` a sum of large terms that cancel, so no solver can get the residual below
+    this."""
+    return float(np.finfo(np.float64).eps * np.max(alpha * (np.abs(gram) @ alpha)))
+
+
+FLOOR_FACTOR = 16.0
+"""A residual within this many rounding floors (:func:`rounding_floor`) is accepted."""
+
+MAX_FLOOR = 1e-4
+"""... as long as that floor is below this: when ``f`` is unbounded (0 in the hull) ``alpha``
+grows without bound and so does the floor, which must then not pass for convergence."""
+
+
+def newton_bargaining(
+    gram: np.ndarray, start: np.ndarray, max_iter: int = 100, tol: float = 1e-8
+) -> tuple[np.ndarray, bool]:
+    """Minimises ``f(alpha) = 1/2 alpha^T gram alpha - sum_t log(alpha_t)`` from ``start > 0``.
+
+    Newton's method on ``f`` (self-concordant, see the module docstring). In the variable
+    ``u = delta / alpha`` the Newton system is ``(D gram D + I) u = -r`` with ``D = diag(alpha)``
+    and ``r = alpha * (gram alpha) - 1`` the residual: symmetric positive definite with every
+    eigenvalue >= 1 whatever the scale of ``alpha``, solved by Cholesky; the Newton decrement is
+    ``lambda^2 = -r.u``. The line search starts at the full step and halves it while it leaves
+    ``alpha > 0`` or fails Armijo's test, down to the damped step ``1 / (1 + lambda)``, which is
+    always feasible and always decreases ``f``.
+
+    Returns ``(alpha, converged)``, ``converged`` when the residual is within ``tol`` or within
+    the rounding floor (:func:`rounding_floor`).
+    """
+    n = gram.shape[0]
+    alpha = np.array(start, dtype=np.float64)
+    eye = np.eye(n)
+
+    def f(a: np.ndarray) -> float:
+        return float(0.5 * a @ gram @ a - np.log(a).sum())
+
+    fa = f(alpha)
+    for _ in range(max_iter + 1):
+        r = alpha * (gram @ alpha) - 1.0
+        res = float(np.max(np.abs(r)))
+        floor = rounding_floor(gram, alpha)
+        if res <= tol or (res <= FLOOR_FACTOR * floor and floor <= MAX_FLOOR):
+            return alpha, True
+        if not np.isfinite(res):
+            return alpha, False
+        h = alpha[:, None] * gram * alpha[None, :] + eye
+        try:
+            c = np.linalg.cholesky(h)
+            u = -np.linalg.solve(c.T, np.linalg.solve(c, r))
+        except np.linalg.LinAlgError:
+            u = -np.linalg.lstsq(h, r, rcond=None)[0]
+        slope = float(r @ u)  # directional derivative of f along alpha * u: -lambda^2
+        if not slope < 0:
+            return alpha, False  # no descent left at float64 precision
+        damped = 1.0 / (1.0 + np.sqrt(-slope))
+        step = 1.0
+        while step > damped:
+            new = alpha * (1.0 + step * u)
+            if np.all(new > 0):
+                fn = f(new)
+                if fn <= fa + 0.25 * step * slope:
+                    break
+            step *= 0.5
+        else:
+            step = damped
+            new = alpha * (1.0 + step * u)
+            fn = f(new)
+        alpha, fa = new, fn
+    return alpha, False
+
+
 def solve_bargaining(
     gram: np.ndarray, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-8
 ) -> np.ndarray:
     """``alpha > 0`` with ``gram @ alpha = 1 / alpha`` for a PSD ``gram (T, T)``, float64.
 
-    Tries the warm ``start`` (the last solution), then the solution for orthogonal gradients,
-    ``1 / ||g_t||``. When there is no solution (0 in the convex hull of the gradients: ``f`` is
-    unbounded below) it solves ``(gram + r I) alpha = 1 / alpha`` for the first ``r`` in 1e-8,
-    1e-6 (relative to a unit Frobenius norm) that works, so ``||sum_t alpha_t g_t||^2 =
-    T - r ||alpha||^2`` stays below ``T``. Failing all, the best iterate found is returned.
+    :func:`newton_bargaining` from the warm ``start`` (the last solution), then from the solution
+    for orthogonal gradients, ``1 / ||g_t||``. When there is no solution (0 in the convex hull of
+    the gradients: ``f`` is unbounded below) it solves ``(gram + r I) alpha = 1 / alpha`` for the
+    first ``r`` in 1e-8, 1e-6 (relative to a unit Frobenius norm) that works, so
+    ``||sum_t alpha_t g_t||^2 = T - r ||alpha||^2`` stays below ``T``. Failing all, the best
+    iterate found is returned.
     """
     n = gram.shape[0]
     diag = np.diag(gram)
@@ -87,31 +175,11 @@ def solve_bargaining(
     best, best_res = starts[0], bargaining_residual(gram, starts[0])
     for ridge in (0.0, 1e-8, 1e-6):
         m = gram + ridge * np.eye(n)
-
-        def fun(x: np.ndarray, m: np.ndarray = m) -> float:
-            a = np.exp(x)
-            return float(0.5 * a @ m @ a - x.sum())
-
-        def jac(x: np.ndarray, m: np.ndarray = m) -> np.ndarray:
-            a = np.exp(x)
-            return a * (m @ a) - 1.0
-
-        def hess(x: np.ndarray, m: np.ndarray = m) -> np.ndarray:
-            a = np.exp(x)
-            return np.diag(a * (m @ a)) + a[:, None] * m * a[None, :]
-
         for x0 in starts:
-            try:
-                res = minimize(
-                    fun, np.log(x0), jac=jac, hess=hess, method="trust-exact",
-                    options={"gtol": tol * 1e-2, "maxiter": max_iter},
-                )  # fmt: skip
-            except (ArithmeticError, ValueError, UnboundLocalError, np.linalg.LinAlgError):
-                continue  # seen when f is unbounded below (0 in the hull)
-            alpha = np.exp(res.x)
-            if not np.all(np.isfinite(alpha)):
+            alpha, converged = newton_bargaining(m, x0, max_iter, tol)
+            if not np.all(np.isfinite(alpha)) or not np.all(alpha > 0):
                 continue
-            if bargaining_residual(m, alpha) <= tol:
+            if converged:
                 return alpha  # solves the (ridged, if it had to be) equations
             r = bargaining_residual(gram, alpha)
             if r < best_res:
@@ -133,12 +201,12 @@ class NashMtl(GradientWeighting):
         self.register_buffer("alpha", torch.ones(len(self.tasks), dtype=torch.float64))
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        gram_all = gram_matrix(grads)
         # A task without labelled rows has an exact zero gradient: left out (kept, it would make
         # the equations unsolvable: alpha_t * 0 = 1).
-        present = (grads.abs().amax(dim=1) > 0).cpu()
+        present = present_tasks(gram_all)
         weights = torch.zeros(grads.shape[0], dtype=torch.float64)
-        g = grads[present.to(grads.device)].double()
-        gram = (g @ g.T).cpu().numpy()
+        gram = gram_all[present][:, present].numpy()
         norm = float(np.linalg.norm(gram))
         if norm > 0 and math.isfinite(norm):
             # Solve for the normalised Gram, gram / norm: its solution is alpha * sqrt(norm).
@@ -148,9 +216,7 @@ class NashMtl(GradientWeighting):
             alpha = a_hat if self.config.official_scale else a_hat / math.sqrt(norm)
             weights[present] = torch.from_numpy(np.asarray(alpha, dtype=np.float64))
             self.alpha[present.to(self.alpha.device)] = weights[present].to(self.alpha)
-        weights = weights.to(grads.device)
-        direction = weights @ grads.double()
-        return direction.to(grads.dtype), weights.to(grads.dtype)
+        return combine_rows(weights, grads), weights.to(grads)
 
     def backward(self, losses: dict[str, Tensor], shared: SharedPart) -> dict[str, float]:
         solve = int(self.step) % self.config.update_weights_every == 0

@@ -27,12 +27,48 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 
 
 class PcgradConfig(GradientConfigBase):
     name: Literal["pcgrad"] = "pcgrad"
     seed: int = Field(0, ge=0, description="seed of the random projection orders")
+
+
+def projection_coefficients(gram: Tensor, orders: list[list[int]]) -> Tensor:
+    """PCGrad's projections as coefficients on the original gradients, from their Gram matrix.
+
+    Every projection subtracts a multiple of an original gradient, so ``g_i^PC = sum_k C[i, k]
+    g_k`` and ``<g_i^PC, g_j> = (C M)[i, j]`` with ``M = G G^T``: the whole procedure runs on the
+    ``T x T`` Gram matrix (float64), and the ``(T, N)`` gradients are touched once, by the final
+    combination.
+
+    Args:
+        gram: ``G G^T (T, T)``.
+        orders: for each task ``i``, the other tasks in the order ``g_i`` is projected against.
+
+    Returns:
+        ``C (T, T)``, float64.
+    """
+    m = gram.to(torch.float64).cpu()
+    sq = torch.diagonal(m)
+    n = m.shape[0]
+    coef = torch.eye(n, dtype=torch.float64)
+    for i, order in enumerate(orders):
+        for j in order:
+            if j == i or sq[j] <= 0:
+                continue
+            dot = coef[i] @ m[:, j]
+            if dot < 0:
+                coef[i, j] -= dot / sq[j]
+    return coef
 
 
 def project_conflicting(grads: Tensor, orders: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -45,23 +81,8 @@ def project_conflicting(grads: Tensor, orders: list[list[int]]) -> tuple[Tensor,
     Returns:
         ``(projected (T, N), coef (T, T))`` with ``projected = coef @ grads``.
     """
-    g = grads.double()
-    sq = (g * g).sum(1)
-    n = g.shape[0]
-    coef = torch.eye(n, dtype=torch.float64, device=g.device)
-    out = g.clone()
-    for i, order in enumerate(orders):
-        gi = out[i]
-        for j in order:
-            if j == i or sq[j] <= 0:
-                continue
-            dot = gi @ g[j]
-            if dot < 0:
-                c = dot / sq[j]
-                gi = gi - c * g[j]
-                coef[i, j] -= c
-        out[i] = gi
-    return out.to(grads.dtype), coef
+    coef = projection_coefficients(gram_matrix(grads), orders)
+    return coef.to(grads) @ grads, coef
 
 
 @register("pcgrad")
@@ -85,7 +106,7 @@ class Pcgrad(GradientWeighting):
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         orders = self.orders(grads.shape[0])
         self.step += 1
-        projected, coef = project_conflicting(grads, orders)
-        weights = coef.sum(0)
-        weights[grads.abs().amax(dim=1) == 0] = 0.0  # a task without labelled rows: no gradient
-        return projected.sum(0), weights.to(grads)
+        gram = gram_matrix(grads)
+        weights = projection_coefficients(gram, orders).sum(0)
+        weights[~present_tasks(gram)] = 0.0  # a task without labelled rows: no gradient
+        return combine_rows(weights, grads), weights.to(grads)

@@ -13,6 +13,7 @@ from ranker.weighting.aligned_mtl import AlignedMtl, AlignedMtlConfig, alignment
 from tests.ranker.weighting.toy import (
     assert_zero_gradient_task_is_left_out,
     build_from_raw,
+    sweep_grads,
     train_a_few_steps,
 )
 
@@ -40,6 +41,35 @@ def test_aligned_matrix_has_condition_number_one(t: int, seed: int) -> None:
     torch.testing.assert_close(
         aligned @ aligned.T, sv.min() ** 2 * torch.eye(t, dtype=torch.float64), rtol=0, atol=1e-9
     )
+
+
+def test_aligned_gram_is_a_multiple_of_the_identity_on_a_sweep() -> None:
+    """:func:`sweep_grads`: 288 ill-conditioned, conflicting, near-stationary and rank-deficient
+    cases. On the ``T x T`` solve, ``B M B`` (the aligned gradients' Gram matrix, ``M = G G^T``)
+    must be ``sigma_min^2`` times the projector on the kept eigenvectors, to the rounding of an
+    eigendecomposition of ``M`` (``16 T eps lambda_max``; a float64 Gram, so ``eps`` = 2^-52);
+    the direction is ``(B w) @ G``."""
+    failed = []
+    cases = sweep_grads()
+    for label, g in cases:
+        t = g.shape[0]
+        gram = g @ g.T
+        b = alignment_matrix(g)
+        lam, vec = torch.linalg.eigh(gram)
+        keep = lam > float(lam.max()) * t * 2.0**-52
+        target = lam[keep].min()
+        expected = target * vec[:, keep] @ vec[:, keep].T
+        err = float((b @ gram @ b - expected).abs().max())
+        d, w = AlignedMtl([f"task{i}" for i in range(t)], AlignedMtlConfig()).combine(
+            g, torch.ones(t)
+        )
+        if err > 16 * t * 2.0**-52 * float(lam.max()):
+            failed.append(
+                f"{label}: |B M B - s^2 P| = {err:.1e}, lambda_max {float(lam.max()):.1e}"
+            )
+        elif not torch.allclose(w, b.sum(1)) or not torch.allclose(d, w @ g):
+            failed.append(f"{label}: direction is not (B 1) @ g")
+    assert not failed, f"{len(failed)} of {len(cases)} cases: " + "; ".join(failed[:10])
 
 
 @pytest.mark.parametrize(("scale", "pick"), [("median", "median"), ("rmse", "rmse")])

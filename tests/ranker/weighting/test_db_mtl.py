@@ -13,6 +13,7 @@ from ranker.weighting.db_mtl import LOG_EPS, DbMtl, DbMtlConfig
 from tests.ranker.weighting.toy import (
     Linear3,
     build_from_raw,
+    sweep_grads,
     train_a_few_steps,
 )
 
@@ -43,6 +44,37 @@ def test_scaled_log_gradients_have_the_max_norm_with_the_ema(beta: float, sigma:
         torch.testing.assert_close(norms, m.norm(dim=1).max().expand(3), rtol=1e-7, atol=0)
         torch.testing.assert_close(d, scaled.sum(0))
     assert int(weighting.step) == 5
+
+
+@pytest.mark.parametrize(("beta", "dtype"), [(0.9, torch.float64), (0.0, torch.float32)])
+def test_scaled_emas_have_the_max_norm_on_a_sweep(beta: float, dtype: torch.dtype) -> None:
+    """:func:`sweep_grads` (288 cases, gradients of very different sizes), three steps each with
+    the gradients rescaled per step: every task's scaled EMA has the largest EMA norm, and the
+    update is their sum (float64: to 1e-12; float32, the trainer's dtype: to 1e-5; both relative
+    to the largest EMA norm)."""
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    failed = []
+    cases = sweep_grads()
+    for label, g in cases:
+        t = g.shape[0]
+        weighting = DbMtl([f"task{i}" for i in range(t)], DbMtlConfig(beta=beta))
+        ema = torch.zeros_like(g)
+        for k, factor in enumerate((1.0, 0.3, 2.0)):
+            step = (factor * g).to(dtype)
+            d, w = weighting.combine(step, torch.zeros(t, dtype=torch.float64))
+            ema = beta * ema + (1 - beta) * step.double()
+            norms = ema.norm(dim=1)
+            scaled = w.double()[:, None] * ema
+            got = scaled.norm(dim=1)
+            if not torch.allclose(got, norms.max().expand(t), rtol=rtol, atol=0):
+                failed.append(f"{label} step {k}: scaled norms {got.tolist()}")
+                break
+            # to the rounding of a sum of t vectors of norm max ||m_s|| (they may cancel)
+            atol = rtol * t * float(norms.max()) / g.shape[1] ** 0.5
+            if not torch.allclose(d.double(), scaled.sum(0), rtol=rtol, atol=atol):
+                failed.append(f"{label} step {k}: update is not the scaled EMAs' sum")
+                break
+    assert not failed, f"{len(failed)} of {len(cases)} cases: " + "; ".join(failed[:10])
 
 
 @pytest.mark.parametrize("mode", ["representation", "parameters"])

@@ -11,11 +11,20 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from ranker.weighting import SharedPart
-from ranker.weighting.nash_mtl import NashMtl, NashMtlConfig, solve_bargaining
+from ranker.weighting.nash_mtl import (
+    FLOOR_FACTOR,
+    NashMtl,
+    NashMtlConfig,
+    bargaining_residual,
+    rounding_floor,
+    solve_bargaining,
+)
 from tests.ranker.weighting.toy import (
+    SWEEP_TASKS,
     Linear3,
     assert_zero_gradient_task_is_left_out,
     build_from_raw,
+    sweep_grads,
     train_a_few_steps,
 )
 
@@ -33,20 +42,43 @@ def random_grads(t: int, seed: int, n: int = 8) -> Tensor:
     return scales * g
 
 
-@pytest.mark.parametrize("t", [2, 3, 4])
-@pytest.mark.parametrize("seed", range(5))
-def test_weights_solve_the_bargaining_equations(t: int, seed: int) -> None:
-    g = random_grads(t, seed)
-    d, alpha = NashMtl([f"task{i}" for i in range(t)], NashMtlConfig()).combine(g, torch.ones(t))
-    gram = g @ g.T
-    assert float(alpha.min()) > 0
-    # (G G^T alpha)_t * alpha_t = 1 for every task, within 1e-6 (solver tolerance 1e-8).
-    torch.testing.assert_close(
-        alpha * (gram @ alpha), torch.ones(t, dtype=torch.float64), rtol=0, atol=1e-6
-    )
-    torch.testing.assert_close(d, alpha @ g)
-    # Consequence: ||d||^2 = alpha^T G G^T alpha = T, whatever the gradients' scale.
-    assert math.isclose(float(d @ d), t, rel_tol=1e-5)
+def bargaining_failures(cases: list[tuple[str, Tensor]]) -> list[str]:
+    """The cases where ``combine``'s weights do not solve the bargaining equations, with why."""
+    failed = []
+    for label, g in cases:
+        t = g.shape[0]
+        d, alpha = NashMtl([f"task{i}" for i in range(t)], NashMtlConfig()).combine(
+            g, torch.ones(t)
+        )
+        gram = (g @ g.T).numpy()
+        a = alpha.numpy()
+        if not float(alpha.min()) > 0:
+            failed.append(f"{label}: alpha {a}")
+            continue
+        # (G G^T alpha)_t * alpha_t = 1 for every task, within 1e-6 (solver tolerance 1e-8) or,
+        # close to Pareto stationarity (huge alpha, cancelling sums), within float64 rounding.
+        res = bargaining_residual(gram, a)
+        allowed = max(1e-6, FLOOR_FACTOR * rounding_floor(gram, a))
+        # Consequence: ||d||^2 = alpha^T G G^T alpha = T, whatever the gradients' scale.
+        if res > allowed or not math.isclose(float(d @ d), t, rel_tol=1e-5):
+            failed.append(f"{label}: residual {res:.2e} > {allowed:.1e}, |d|^2 {float(d @ d):.6g}")
+        elif not torch.allclose(d, alpha @ g):
+            failed.append(f"{label}: direction is not alpha @ g")
+    return failed
+
+
+def test_weights_solve_the_bargaining_equations_on_a_sweep() -> None:
+    """588 cases: :func:`sweep_grads` (T = 2..8, per-task scales 1e-3..1e2, conflicts,
+    near-Pareto-stationary and rank-deficient gradients) and this file's own draw for 50 seeds
+    per task count. The scipy ``trust-exact`` solve used before failed 74 of them on an AMD EPYC
+    (and the [4-4] seed of the former 15-case test on an Intel Xeon) with residuals near 1.
+    """
+    cases = sweep_grads()
+    cases += [
+        (f"random_grads T={t} seed={s}", random_grads(t, s)) for t in SWEEP_TASKS for s in range(50)
+    ]
+    failed = bargaining_failures(cases)
+    assert not failed, f"{len(failed)} of {len(cases)} cases: " + "; ".join(failed[:10])
 
 
 def test_scale_invariance_and_official_scale() -> None:

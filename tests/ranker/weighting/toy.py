@@ -153,3 +153,54 @@ def assert_zero_gradient_task_is_left_out(
     assert float(w3[1]) == 0.0
     torch.testing.assert_close(w3[[0, 2]], w2, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(d3, d2, rtol=1e-6, atol=1e-9)
+
+
+SWEEP_TASKS = (2, 3, 4, 5, 6, 8)
+"""Task counts of :func:`sweep_grads`."""
+
+SWEEP_KINDS = ("random", "conflict", "near_stationary", "aligned")
+"""Kinds of gradient matrices :func:`sweep_grads` draws (see there)."""
+
+
+def sweep_grads(per_cell: int = 12, n: int = 8, seed: int = 0) -> list[tuple[str, Tensor]]:
+    """Many small task-gradient matrices ``(T, n)`` (float64) for property sweeps of the
+    strategies' ``T x T`` solvers: ``per_cell`` of each kind for every ``T`` in
+    :data:`SWEEP_TASKS` (``4 * 6 * per_cell`` cases), each labelled ``"kind T=.. #.."``.
+
+    Every task's gradient gets its own scale ``10^u``, ``u`` uniform in ``[-3, 2]``, so the Gram
+    matrices span up to ten decades (ill-conditioned). Kinds:
+
+    * ``random``: independent Gaussian directions;
+    * ``conflict``: ``g_1 = -0.7 g_0 + 0.3 z`` (two tasks pulling against each other);
+    * ``near_stationary``: the last gradient is ``-sum_t c_t g_t`` (``c_t`` in ``[0.2, 1]``) plus
+      a perturbation of relative size ``10^-4 .. 10^-2``: 0 is almost in the convex hull of the
+      gradients (close to Pareto stationary), the hardest case for Nash-MTL and MGDA;
+    * ``aligned``: the last gradient is a positive combination of the others (rank-deficient
+      Gram matrix, no conflict).
+
+    The draw is seeded, but a solver's result may still differ between CPUs (different SIMD
+    paths round differently): the sweep is wide so that a solver that is wrong on some inputs
+    fails on every CPU.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: float, hi: float, *shape: int) -> Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    out: list[tuple[str, Tensor]] = []
+    for kind in SWEEP_KINDS:
+        for t in SWEEP_TASKS:
+            for i in range(per_cell):
+                g = torch.randn(t, n, generator=gen, dtype=torch.float64)
+                if kind == "conflict":
+                    g[1] = -0.7 * g[0] + 0.3 * g[1]
+                elif kind == "near_stationary":
+                    c = uniform(0.2, 1.0, t - 1)
+                    rest = c @ g[:-1]
+                    eps = 10.0 ** float(uniform(-4.0, -2.0, 1))
+                    g[-1] = -rest + eps * float(rest.norm()) * g[-1] / g[-1].norm()
+                elif kind == "aligned":
+                    g[-1] = uniform(0.2, 1.0, t - 1) @ g[:-1]
+                scales = 10.0 ** uniform(-3.0, 2.0, t, 1)
+                out.append((f"{kind} T={t} #{i}", scales * g))
+    return out
