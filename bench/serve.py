@@ -20,6 +20,17 @@ ratio uses. It scrapes the service's stage histograms (``ranker_stage_duration_s
 
     .venv/bin/python bench/serve.py --requests 300 --threads 1 --backends eager,torchscript,onnx
 
+A backend may carry a thread count, ``name:N`` (``RANKER_THREADS=N``) or ``name:default``
+(``RANKER_THREADS`` unset: the service's own default, ``service.settings.default_threads``);
+plain ``name`` uses ``--threads``; a ``+inline`` suffix runs the forward pass on the event loop
+(``RANKER_FORWARD_THREAD=false``) instead of the service's forward thread. ``auto`` is ``RANKER_BACKEND=auto`` (the engine the service
+picks on start-up; its choice is printed). ``--busy-core`` repeats every concurrency level with
+another process spinning on one core (a pure-Python busy loop pinned to the last usable CPU),
+the contention a neighbour causes, and reports each backend's throughput under it as a ratio of
+its quiet figure from the same run:
+
+    .venv/bin/python bench/serve.py --backends auto,onnx:default,onnx:2 --busy-core
+
 ``--baseline DIR`` also serves another source tree (an earlier commit: ``git worktree add
 /tmp/base <commit>``) with the first backend, as ``<backend>@base``, interleaved with the rest:
 a before/after comparison in one run, on the same noise. Its artifact and settings are the same;
@@ -39,7 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -53,7 +64,8 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_model  # noqa: E402
 
 from ranker.artifact import Artifact, load_artifact  # noqa: E402
-from ranker.backends import build_scorer  # noqa: E402
+from ranker.backends import BACKENDS, build_scorer  # noqa: E402
+from ranker.cpu import describe  # noqa: E402
 from ranker.features import Encoded  # noqa: E402
 from service.launch import free_port, serve  # noqa: E402
 
@@ -256,7 +268,7 @@ def bare_forward(
     torch.set_num_threads(threads)
     split = request_split(artifact.model, artifact.encoder)
     scorers = {}
-    for b in backends:
+    for b in dict.fromkeys(b for b in backends if b in BACKENDS):  # auto has no one engine
         scorers[b] = build_scorer(artifact.model, b, threads, split)
         scorers[f"{b}/plain"] = build_scorer(artifact.model, b, threads)
     times: dict[str, list[float]] = {b: [] for b in scorers}
@@ -275,6 +287,33 @@ def bare_forward(
                 scorers[b](rows.cat, rows.num)
                 times[b].append(time.perf_counter() - t0)
     return {b: float(np.median(t)) for b, t in times.items()}
+
+
+def _variant(label: str, threads: int) -> tuple[str, str | None]:
+    """``name[:N|:default][+inline]`` -> (backend, RANKER_THREADS or None for the service's
+    default); ``+inline`` is read by :func:`_inline`."""
+    name, _, t = label.split("+")[0].partition(":")
+    if not t:
+        return name, str(threads)
+    return name, None if t == "default" else str(int(t))
+
+
+def _inline(label: str) -> bool:
+    """``...+inline``: the forward pass on the event loop (``RANKER_FORWARD_THREAD=false``)."""
+    return label.endswith("+inline")
+
+
+@contextmanager
+def busy_core() -> Iterator[int]:
+    """A process spinning in pure Python on the last usable CPU while the block runs."""
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield cpu
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _pct(x: list[float], q: float) -> float:
@@ -296,14 +335,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", type=Path, default=None, help="another source tree to compare")
+    ap.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="repeat each level with a busy-loop process on one core",
+    )
     args = ap.parse_args()
 
-    backends = args.backends.split(",")
+    variants = args.backends.split(",")
+    backends = [_variant(v, args.threads)[0] for v in variants]
     levels = [int(c) for c in args.concurrency.split(",")]
-    # what is served: (label, backend, source tree)
-    services = [(b, b, ROOT) for b in backends]
+    if args.busy_core:  # (c, busy) pairs: each level quiet, then with a core taken
+        levels = [(c, busy) for c in levels for busy in (False, True)]
+    else:
+        levels = [(c, False) for c in levels]
+    # what is served: (label, variant, source tree)
+    services = [(v, v, ROOT) for v in variants]
     if args.baseline is not None:
-        services.append((f"{backends[0]}@base", backends[0], args.baseline.resolve()))
+        services.append((f"{variants[0]}@base", variants[0], args.baseline.resolve()))
     labels = [label for label, _, _ in services]
     artifact = load_artifact(args.artifact)
     from ranker.predictor import request_split
@@ -314,7 +363,10 @@ def main() -> None:
     rows = forward_rows(artifact, args.candidates, args.seed)
     forward = bare_forward(artifact, backends, args.threads, rows, args.forward_calls)
 
-    lat: dict[tuple[str, int], list[float]] = {(b, c): [] for b in labels for c in levels}
+    chose: dict[str, str] = {}  # auto's choice per label, from its /readyz
+    lat: dict[tuple[str, int, bool], list[float]] = {
+        (b, c, busy): [] for b in labels for c, busy in levels
+    }
     wall: dict[tuple[str, int], float] = {k: 0.0 for k in lat}
     stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, ExitStack() as stack:
@@ -325,85 +377,115 @@ def main() -> None:
         d = artifact.config.data
         push_files(url, Path(d.users), Path(d.videos), d.user_key, d.video_key, progress=False)
         ports = {}
-        for label, b, source in services:
+        for label, variant, source in services:
+            b, threads = _variant(variant, args.threads)
             env = {
                 "RANKER_ARTIFACT": str(args.artifact.resolve()),
                 "RANKER_REDIS_URL": url,
                 "RANKER_BACKEND": b,
-                "RANKER_THREADS": str(args.threads),
-                "RANKER_LOG_LEVEL": "warning",
+                "RANKER_LOG_LEVEL": "warning" if b != "auto" else "info",
                 "RANKER_RANKING_CONFIG": str(ROOT / "configs" / "ranking.toml"),
             }
+            if _inline(variant):
+                env["RANKER_FORWARD_THREAD"] = "false"
+            if threads is not None:
+                env["RANKER_THREADS"] = threads
+            elif "RANKER_THREADS" in os.environ:
+                del os.environ["RANKER_THREADS"]  # the service's default, not this shell's
             log = tmpdir / f"service-{label}.log"
             workers = ["--workers", str(args.workers)] if args.workers > 1 else []
-            running = serve(env, workers, log_path=log, timeout=120.0, source=source)
+            running = serve(env, workers, log_path=log, timeout=180.0, source=source)
             ports[label] = stack.enter_context(running).port
+            if b == "auto":
+                chose[label] = _auto_choice(ports[label])
         conns = Connections()
         stack.callback(conns.close)
+        top = max(c for c, _ in levels)
         for b in labels:  # warm-up (and every connection opened), then the counters start
-            replay(ports[b], bodies[: 2 * max(levels)], max(levels), time.monotonic() + 60, conns)
-        for c in levels:
+            replay(ports[b], bodies[: 2 * top], top, time.monotonic() + 60, conns)
+        for c, busy in levels:
             before = {b: stage_totals(ports[b]) for b in labels}
             deadline = time.monotonic() + args.max_seconds
             sent = 0
-            while sent < args.requests and time.monotonic() < deadline:
-                n = min(args.block, args.requests - sent)
-                for b in labels:
-                    part = [bodies[(sent + i) % len(bodies)] for i in range(n)]
-                    t0 = time.perf_counter()
-                    lat[(b, c)] += replay(ports[b], part, c, deadline, conns)
-                    wall[(b, c)] += time.perf_counter() - t0
-                sent += n
+            with busy_core() if busy else nullcontext():
+                while sent < args.requests and time.monotonic() < deadline:
+                    n = min(args.block, args.requests - sent)
+                    for b in labels:
+                        part = [bodies[(sent + i) % len(bodies)] for i in range(n)]
+                        t0 = time.perf_counter()
+                        lat[(b, c, busy)] += replay(ports[b], part, c, deadline, conns)
+                        wall[(b, c, busy)] += time.perf_counter() - t0
+                    sent += n
             for b in labels:
                 after = stage_totals(ports[b])
-                stages[f"{b} | {c}"] = {
+                stages[f"{b} | {c}{' busy' if busy else ''}"] = {
                     s: (after[s][0] - before[b].get(s, (0.0, 0.0))[0])
                     / max(after[s][1] - before[b].get(s, (0.0, 0.0))[1], 1)
                     * 1000
                     for s in after
                 }
 
-    table = render(args, labels, levels, lat, wall, forward, stages, flops)
+    table = render(args, labels, levels, lat, wall, forward, stages, flops, chose)
     print(table)
     if args.out is not None:
         with args.out.open("a") as f:
             f.write(table + "\n")
 
 
+def _auto_choice(port: int) -> str:
+    """What ``auto`` chose and measured, from the service's ``/readyz``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/readyz")
+    ready = orjson.loads(conn.getresponse().read())
+    conn.close()
+    sel = ready.get("engine_selection") or {}
+    tried = ", ".join(
+        f"{t['engine']} {t['ms']:.2f} ms" if t["ms"] is not None else f"{t['engine']} refused"
+        for t in sel.get("trials", [])
+    )
+    return f"{ready.get('engine')} ({tried})"
+
+
 def render(  # noqa: ANN001, PLR0913
-    args, backends, levels, lat, wall, forward, stages, flops: int
+    args, backends, levels, lat, wall, forward, stages, flops: int, chose: dict[str, str]
 ) -> str:
     """The results as markdown: the run's facts, the latency table, the stage breakdown."""
     cpu = cpu_model()
     load = os.getloadavg()[0]
     lines = [
-        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu}), "
-        f"load average {load:.1f}",
+        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu}; "
+        f"{describe()}), load average {load:.1f}",
         "",
         f"`{' '.join(['bench/serve.py', *sys.argv[1:]])}`; {args.candidates} candidates, "
         f"RANKER_THREADS={args.threads}, {args.workers} worker(s), features from Redis; model "
         f"{flops / 1e6:.2f} MFLOP per candidate as served, the user's and context's share of the "
         f"first layers computed once per request ({flops * args.candidates / 1e9:.2f} GFLOP "
         "per request).",
+        *[f"`auto` ({label}) chose: {text}" for label, text in chose.items()],
         "",
-        "| backend | c | requests | p50 ms | p90 ms | p99 ms | req/s | candidates/s "
-        "| bare forward ms | every row in full | service's forward stage ms (mean) "
-        "| e2e p50 / forward stage |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | c | core taken | requests | p50 ms | p90 ms | p99 ms | req/s | candidates/s "
+        "| busy / quiet | bare forward ms | every row in full | service's forward stage ms "
+        "(mean) | e2e p50 / forward stage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in levels:
+    nan = float("nan")
+    for c, busy in levels:
         for b in backends:
-            x = lat[(b, c)]
+            x = lat[(b, c, busy)]
             if not x:
                 continue
-            rps = len(x) / wall[(b, c)]
-            base = b.split("@")[0]  # a baseline's row shows today's bare forward
-            fwd, plain = forward[base] * 1000, forward[f"{base}/plain"] * 1000
-            stage = stages.get(f"{b} | {c}", {}).get("forward", float("nan"))
+            rps = len(x) / wall[(b, c, busy)]
+            quiet = lat.get((b, c, False))
+            ratio = rps / (len(quiet) / wall[(b, c, False)]) if busy and quiet else nan
+            base = _variant(b.split("@")[0], args.threads)[0]  # a baseline's row: today's forward
+            fwd = forward.get(base, nan) * 1000
+            plain = forward.get(f"{base}/plain", nan) * 1000
+            stage = stages.get(f"{b} | {c}{' busy' if busy else ''}", {}).get("forward", nan)
             lines.append(
-                f"| {b} | {c} | {len(x)} | {_pct(x, 50):.2f} | {_pct(x, 90):.2f} | "
-                f"{_pct(x, 99):.2f} | {rps:.0f} | {rps * args.candidates:,.0f} | {fwd:.2f} | "
-                f"{plain:.2f} | {stage:.2f} | {_pct(x, 50) / stage:.1f} |"
+                f"| {b} | {c} | {'yes' if busy else 'no'} | {len(x)} | {_pct(x, 50):.2f} | "
+                f"{_pct(x, 90):.2f} | {_pct(x, 99):.2f} | {rps:.0f} | "
+                f"{rps * args.candidates:,.0f} | {ratio:.2f} | {fwd:.2f} | {plain:.2f} | "
+                f"{stage:.2f} | {_pct(x, 50) / stage:.1f} |"
             )
     names = sorted({s for v in stages.values() for s in v})
     if names:

@@ -7,7 +7,12 @@ batches already in memory, in one run, so the ratio shows what the input pipelin
 * ``memory``: the same batches built beforehand, then the same steps.
 * ``memory, plain Adam``: as ``memory`` with torch's per-tensor Adam instead of the fused one
   the trainer uses (``training.loop.make_optimizer``).
+* ``memory, bf16``: as ``memory`` with the forward pass under bfloat16 autocast, as
+  ``training.precision = "bf16"`` runs it (losses and optimizer in fp32).
 * ``pipeline``: the input pipeline alone (no step), the streaming path's ceiling.
+
+The CPU's matrix features (AVX2, AVX-512, VNNI, AMX) are printed beside the figures: bf16 is
+fast only with AMX, close to fp32 with AVX-512 BF16 alone, slower without either.
 
 Rounds alternate the variants (the machine is shared and noisy); medians over rounds are printed
 with the parquet/memory ratio and the peak RSS of the process, and per variant the minor page
@@ -35,9 +40,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
 
 from ranker.allocator import apply_glibc_malloc  # noqa: E402
 from ranker.artifact import build_model, load_artifact  # noqa: E402
+from ranker.cpu import describe  # noqa: E402
 from ranker.heads import head_loss  # noqa: E402
 from ranker.tables import FeatureTable  # noqa: E402
 from ranker.weighting import SharedPart, build_weighting  # noqa: E402
@@ -77,8 +86,9 @@ def main() -> None:
             (builder.build(rb, f) for f, rb in rbs), t.batch_size, t.shuffle_buffer, gen
         )
 
-    def trainer(fused: bool) -> Callable[[Batch], None]:
-        """One training step of a fresh default model, with fused or plain Adam."""
+    def trainer(fused: bool, bf16: bool = False) -> Callable[[Batch], None]:
+        """One training step of a fresh default model, with fused or plain Adam, the forward
+        in fp32 or under bf16 autocast."""
         torch.manual_seed(0)
         model = build_model(cfg, a.encoder).train()
         tower = build_bias_tower(cfg, a.encoder)
@@ -92,7 +102,10 @@ def main() -> None:
         )
 
         def step(batch: Batch) -> None:
-            out = model.forward_detailed(batch.cat, batch.num)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = model.forward_detailed(batch.cat, batch.num)
+            if bf16:
+                out.raw = {k: v.float() for k, v in out.raw.items()}
             if tower is not None and batch.bias is not None:
                 bias = tower(batch.bias)
                 for name in cfg.position.tasks:
@@ -114,6 +127,7 @@ def main() -> None:
         return step
 
     step, plain_step = trainer(fused=True), trainer(fused=False)
+    bf16_step = trainer(fused=True, bf16=True)
     model = build_model(cfg, a.encoder)  # for its FLOP count
 
     n = args.steps
@@ -139,6 +153,11 @@ def main() -> None:
             plain_step(b)
         return rows
 
+    def run_memory_bf16() -> int:
+        for b in memory:
+            bf16_step(b)
+        return rows
+
     def run_pipeline() -> int:
         return sum(len(b) for b in itertools.islice(stream(), n))
 
@@ -146,6 +165,7 @@ def main() -> None:
         "parquet": run_parquet,
         "memory": run_memory,
         "memory, plain Adam": run_memory_plain_adam,
+        "memory, bf16": run_memory_bf16,
         "pipeline": run_pipeline,
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
@@ -153,6 +173,7 @@ def main() -> None:
     system = {k: 0.0 for k in variants}  # kernel CPU seconds, summed over rounds
     run_memory()  # warm-up
     run_memory_plain_adam()
+    run_memory_bf16()
     for _ in range(args.rounds):
         for name, fn in variants.items():
             r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -165,6 +186,7 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in rates.items()}
     per_step = n * args.rounds
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"CPU: {cpu_model()}; {describe()}; torch {torch.__version__}")
     print(
         f"model {cfg.model.architecture}, batch {t.batch_size}, shuffle buffer {t.shuffle_buffer},"
         f" {args.threads} threads, {n} steps x {args.rounds} rounds,"
@@ -182,7 +204,8 @@ def main() -> None:
         )
     print(
         f"\nparquet / memory = {med['parquet'] / med['memory']:.2f}; fused / plain Adam = "
-        f"{med['memory'] / med['memory, plain Adam']:.2f}; "
+        f"{med['memory'] / med['memory, plain Adam']:.2f}; bf16 / fp32 = "
+        f"{med['memory, bf16'] / med['memory']:.2f}; "
         f"first {n} batches built in {prebuild:.2f} s; peak RSS {rss:,.0f} MiB"
     )
     if args.json is not None:

@@ -10,6 +10,8 @@ One directory per exported version::
                           what evaluate, tune and the service use when given no other
         encoder.json      vocabularies and normalisation statistics
         model.safetensors the weights (no pickle anywhere on this path)
+        samples.safetensors (optional) encoded sample requests the service times and checks
+                          its scoring engines on (ranker/samples.py)
 
 It is written into a temporary directory beside its final place and renamed, so a reader never
 sees half an artifact; it is loaded only after the format version and every checksum match.
@@ -38,6 +40,7 @@ from ranker.errors import ArtifactError
 from ranker.features import FeatureEncoder
 from ranker.heads import output_dim
 from ranker.model import RankingModel
+from ranker.samples import SAMPLES_FILE, SampleRequests
 from ranker.scoring import RankingConfig, RankingFormula
 
 FORMAT_VERSION = 1
@@ -57,6 +60,7 @@ class Artifact:
     encoder: FeatureEncoder
     model: RankingModel
     ranking: RankingConfig
+    samples: SampleRequests | None = None  # None: exported before samples were stored
 
 
 def _sha256(path: Path) -> str:
@@ -113,8 +117,10 @@ def save_artifact(
     config: Config,
     metrics: dict[str, Any] | None = None,
     root: Path | None = None,
+    samples: SampleRequests | None = None,
 ) -> Path:
-    """Writes a new version under ``root/name/`` and returns its directory."""
+    """Writes a new version under ``root/name/`` and returns its directory; ``samples``
+    (:mod:`ranker.samples`) are stored beside the weights when given."""
     root = Path(root or config.export.artifact_root) / config.export.name
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
@@ -128,6 +134,10 @@ def save_artifact(
         (tmp / RANKING).write_text(ranking.model_dump_json(indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        files = list(FILES)
+        if samples is not None:
+            samples.save(tmp / SAMPLES_FILE)
+            files.append(SAMPLES_FILE)
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": config.export.name,
@@ -141,7 +151,7 @@ def save_artifact(
                 "flops_per_row": model.flops_per_row(),
             },
             "position": position_note(config),
-            "files": {f: _sha256(tmp / f) for f in (*FILES, RANKING)},
+            "files": {f: _sha256(tmp / f) for f in (*files, RANKING)},
             "metrics": metrics or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -225,7 +235,8 @@ def load_artifact(
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path}: format version {got!r}, this code reads {FORMAT_VERSION}")
     files = manifest.get("files", {})
-    for f in (*FILES, *[RANKING] * (RANKING in files)):
+    optional = [f for f in (RANKING, SAMPLES_FILE) if f in files]
+    for f in (*FILES, *optional):
         if f not in files:
             raise ArtifactError(f"{path}: manifest lists no checksum for {f}")
         if not (path / f).is_file():
@@ -242,6 +253,7 @@ def load_artifact(
         )
         check_model_size(path, config, encoder, max_parameters, limit_name)
         model = build_model(config, encoder)
+        samples = SampleRequests.load(path / SAMPLES_FILE) if SAMPLES_FILE in files else None
         state = load_file(str(path / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -255,7 +267,16 @@ def load_artifact(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Artifact(path, manifest["version"], manifest, config, encoder, model, ranking)
+    if samples is not None and (
+        samples.cat.shape[2] != model.embed.num_columns
+        or samples.num.shape[2] != model.embed.num_numeric
+    ):
+        raise ArtifactError(
+            f"{path}: {SAMPLES_FILE} has {samples.cat.shape[2]} categorical and "
+            f"{samples.num.shape[2]} numeric columns; the model reads "
+            f"{model.embed.num_columns} and {model.embed.num_numeric}"
+        )
+    return Artifact(path, manifest["version"], manifest, config, encoder, model, ranking, samples)
 
 
 def manifest_summary(artifact: Artifact) -> dict[str, Any]:

@@ -302,6 +302,12 @@ class TrainingConfig(Strict):
         default=500, ge=0, description="mid-epoch checkpoints for --resume; 0: at epoch ends only"
     )
     device: str = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="bf16: the forward pass under bfloat16 autocast (losses, gradients' "
+        "accumulation and the optimizer stay fp32); auto: bf16 on a CPU with bf16 matrix units "
+        "(AMX), fp32 elsewhere (training.loop.training_precision)",
+    )
     selection: SelectionConfig = SelectionConfig()
     refit: bool = Field(
         default=False,
@@ -358,9 +364,55 @@ class PositionConfig(Strict):
         )
 
 
+class EngineGuard(Strict):
+    """How close to fp32 eager a scoring engine must stay, on the artifact's sample requests,
+    for the service's ``auto`` backend to serve it (:mod:`ranker.autoselect`). An engine that
+    misses any bound is never served by ``auto``, however fast.
+
+    The defaults admit the bf16 expert layers measured on trained default models (max
+    probability error 5.7e-4 on a Xeon, 1.9e-3 scaled error on an EPYC; Spearman 0.99999, top-50
+    overlap 0.996-0.998, docs/performance.md) and refuse ONNX int8 there (errors 1.6e-2 to
+    5.9e-2, 26-41x larger; top-10 overlap 0.8 on the worst request).
+    """
+
+    max_error: float = Field(
+        default=5e-3,
+        gt=0,
+        description="largest served-prediction error per head, over the head's scale: "
+        "|engine - fp32| / max(1, max |fp32|) (absolute for probabilities)",
+    )
+    max_error_per_head: dict[str, float] = Field(
+        default={}, description="per-head overrides of max_error, by task name"
+    )
+    min_spearman: float = Field(
+        default=0.999,
+        ge=-1,
+        le=1,
+        description="lowest Spearman correlation of the ranking score with fp32's, per request",
+    )
+    top_k: int = Field(default=50, gt=0, description="k of the top-k overlap")
+    min_topk_overlap: float = Field(
+        default=0.98,
+        ge=0,
+        le=1,
+        description="lowest mean overlap of the top-k by ranking score with fp32's top-k",
+    )
+
+    def max_error_for(self, task: str) -> float:
+        return self.max_error_per_head.get(task, self.max_error)
+
+
 class ExportConfig(Strict):
     artifact_root: Path = Path("artifacts")
     name: str = Field(default="ranker", pattern=r"^[A-Za-z0-9_.-]+$")
+    sample_requests: int = Field(
+        default=16,
+        ge=0,
+        description="validation requests stored in the artifact for the service to time and "
+        "check its engines on (ranker/samples.py); 0: none (auto then serves fp32)",
+    )
+    sample_candidates: int = Field(default=500, gt=0, description="candidates per sample request")
+    guard: EngineGuard = EngineGuard()
 
 
 class Config(Strict):

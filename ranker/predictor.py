@@ -6,6 +6,8 @@ has exactly one definition.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ from ranker.features import Encoded, FeatureEncoder
 from ranker.heads import head_prediction
 from ranker.model import RankingModel
 from ranker.modules import ColumnSplit
+
+if TYPE_CHECKING:
+    from ranker.autoselect import Selection
 
 
 def request_split(model: RankingModel, encoder: FeatureEncoder) -> ColumnSplit:
@@ -48,6 +53,8 @@ class Predictor:
         self.tasks = list(tasks)
         self.backend = backend
         self.scorer = build_scorer(self.model, backend, threads, split)
+        # How ``auto`` chose this engine; None when the engine was named.
+        self.selection: Selection | None = None
 
     @torch.inference_mode()
     def predict(self, rows: Encoded) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
 from service.decode import decode_rank_request
 from service.docs_page import install_docs
-from service.engine import rank
+from service.engine import engine_line, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
@@ -37,7 +37,7 @@ from service.schemas import (
     Readiness,
     ValidationProblem,
 )
-from service.settings import Settings
+from service.settings import Settings, default_threads
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("ranker.service")
@@ -86,18 +86,18 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(default_threads(settings))  # one per worker unless set
         apply_glibc_malloc(settings.glibc_malloc)  # no page faults per request (allocator.py)
         first = handed_over.pop() if handed_over else load_serving_state(settings)
         model, formula = first.model, first.formula
         app.state.serving = first
         del first
         log.info(
-            "serving model %s from %s; position: %s",
+            "serving model %s from %s; position: %s; %s",
             model.version,
             model.artifact.path,
             model.artifact.manifest.get("position", {}).get("at_serving", "unknown"),
+            engine_line(model.predictor),
         )
         ok, detail = await model.store.ready()  # warms the store; a fault only degrades
         (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
@@ -180,7 +180,15 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
-        r = await rank(state.model, state.formula, body.user_id, body.context, ids, body.top_k)
+        r = await rank(
+            state.model,
+            state.formula,
+            body.user_id,
+            body.context,
+            ids,
+            body.top_k,
+            settings.forward_thread,
+        )
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1
@@ -227,6 +235,9 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             degraded=not ok,
             degraded_reason=None if ok else f"feature store: {detail}; ranking on default features",
             position=state.model.artifact.manifest.get("position", {}).get("at_serving"),
+            engine=state.model.predictor.backend,
+            engine_ms=sel.ms if (sel := state.model.predictor.selection) is not None else None,
+            engine_selection=sel.as_json() if sel is not None else None,
         )
         reloader: Reloader | None = getattr(request.app.state, "reloader", None)
         if reloader is not None:

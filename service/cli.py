@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ranker.errors import ConfigError, RankerError
@@ -61,15 +62,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
     for key, value in (("ARTIFACT", a.artifact), ("RANKING_CONFIG", a.ranking)):
         if value:
             os.environ[f"RANKER_{key}"] = str(value)
+    from ranker.cpu import usable_cpus
     from service.logs import logging_config
     from service.observability import multiprocess_metrics
-    from service.settings import threads_per_worker
 
     if a.workers < 1:
         raise RankerError(f"--workers {a.workers}: at least 1")
-    if a.workers > 1 and "RANKER_THREADS" not in os.environ:
-        os.environ["RANKER_THREADS"] = str(threads_per_worker(a.workers, os.cpu_count()))
-    settings = load_settings()
+    cpus = usable_cpus()
+    if a.workers > cpus:
+        print(
+            f"warning: --workers {a.workers} > {cpus} usable CPUs (affinity, cgroup quota)",
+            file=sys.stderr,
+        )
+    settings = load_settings()  # each worker runs RANKER_THREADS or 1 thread (default_threads)
     host = a.host or settings.host
     port = a.port if a.port is not None else settings.port
     options: dict[str, Any] = {

@@ -7,7 +7,9 @@ request in flight finishes on the bundle it started with.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import numpy as np
 import pyarrow as pa
 
 from ranker.artifact import Artifact, load_artifact
+from ranker.autoselect import auto_predictor
 from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
 from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
-from service.settings import Settings
+from service.settings import Settings, default_threads
 from service.store import FeatureStore, InProcessStore, Lookup
 
 ContextValue = str | int | float | None
@@ -29,10 +32,30 @@ def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     """The artifact's model on the configured scoring backend (``RANKER_BACKEND``), built here
     so that start-up and reload cannot serve on different backends. Each forward pass is one
     request's candidates, so the user's and context's share of the first layer is computed once
-    (:func:`~ranker.predictor.request_split`)."""
+    (:func:`~ranker.predictor.request_split`).
+
+    ``auto`` times the engines this CPU can run on the artifact's sample requests and serves the
+    fastest that passes the artifact's accuracy guard against fp32 (:mod:`ranker.autoselect`);
+    the predictor's ``selection`` says what was measured. The guard scores the ranking with the
+    formula the service serves (``RANKER_RANKING_CONFIG``, else the artifact's own)."""
     a = artifact
     split = request_split(a.model, a.encoder)
-    return Predictor(a.model, a.config.tasks, settings.backend, settings.threads, split)
+    threads = default_threads(settings)
+    if settings.backend != "auto":
+        return Predictor(a.model, a.config.tasks, settings.backend, threads, split)
+    formula = artifact_formula(settings.ranking_config, a)
+    predictor, selection = auto_predictor(
+        a.model, a.config.tasks, split, a.samples, formula.score, a.config.export.guard, threads
+    )
+    predictor.selection = selection
+    return predictor
+
+
+def engine_line(predictor: Predictor) -> str:
+    """How the scoring engine was chosen, for the start-up and reload log lines."""
+    if predictor.selection is None:
+        return f"scoring engine {predictor.backend} (RANKER_BACKEND)"
+    return f"RANKER_BACKEND=auto chose {predictor.selection.summary()}"
 
 
 CONTEXT_CACHE_ENTRIES = 4096
@@ -93,9 +116,14 @@ def load_formula(path: Path, tasks: list[str]) -> RankingFormula:
 
 def serving_formula(path: Path | None, model: ServingModel) -> RankingFormula:
     """The file at ``path`` (``RANKER_RANKING_CONFIG``) when set, else the artifact's own."""
-    tasks = model.artifact.config.task_names
+    return artifact_formula(path, model.artifact)
+
+
+def artifact_formula(path: Path | None, artifact: Artifact) -> RankingFormula:
+    """:func:`serving_formula` for an artifact not yet bundled into a :class:`ServingModel`."""
+    tasks = artifact.config.task_names
     if path is None:
-        return RankingFormula(model.artifact.ranking, tasks)
+        return RankingFormula(artifact.ranking, tasks)
     return load_formula(path, tasks)
 
 
@@ -181,6 +209,24 @@ def score_rows(
     return formula.score(preds), preds
 
 
+_FORWARD: ThreadPoolExecutor | None = None
+
+
+def _forward_executor() -> ThreadPoolExecutor:
+    """The process's one forward thread (created on first use, lives as long as the process).
+
+    One thread, so forward passes run one at a time, as on the event loop, and a worker never
+    computes with more than ``RANKER_THREADS`` intra-op threads at once; what changes is that
+    the event loop is free meanwhile: torch and ONNX Runtime release the GIL inside their
+    kernels, so other requests' body reads, Redis round trips and responses proceed while a
+    forward pass runs instead of queueing behind it (at c=8 the features stage grew to 13-19 ms
+    waiting for the loop, docs/performance.md)."""
+    global _FORWARD
+    if _FORWARD is None:
+        _FORWARD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    return _FORWARD
+
+
 async def rank(
     model: ServingModel,
     formula: RankingFormula,
@@ -188,13 +234,20 @@ async def rank(
     context: dict[str, ContextValue],
     video_ids: np.ndarray,
     top_k: int | None,
+    forward_thread: bool = False,
 ) -> Ranked:
-    """Scores every candidate and returns them best first (ties keep the request's order)."""
+    """Scores every candidate and returns them best first (ties keep the request's order).
+    ``forward_thread``: the forward pass runs on the process's forward thread
+    (:func:`_forward_executor`) while the event loop serves other requests."""
     t0 = time.perf_counter()
     ctx, unknown = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
     t1 = time.perf_counter()
-    preds = forward_rows(model, lookup, ctx)
+    if forward_thread:
+        loop = asyncio.get_running_loop()
+        preds = await loop.run_in_executor(_forward_executor(), forward_rows, model, lookup, ctx)
+    else:
+        preds = forward_rows(model, lookup, ctx)
     t2 = time.perf_counter()
     scores = formula.score(preds)
     order = np.argsort(-scores, kind="stable")

@@ -272,6 +272,23 @@ class Observability:
             multiprocess_mode="livemax",
             registry=reg,
         )
+        self.engine_info = Gauge(
+            "ranker_engine_info",
+            "1 for the scoring engine serving each model version (selected_by: auto, or "
+            "setting when RANKER_BACKEND names it), 0 for engines served before",
+            ["version", "engine", "selected_by"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.engine_seconds = Gauge(
+            "ranker_engine_sample_forward_seconds",
+            "RANKER_BACKEND=auto: median forward time of one sample request, per engine tried "
+            "at start-up or reload (refused engines are not timed and not listed)",
+            ["version", "engine"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self._engine_labels: tuple[str, str, str] | None = None
         self.score = VectorHistogram(
             Histogram(
                 "ranker_score",
@@ -306,7 +323,21 @@ class Observability:
                         )
                     )
             self._heads_of = model
+            self.set_engine(model)
         self.set_versions(model.version, formula.version)
+
+    def set_engine(self, model: ServingModel) -> None:
+        """The engine serving ``model`` and, under ``auto``, what each admitted one measured."""
+        p = model.predictor
+        labels = (model.version, p.backend, "auto" if p.selection is not None else "setting")
+        if self._engine_labels is not None and self._engine_labels != labels:
+            self.engine_info.labels(*self._engine_labels).set(0)
+        self.engine_info.labels(*labels).set(1)
+        self._engine_labels = labels
+        if p.selection is not None:
+            for trial in p.selection.trials:
+                if trial.ms is not None:
+                    self.engine_seconds.labels(model.version, trial.engine).set(trial.ms / 1e3)
 
     def set_versions(self, model_version: str, ranking_version: str) -> None:
         """Marks the versions served now with 1 and the ones they replace with 0."""

@@ -46,6 +46,7 @@ from ranker.scoring import RankingConfig, RankingFormula, load_ranking_config
 from service.engine import (
     ServingModel,
     encode_context,
+    engine_line,
     make_predictor,
     parameter_limit,
     score_rows,
@@ -261,11 +262,12 @@ class Reloader:
                 self.app.state.serving = ServingState(plan.model, plan.formula)
                 self.reloads += 1
                 log.info(
-                    "now serving model %s (was %s), ranking %s (was %s)",
+                    "now serving model %s (was %s), ranking %s (was %s); %s",
                     plan.model.version,
                     before.model.version,
                     plan.formula.version,
                     before.formula.version,
+                    engine_line(plan.model.predictor),
                 )
                 asyncio.get_running_loop().call_later(REFREEZE_DELAY_S, _refreeze)
             return ReloadResult(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -100,6 +100,15 @@ class Readiness(BaseModel):
     )
     pinned_version: str | None = Field(
         default=None, description="the version POST /admin/reload pinned, if any"
+    )
+    engine: str | None = Field(default=None, description="the scoring engine that serves")
+    engine_ms: float | None = Field(
+        default=None,
+        description="RANKER_BACKEND=auto: its median forward time on the sample requests, ms",
+    )
+    engine_selection: dict[str, Any] | None = Field(
+        default=None,
+        description="RANKER_BACKEND=auto: every engine tried, its time, accuracy and verdict",
     )
 
 

@@ -53,7 +53,17 @@ class Settings(BaseSettings):
         default=None,
         description="bearer token for /admin/*; unset: the admin endpoints answer 404",
     )
-    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads")
+    threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="intra-op threads of torch and ONNX Runtime per worker; default: 1 "
+        "(default_threads)",
+    )
+    forward_thread: bool = Field(
+        default=True,
+        description="run each forward pass on one dedicated thread, so the event loop keeps "
+        "serving other requests' I/O meanwhile (service.engine.rank); false: on the loop",
+    )
     glibc_malloc: GlibcMalloc = Field(
         default="retain",
         description="retain: keep freed memory in the process (no page faults per request, "
@@ -61,9 +71,11 @@ class Settings(BaseSettings):
     )
     # eager is the reference; the others are built from the same weights at start-up and are
     # checked against it (tests/ranker/test_backends.py, docs/performance.md)
-    backend: Literal["eager", "torchscript", "onnx", "onnx-int8"] = Field(
-        default="eager",
-        description="scoring backend: eager, torchscript, onnx or onnx-int8 (ONNX Runtime uses "
+    backend: Literal["auto", "eager", "torchscript", "onnx", "onnx-int8", "bf16"] = Field(
+        default="auto",
+        description="scoring backend: auto (time the engines this CPU can run on the artifact's "
+        "sample requests, serve the fastest that passes its accuracy guard; ranker/autoselect.py)"
+        ", or one by name: eager, torchscript, onnx, onnx-int8, bf16 (ONNX Runtime uses "
         "`threads` intra-op threads)",
     )
     redis_url: SecretStr | None = Field(
@@ -95,10 +107,14 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
 
-def threads_per_worker(workers: int, cpus: int | None) -> int:
-    """Intra-op threads for each of ``workers`` processes when ``RANKER_THREADS`` is unset.
+def default_threads(settings: Settings) -> int:
+    """Intra-op threads of each worker when ``RANKER_THREADS`` is unset: one.
 
-    Each worker's torch and ONNX Runtime would otherwise start one thread per core, so N workers
-    would run N x cores busy threads on the cores, fighting over them; the cores are shared out
-    instead (at least one thread each)."""
-    return max(1, (cpus or 1) // max(1, workers))
+    Left alone, torch and ONNX Runtime start one thread per core of the host. A forward pass over
+    500 candidates is a few milliseconds of small matmuls; splitting it over threads gains little
+    (one worker with two threads served 74-89k candidates/s, one thread per worker as much) and
+    costs everything when another process takes a core: OpenMP threads spin at their barriers
+    waiting for the descheduled one, and throughput fell 5-7x (c=1 p90 7 -> 107 ms,
+    docs/performance.md). Processes, not threads, use more cores: ``--workers`` up to
+    :func:`ranker.cpu.usable_cpus`. An explicit ``RANKER_THREADS`` wins."""
+    return settings.threads or 1

@@ -48,6 +48,9 @@ def tiny_overrides(world: Path, tmp: Path) -> list[str]:
         "training.shuffle_buffer=2048",
         f'training.run_dir="{tmp / "run"}"',
         f'export.artifact_root="{tmp / "artifacts"}"',
+        # auto times its engines on these at every start-up and reload: keep them small
+        "export.sample_requests=6",
+        "export.sample_candidates=200",
     ]
 
 

@@ -8,13 +8,14 @@ from typing import Any
 
 from ranker.artifact import build_model, load_artifact, save_artifact
 from ranker.config import Config
-from ranker.errors import ArtifactError, ConfigError, TrainingError
+from ranker.errors import ArtifactError, ConfigError, DataError, TrainingError
 from ranker.features import FeatureEncoder
 from ranker.scoring import RankingFormula, load_ranking_config
 from ranker.tables import FeatureTable
 from training.checkpoint import read_checkpoint
 from training.data import BatchBuilder, ImpressionLog, Split
 from training.evaluate import format_table, head_metrics, json_ready, predict_split, reliability
+from training.samples import build_samples
 from training.selection import Selector
 from training.truth import (
     format_truth_table,
@@ -118,6 +119,12 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
         selector = Selector(config.training.selection, config.task_names)
         selector.load_state_dict(state["selection"])
         selector.restore(model)
+    e = config.export
+    try:
+        samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)
+    except DataError as err:  # the training data is elsewhere: the weights still export
+        print(f"warning: no sample requests in the artifact ({err}); auto serves fp32 engines")
+        samples = None
     return save_artifact(
-        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root
+        model.eval(), encoder, config, json.loads(state.get("metrics", "{}")), root, samples
     )

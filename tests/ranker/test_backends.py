@@ -7,6 +7,9 @@ Tolerances, on the tiny trained artifact and real encoded rows of its log:
   the ranking of a 200-candidate batch under the ranking formula identical to eager's.
 * ``onnx-int8`` (dynamic quantisation): not exact by design. Checked: top-50 of 200 overlaps
   eager's top-50 by at least 80%, and Spearman correlation of the scores at least 0.95.
+* ``bf16`` (expert layers in bfloat16): not exact by design; held to the artifact's own
+  accuracy guard (``export.guard``), as the service's ``auto`` holds it, at every batch size,
+  per request and plain. Runs on any CPU (emulated where there are no bf16 units).
 
 The service scores one request at a time with the user's and context's first-layer share
 computed once (``request_split``); every backend in that mode is held to the same tolerances
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ranker.artifact import load_artifact
 from ranker.backends import BACKENDS, build_scorer
@@ -156,10 +160,45 @@ def test_int8_keeps_the_top_of_the_ranking(
     assert np.corrcoef(rank_e, rank_q)[0, 1] >= INT8_SPEARMAN
 
 
+@pytest.mark.parametrize("per_request", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 200])
+def test_bf16_experts_stay_within_the_artifact_guard(
+    per_request: bool,
+    n: int,
+    loaded,  # noqa: ANN001
+    rows: Encoded,
+    request_rows: Encoded,
+    formula: RankingFormula,
+) -> None:
+    split = request_split(loaded.model, loaded.encoder) if per_request else None
+    part = (request_rows if per_request else rows).take(np.arange(n))
+    tasks, guard = loaded.config.tasks, loaded.config.export.guard
+    eager = Predictor(loaded.model, tasks).predict(part)
+    bf16 = Predictor(loaded.model, tasks, "bf16", 1, split).predict(part)
+    for task in eager:
+        assert bf16[task].shape == (n,) and bf16[task].dtype == np.float64
+        scale = max(1.0, float(np.abs(eager[task]).max()))
+        assert np.abs(bf16[task] - eager[task]).max() / scale <= guard.max_error_for(task), task
+        assert not np.array_equal(bf16[task], eager[task]), "bf16 must not be fp32 in disguise"
+    if n == 200:
+        s_e, s_b = formula.score(eager), formula.score(bf16)
+        rank_e, rank_b = np.argsort(np.argsort(s_e)), np.argsort(np.argsort(s_b))
+        assert np.corrcoef(rank_e, rank_b)[0, 1] >= guard.min_spearman
+        top = guard.top_k
+        overlap = set(_ranking(s_e)[:top]) & set(_ranking(s_b)[:top])
+        assert len(overlap) / top >= guard.min_topk_overlap
+
+
+def test_bf16_leaves_the_served_model_in_fp32(loaded) -> None:  # noqa: ANN001
+    """The bf16 engine works on a copy: the artifact's model (eager's reference) keeps fp32."""
+    build_scorer(loaded.model, "bf16")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+
+
 def test_unknown_backend_is_refused(loaded) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="unknown scoring backend"):
         build_scorer(loaded.model, "tensorrt")
-    assert set(BACKENDS) == {"eager", "torchscript", "onnx", "onnx-int8"}
+    assert set(BACKENDS) == {"eager", "torchscript", "onnx", "onnx-int8", "bf16"}
 
 
 def test_service_setting_selects_the_backend(tiny_artifact: Path) -> None:
@@ -260,3 +299,33 @@ def test_new_architectures_score_alike_on_every_backend(
         top_e = set(_ranking(formula.score(eager))[:50])
         top_q = set(_ranking(formula.score(int8))[:50])
         assert len(top_e & top_q) / 50 >= INT8_TOP50_OVERLAP
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "omoe", "shared_bottom", "ple", "cross_stitch"])
+def test_bf16_runs_every_architecture_close_to_fp32(arch: str) -> None:
+    """Every architecture's experts are ExpertBanks: the bf16 engine converts them all (and only
+    them) and stays near fp32 on random models and inputs (20 of each)."""
+    from ranker.backends import bf16_experts
+    from ranker.config import ModelConfig
+    from ranker.model import RankingModel
+    from ranker.modules import ExpertBank
+
+    for seed in range(20):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(
+            architecture=arch, embedding_dim=4, expert_hidden=[16, 8], tower_hidden=[8]
+        )
+        model = RankingModel([10, 20, 5], 3, ["a", "b"], cfg).eval()
+        twin = bf16_experts(model)
+        banks = [m for m in twin.modules() if isinstance(m, ExpertBank)]
+        assert banks and all(p.dtype == torch.bfloat16 for b in banks for p in b.parameters())
+        others = [p for n, p in twin.named_parameters() if ".bank." not in n]
+        assert {p.dtype for p in others} == {torch.float32}  # gates, towers, embeddings
+        rng = np.random.default_rng(seed)
+        cat = rng.integers(0, 5, (64, 3))
+        # standardised numerics, some wider: bf16 keeps 8 bits, so the error grows with them
+        num = (rng.standard_normal((64, 3)) * 10 ** rng.uniform(-1, 1)).astype(np.float32)
+        ref, got = build_scorer(model, "eager")(cat, num), build_scorer(model, "bf16")(cat, num)
+        for task in ref:
+            scale = max(1.0, float(ref[task].abs().max()))
+            assert float((got[task] - ref[task]).abs().max()) / scale < 5e-2, (arch, seed, task)

@@ -107,7 +107,9 @@ def _fake_exchange(  # noqa: ANN202
     n = len(videos_missing)
     task = TaskSpec(name="click", kind="binary", label="click", loss="bce")
     model = SimpleNamespace(
-        version="m1", artifact=SimpleNamespace(config=SimpleNamespace(tasks=[task]))
+        version="m1",
+        artifact=SimpleNamespace(config=SimpleNamespace(tasks=[task])),
+        predictor=SimpleNamespace(backend="eager", selection=None),
     )
     ranked = SimpleNamespace(
         scores=np.zeros(2),

@@ -106,6 +106,19 @@ def test_health_readiness_and_docs(service_url: str) -> None:
     assert httpx.get(f"{service_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service_url}/readyz").json()
     assert ready["ready"] is True and ready["store"] == "in-process"
+    # RANKER_BACKEND unset: auto chose an engine that passed its guard, and says so
+    sel = ready["engine_selection"]
+    assert ready["engine"] == sel["engine"] and ready["engine_ms"] == sel["ms"] > 0
+    trials = {t["engine"]: t for t in sel["trials"]}
+    assert trials[ready["engine"]]["admitted"] and "eager" in trials
+    assert sel["sample_requests"] > 0 and sel["threads"] == 1
+    metrics = httpx.get(f"{service_url}/metrics").text
+    version = ready["model_version"]
+    assert (
+        f'ranker_engine_info{{engine="{ready["engine"]}",selected_by="auto",version="{version}"}} 1.0'
+        in metrics
+    )
+    assert f'ranker_engine_sample_forward_seconds{{engine="{ready["engine"]}"' in metrics
     assert httpx.get(f"{service_url}/docs").status_code == 200
     spec = httpx.get(f"{service_url}/openapi.json").json()
     assert "/v1/rank" in spec["paths"]

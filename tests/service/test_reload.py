@@ -332,7 +332,8 @@ def test_a_half_copied_version_is_refused_then_loaded_once_complete(
             shutil.copy(tiny_artifact / f, partial / f)
         until(lambda: ready()["last_reload_error"] is not None, "the partial copy refused")
         assert "model.safetensors is missing" in ready()["last_reload_error"]
-        shutil.copy(tiny_artifact / "model.safetensors", partial / "model.safetensors")
+        for f in ("model.safetensors", "samples.safetensors"):
+            shutil.copy(tiny_artifact / f, partial / f)
         version = json.loads((tiny_artifact / "manifest.json").read_text())["version"]
         until(lambda: ready()["model_version"] == version, "the completed copy served")
         assert ready()["last_reload_error"] is None

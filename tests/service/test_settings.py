@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import threads_per_worker
+from service.settings import Settings, default_threads
 
 
-@pytest.mark.parametrize(
-    ("workers", "cpus", "threads"),
-    [(1, 2, 2), (2, 2, 1), (2, 8, 4), (3, 8, 2), (4, 2, 1), (2, None, 1), (0, 4, 4)],
-)
-def test_workers_share_the_cores_instead_of_each_taking_all(
-    workers: int, cpus: int | None, threads: int
-) -> None:
-    assert threads_per_worker(workers, cpus) == threads
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_one_thread_per_worker_unless_set(threads: int | None) -> None:
+    """Whatever the host's core count: one intra-op thread (a busy core cost 5-7x throughput
+    with one per core, docs/performance.md); an explicit RANKER_THREADS wins."""
+    assert default_threads(Settings(threads=threads)) == (threads or 1)
+
+
+def test_auto_is_the_default_backend() -> None:
+    assert Settings().backend == "auto"
+
+
+def test_the_service_runs_one_thread_when_unset_whatever_it_ran_before(tiny_artifact) -> None:  # noqa: ANN001
+    """Start-up sets torch's threads to the default even when the process had more (torch's
+    own default is one per core of the host). Read from a new thread, as the forward thread
+    reads it: torch keeps a thread's own OpenMP setting once initialised, and a new thread
+    takes the process-wide value last set (the lifespan runs in TestClient's portal thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import RANKING_CONFIG
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        app = create_app(
+            Settings(artifact=tiny_artifact, backend="eager", ranking_config=RANKING_CONFIG)
+        )
+        with TestClient(app), ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ranker.artifact import load_artifact
 from ranker.config import Config, load_config
 from ranker.errors import DataError, TrainingError
 from tests.conftest import DEFAULT_CONFIG, ROOT, tiny_overrides
@@ -49,6 +50,8 @@ def test_evaluate_artifact_matches_training_validation(tiny_trained, tmp_path: P
 def test_export_from_checkpoint(tiny_trained, tmp_path: Path) -> None:  # noqa: ANN001
     path = export_checkpoint(Path(tiny_trained.config.training.run_dir) / "checkpoint.pt", tmp_path)
     assert (path / "manifest.json").is_file()
+    samples = load_artifact(path).samples  # the export stores sample requests as training does
+    assert samples is not None and len(samples) == tiny_trained.config.export.sample_requests
 
 
 def test_missing_label_column_names_column_and_file(tiny_world: Path, tmp_path: Path) -> None:
