@@ -26,6 +26,7 @@ from ranker.metrics import (
     group_auc,
     plot_reliability,
     regression_summary,
+    sessions,
 )
 from ranker.model import RankingModel
 from training.data import BatchBuilder, ImpressionLog, Split
@@ -205,9 +206,40 @@ def _columns(builder: BatchBuilder, log: ImpressionLog) -> list[str]:
     )
 
 
+def session_groups(config: Config, p: Predictions) -> np.ndarray | None:
+    """The groups one ranking request could have ranked together: the log's requests when it has
+    a request id of its own, else sessions (a user's impressions split at gaps over 30 minutes,
+    :func:`ranker.metrics.sessions`); ``None`` when the rows carry no event time."""
+    d = config.data
+    if d.request_key != d.user_key:
+        return p.requests
+    t = p.extra.get(d.event_time)
+    if t is None:
+        return None
+    return sessions(p.users, t.astype(np.float64) * d.time_unit_s)
+
+
+def gauc_note(config: Config) -> str | None:
+    """A warning line when per-user GAUC is not a fair measure for this model: its user
+    features move with time (live counters), so a user's rows are scored under different
+    states and pooling them per user over days mixes rankings no request ever made."""
+    if config.data.request_key != config.data.user_key and not config.live:
+        return None
+    if not config.live or not any(c.per_request for c in config.live.counters):
+        return None
+    return (
+        "note: this model's user features move with time; per-user GAUC pools rows scored "
+        "under different user states and is not a fair comparison; nor quite is sgauc, where a "
+        "row's label still enters its session neighbours' features: see the frozen figure"
+    )
+
+
 def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
-    """Metrics per head on the rows that count for it."""
+    """Metrics per head on the rows that count for it. Binary heads also get ``gauc_session``:
+    GAUC within sessions (or requests), the fair comparison for features that change with time
+    (per-user GAUC pooled over days is not, see :func:`ranker.metrics.sessions`)."""
     result: dict[str, dict[str, float]] = {}
+    groups = session_groups(config, p)
     for t in config.tasks:
         m = p.masks[t.name]
         y, pred, users = p.labels[t.name][m], p.preds[t.name][m], p.users[m]
@@ -215,6 +247,12 @@ def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
             result[t.name] = {"count": 0.0}
         elif t.kind == "binary":
             result[t.name] = binary_summary(y, pred, users)
+            if groups is not None:
+                per, w = group_auc(y, pred, groups[m])
+                result[t.name]["gauc_session"] = (
+                    float(np.dot(per, w) / w.sum()) if per.size else float("nan")
+                )
+                result[t.name]["gauc_session_groups"] = float(per.size)
             per_user, _ = group_auc(y, pred, users)
             # The spread over users says whether a GAUC gain is broad or carried by a few users.
             result[t.name]["gauc_user_std"] = (
@@ -230,7 +268,19 @@ def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
     return result
 
 
-COLUMNS = ("count", "auc", "gauc", "logloss", "ece", "rmse", "rmse_log1p", "mae", "xauc")
+COLUMNS = (
+    "count",
+    "auc",
+    "gauc",
+    "gauc_session",
+    "logloss",
+    "ece",
+    "rmse",
+    "rmse_log1p",
+    "mae",
+    "xauc",
+)
+HEADERS = {"gauc_session": "sgauc"}
 
 
 def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> dict[str, Any]:
@@ -255,7 +305,7 @@ def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> d
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
     """A fixed-width table, one row per head; blank where a metric does not apply."""
-    head = f"{'head':<12}" + "".join(f"{c:>10}" for c in COLUMNS)
+    head = f"{'head':<12}" + "".join(f"{HEADERS.get(c, c):>10}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for task, m in metrics.items():
         cells = []
