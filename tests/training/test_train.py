@@ -26,6 +26,14 @@ def test_training_learns_something_and_exports(tiny_trained) -> None:  # noqa: A
     assert set(first["weights"]) == set(m) and set(first["losses"]) == set(m)
 
 
+def test_default_watch_head_serves_seconds_on_the_label_scale(tiny_trained) -> None:  # noqa: ANN001
+    """The default watch head is weighted logistic (Covington et al. 2016): it serves the
+    expected seconds per shown impression, so its mean is near the mean label (an mse_log1p
+    head's expm1(E[log1p T]) is a few percent of it on this world: docs/heads.md)."""
+    m = tiny_trained.metrics["watch_time"]
+    assert 0.7 < m["mean_pred"] / m["mean_label"] < 1.3
+
+
 def test_split_is_by_time(tiny_config: Config) -> None:
     log = ImpressionLog(tiny_config)
     t = pq.read_table(tiny_config.data.log, columns=["timestamp"]).column(0).to_numpy()
