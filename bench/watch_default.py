@@ -35,7 +35,7 @@ from training.data import BatchBuilder, ImpressionLog  # noqa: E402
 from training.evaluate import Predictions, predict_split  # noqa: E402
 from training.loop import train  # noqa: E402
 from training.truth import truth_columns  # noqa: E402
-from training.tune import tune_predictions  # noqa: E402
+from training.tune import _refine_around, tune_predictions  # noqa: E402
 
 # The weights shipped with the mse_log1p head (configs/ranking.toml before the switch): they
 # define the true utility every score here is judged against.
@@ -85,7 +85,14 @@ def truth_ndcg(
     return ndcg_at_k(utility, RankingFormula(config, tasks).score(p.preds), p.requests, k)[0]
 
 
-def tune(p: Predictions, tasks: list, samples: int, refine: int) -> tuple[RankingConfig, dict]:
+def tune(
+    p: Predictions,
+    tasks: list,
+    samples: int,
+    refine: int,
+    rounds: int = 4,
+    per_round: int = 100,
+) -> tuple[RankingConfig, dict]:
     """``ranker tune``'s settings, kept by truth NDCG@10 against the fixed utility."""
     res = tune_predictions(
         p,
@@ -105,6 +112,19 @@ def tune(p: Predictions, tasks: list, samples: int, refine: int) -> tuple[Rankin
         }
         cands.append(RankingConfig(formula=res.space.formula, heads=heads))
     scores = np.array([truth_ndcg(p, c) for c in cands])
+    first = float(scores.max())
+    # The search refined around the goal's best, not the NDCG's: refine around the latter too,
+    # with the search's own perturbations (log-normal in effective units, sigma halving).
+    rng = np.random.default_rng(0)
+    for r in range(rounds):
+        u = res.space.effective(cands[int(np.argmax(scores))])
+        for w in res.space.raw(_refine_around(u, per_round, 0.6 / 2**r, rng)):
+            heads = {
+                h: HeadWeight(weight=float(w[i]), transform=res.space.transforms[h])
+                for i, h in enumerate(res.space.heads)
+            }
+            cands.append(RankingConfig(formula=res.space.formula, heads=heads))
+            scores = np.append(scores, truth_ndcg(p, cands[-1]))
     best = int(np.argmax(scores))
     # The same direction, scaled like the shipped config (click weight 1) and rounded.
     b = cands[best]
@@ -120,7 +140,8 @@ def tune(p: Predictions, tasks: list, samples: int, refine: int) -> tuple[Rankin
     )
     info = {
         "settings": len(cands),
-        "best_ndcg": float(scores[best]),
+        "search_best_ndcg": first,
+        "refined_best_ndcg": float(scores[best]),
         "old_weights_ndcg": float(scores[1]),
         "goal_choice_ndcg": float(scores[0]),
         "rounded_ndcg": truth_ndcg(p, chosen),
