@@ -3,8 +3,8 @@ checks them against the mse_log1p default they replace, on fresh worlds.
 
 1. Tuning: one world (``--tune-seed``) with the weighted-logistic watch head; ``ranker tune``'s
    search (``training.tune.tune_predictions``: random and refined weight settings on the
-   validation split) proposes settings, and the one with the best truth NDCG@10 of the ranking
-   score on that split is kept. The gain is the *old* true utility (configs/ranking.toml as
+   validation split) proposes settings, more are drawn around the best by truth NDCG@10 of the
+   ranking score on that split, and the best of all is kept. The gain is the *old* true utility (configs/ranking.toml as
    shipped with the log1p head, applied to the truth columns), so old and new scores are judged
    against one fixed target.
 2. Checking: ``--seeds`` other worlds (and training seeds), each trained twice: mse_log1p with
