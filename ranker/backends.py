@@ -87,21 +87,48 @@ def eager_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Score
 class _Bf16Experts(nn.Module):
     """An :class:`~ranker.modules.ExpertBank` run in bfloat16: its input cast down, its output
     cast back to float32, so the gates that mix the experts and the towers after them stay fp32.
-    The bank's own forward runs unchanged on bf16 weights (one definition of the experts)."""
+    The bank's own forward runs on bf16 weights (one definition of the experts), except with
+    ``fuse_relu`` for an input shared by every expert: then the first layer, one
+    ``(B, In) @ (In, E*H1)`` product, runs as oneDNN's linear with relu in its epilogue
+    (``mkldnn::_linear_pointwise``, the op torch.compile's inductor emits for linear + relu),
+    so the product is written once, already rectified, instead of written and then rewritten by
+    a separate relu; the later layers are the bank's own (:meth:`ExpertBank.deeper`)."""
 
-    def __init__(self, bank: ExpertBank) -> None:
+    def __init__(self, bank: ExpertBank, fuse_relu: bool = False) -> None:
         super().__init__()
         self.bank = bank.to(torch.bfloat16)
+        self.fuse_relu = fuse_relu and torch.backends.mkldnn.is_available()
 
     def forward(self, x: Tensor | SplitInput) -> Tensor:
         if isinstance(x, SplitInput):
             x = SplitInput(x.rows.to(torch.bfloat16), x.shared.to(torch.bfloat16), x.split)
         else:
             x = x.to(torch.bfloat16)
+        if self.fuse_relu and (isinstance(x, SplitInput) or x.dim() == 2):
+            return self.bank.deeper(self._first_layer(x)).float()
         return self.bank(x).float()
 
+    def _first_layer(self, x: Tensor | SplitInput) -> Tensor:
+        """relu(x @ W0 + b0) as ``(B, E*H1)``, with the relu in the matmul's epilogue."""
+        w0 = self.bank.weights[0]  # (E, In, H1)
+        e, d_in, h1 = w0.shape
+        w = w0.permute(0, 2, 1).reshape(e * h1, d_in)  # (Out, In), as nn.Linear holds it
+        bias = self.bank.biases[0].reshape(e * h1)
+        if isinstance(x, SplitInput):  # the shared columns once, folded into the bias
+            bias = bias + (x.shared @ w[:, x.split.shared].T).view(-1)
+            w, x = w[:, x.split.rows], x.rows
+        return _linear_relu(x, w, bias)
 
-def bf16_experts(model: RankingModel) -> RankingModel:
+
+@torch.jit.script
+def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """oneDNN linear with relu as a post-op. Scripted, so a trace records the call: the tracer
+    cannot record the op's empty ``Scalar?[]`` argument by itself."""
+    scalars: list[int | float | complex | None] = []
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", scalars, "")
+
+
+def bf16_experts(model: RankingModel, fuse_relu: bool = False) -> RankingModel:
     """A copy of ``model`` whose expert banks run in bfloat16 (:class:`_Bf16Experts`); every
     architecture's experts are :class:`~ranker.modules.ExpertBank`s, so this covers them all."""
     import copy
@@ -111,15 +138,17 @@ def bf16_experts(model: RankingModel) -> RankingModel:
     for name, bank in banks:
         parent_name, _, attr = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
-        setattr(parent, attr, _Bf16Experts(bank))
+        setattr(parent, attr, _Bf16Experts(bank, fuse_relu))
     return twin
 
 
-def bf16_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:
+def bf16_scorer(
+    model: RankingModel, split: ColumnSplit | None = None, fuse_relu: bool = False
+) -> Scorer:
     """The expert layers in bfloat16 (:func:`bf16_experts`), traced and frozen like
     :func:`torchscript_scorer`: freezing folds the per-call weight reshapes and column selections
     into constants, copies that eager pays on every forward."""
-    return torchscript_scorer(bf16_experts(model), split)
+    return torchscript_scorer(bf16_experts(model, fuse_relu), split)
 
 
 def torchscript_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:

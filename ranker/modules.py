@@ -237,9 +237,18 @@ class ExpertBank(nn.Module):
             # relu on the contiguous product, before the transpose (3-6x faster than on the
             # view), and in place: nothing else reads the product, and autograd's relu
             # backward needs only the result
-            h = self.dropout(flat.relu_()).view(-1, e, h1).transpose(0, 1)  # (E, B, H1)
-        else:
-            h = self.dropout(torch.baddbmm(self.biases[0], x.transpose(0, 1), w0).relu_())
+            return self.deeper(self.dropout(flat.relu_()))
+        h = self.dropout(torch.baddbmm(self.biases[0], x.transpose(0, 1), w0).relu_())
+        return self._layers(h)
+
+    def deeper(self, first: Tensor) -> Tensor:
+        """The layers after the first from its rectified output ``(B, E*H1)`` of an input shared
+        by every expert -> ``(B, E, H)``."""
+        e, h1 = self.num_experts, self.weights[0].shape[2]
+        return self._layers(first.view(-1, e, h1).transpose(0, 1))  # (E, B, H1)
+
+    def _layers(self, h: Tensor) -> Tensor:
+        """``h (E, B, H1)`` through the later layers -> ``(B, E, H)``."""
         for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
             h = self.dropout(torch.baddbmm(b, h, w).relu_())  # (E, B, H)
         return h.transpose(0, 1)  # (B, E, H)
