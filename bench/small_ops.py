@@ -2,12 +2,15 @@
 engine timed against it on an artifact's own sample requests, interleaved in one process.
 
 Every round runs the variants back to back on each sample request, each variant first in
-turn (so a noisy neighbour slows them alike), and takes each variant's median request time; the figure per variant is the median over
-rounds of ``bf16 / variant`` (above 1: the variant is faster) with its spread (min-max).
+turn (so a noisy neighbour slows them alike), and takes each variant's median request time. The figure per variant is the median of
+``bf16-unfused / variant`` over every request of every round, the two timed back to back (above 1: the
+variant is faster), with its 10th-90th percentiles, and the spread of the per-round ratios.
 
-* ``bf16``: the engine as served (``ranker/backends.py``): expert banks in bf16, traced, frozen.
-* ``bf16+fused-relu``: the first expert layer (one ``(B, In) @ (In, E*H1)`` product) through
-  oneDNN's linear with relu in its epilogue (``mkldnn::_linear_pointwise``), same freezing.
+* ``bf16-unfused``: the engine before the fusion: expert banks in bf16 (``ExpertBank``'s own
+  forward: ``addmm``, then ``relu_``), traced and frozen.
+* ``bf16``: the engine as served (``ranker/backends.py``): the first expert layer (one
+  ``(B, In) @ (In, E*H1)`` product) through oneDNN's linear with relu in its epilogue
+  (``mkldnn::_linear_pointwise``), same freezing.
 * ``bf16+inductor``: the bf16 model through ``torch.compile`` (inductor, ``freezing=True``,
   dynamic batch axis): the compiler fuses relu and the casts into the matmuls' epilogues. Its
   compile time is printed: the service builds engines at start-up and on every reload.
@@ -59,8 +62,8 @@ def inductor_scorer(model: RankingModel, split: ColumnSplit | None) -> Scorer:
 
 
 VARIANTS: dict[str, Callable[[RankingModel, ColumnSplit | None], Scorer]] = {
+    "bf16-unfused": lambda m, s: bf16_scorer(m, s, fuse_relu=False),
     "bf16": lambda m, s: bf16_scorer(m, s),
-    "bf16+fused-relu": lambda m, s: bf16_scorer(m, s, fuse_relu=True),
     "bf16+inductor": inductor_scorer,
 }
 
@@ -74,14 +77,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
-    if names[0] != "bf16" or any(n not in VARIANTS for n in names):
-        raise SystemExit(f"error: --variants must start with bf16 and name {list(VARIANTS)}")
+    if names[0] != "bf16-unfused" or any(n not in VARIANTS for n in names):
+        raise SystemExit(
+            f"error: --variants must start with bf16-unfused and name {list(VARIANTS)}"
+        )
     a = load_artifact(args.artifact)
     if a.samples is None:
         raise SystemExit(f"error: {a.path} has no sample requests")
     split = request_split(a.model, a.encoder)
     requests = [a.samples.request(i) for i in range(len(a.samples))]
-    ref = bf16_scorer(a.model, split)
+    ref = VARIANTS["bf16-unfused"](a.model, split)
     scorers: dict[str, Scorer] = {}
     build_s: dict[str, float] = {}
     for n in names:
@@ -99,6 +104,7 @@ def main() -> None:
         for n in names
     }
     per_round: dict[str, list[float]] = {n: [] for n in names}
+    paired: dict[str, list[float]] = {n: [] for n in names}  # bf16 / variant, same request
     with torch.inference_mode():
         for k in range(args.rounds):
             ts: dict[str, list[float]] = {n: [] for n in names}
@@ -110,6 +116,7 @@ def main() -> None:
                     ts[n].append(time.perf_counter() - t0)
             for n in names:
                 per_round[n].append(statistics.median(ts[n]) * 1e3)
+                paired[n] += [b / v for b, v in zip(ts["bf16-unfused"], ts[n], strict=True)]
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(
         f"CPU: {cpu_model()}; {describe()}; torch {torch.__version__}; load average "
@@ -119,16 +126,17 @@ def main() -> None:
         f"{args.threads} thread(s), {args.rounds} rounds interleaved\n"
     )
     print(
-        "| variant | ms per request (median of rounds) | bf16 / variant (median) | spread "
-        "(min-max over rounds) | max raw diff vs bf16 | build + 2 first calls, s |"
+        "| variant | ms per request (median of rounds) | bf16-unfused / variant, paired (median) | "
+        "p10-p90 | per-round ratio, min-max | max raw diff vs bf16-unfused | build + 2 calls, s |"
     )
-    print("|---|---:|---:|---|---:|---:|")
-    base = per_round["bf16"]
+    print("|---|---:|---:|---|---|---:|---:|")
     for n in names:
-        ratios = [b / v for b, v in zip(base, per_round[n], strict=True)]
+        ratios = [b / v for b, v in zip(per_round["bf16-unfused"], per_round[n], strict=True)]
+        q = np.quantile(paired[n], [0.1, 0.5, 0.9])
         print(
-            f"| {n} | {statistics.median(per_round[n]):.2f} | {statistics.median(ratios):.3f} | "
-            f"{min(ratios):.3f}-{max(ratios):.3f} | {diff[n]:.1e} | {build_s[n]:.1f} |"
+            f"| {n} | {statistics.median(per_round[n]):.2f} | {q[1]:.3f} | "
+            f"{q[0]:.3f}-{q[2]:.3f} | {min(ratios):.3f}-{max(ratios):.3f} | {diff[n]:.1e} | "
+            f"{build_s[n]:.1f} |"
         )
 
 

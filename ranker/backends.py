@@ -94,7 +94,7 @@ class _Bf16Experts(nn.Module):
     so the product is written once, already rectified, instead of written and then rewritten by
     a separate relu; the later layers are the bank's own (:meth:`ExpertBank.deeper`)."""
 
-    def __init__(self, bank: ExpertBank, fuse_relu: bool = False) -> None:
+    def __init__(self, bank: ExpertBank, fuse_relu: bool = True) -> None:
         super().__init__()
         self.bank = bank.to(torch.bfloat16)
         self.fuse_relu = fuse_relu and torch.backends.mkldnn.is_available()
@@ -128,9 +128,11 @@ def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", scalars, "")
 
 
-def bf16_experts(model: RankingModel, fuse_relu: bool = False) -> RankingModel:
+def bf16_experts(model: RankingModel, fuse_relu: bool = True) -> RankingModel:
     """A copy of ``model`` whose expert banks run in bfloat16 (:class:`_Bf16Experts`); every
-    architecture's experts are :class:`~ranker.modules.ExpertBank`s, so this covers them all."""
+    architecture's experts are :class:`~ranker.modules.ExpertBank`s, so this covers them all.
+    ``fuse_relu=False``: the first layer's relu as a separate op (the engine before the fusion,
+    kept for ``bench/small_ops.py``)."""
     import copy
 
     twin = copy.deepcopy(model).eval()
@@ -143,7 +145,7 @@ def bf16_experts(model: RankingModel, fuse_relu: bool = False) -> RankingModel:
 
 
 def bf16_scorer(
-    model: RankingModel, split: ColumnSplit | None = None, fuse_relu: bool = False
+    model: RankingModel, split: ColumnSplit | None = None, fuse_relu: bool = True
 ) -> Scorer:
     """The expert layers in bfloat16 (:func:`bf16_experts`), traced and frozen like
     :func:`torchscript_scorer`: freezing folds the per-call weight reshapes and column selections
