@@ -6,11 +6,12 @@ turn (so a noisy neighbour slows them alike), and takes each variant's median re
 ``bf16-unfused / variant`` over every request of every round, the two timed back to back (above 1: the
 variant is faster), with its 10th-90th percentiles, and the spread of the per-round ratios.
 
-* ``bf16-unfused``: the engine before the fusion: expert banks in bf16 (``ExpertBank``'s own
-  forward: ``addmm``, then ``relu_``), traced and frozen.
-* ``bf16``: the engine as served (``ranker/backends.py``): the first expert layer (one
-  ``(B, In) @ (In, E*H1)`` product) through oneDNN's linear with relu in its epilogue
-  (``mkldnn::_linear_pointwise``), same freezing.
+* ``bf16-unfused``: the engine before these changes: expert banks in bf16 (``ExpertBank``'s own
+  forward: ``addmm``, then ``relu_``), the gates' ``torch.softmax``, traced and frozen.
+* ``bf16+fused-relu``: the first expert layer (one ``(B, In) @ (In, E*H1)`` product) through
+  oneDNN's linear with relu in its epilogue (``mkldnn::_linear_pointwise``), same freezing.
+* ``bf16``: the engine as served (``ranker/backends.py``): fused relu, and the gates' softmax
+  as ``exp(x - max) / sum`` (:func:`ranker.modules.softmax_short`).
 * ``bf16+inductor``: the bf16 model through ``torch.compile`` (inductor, ``freezing=True``,
   dynamic batch axis): the compiler fuses relu and the casts into the matmuls' epilogues. Its
   compile time is printed: the service builds engines at start-up and on every reload.
@@ -24,7 +25,8 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
 
+from ranker import modules  # noqa: E402
 from ranker.artifact import load_artifact  # noqa: E402
 from ranker.backends import Scorer, _TupleOutputs, bf16_experts, bf16_scorer  # noqa: E402
 from ranker.cpu import describe  # noqa: E402
@@ -49,7 +52,7 @@ def inductor_scorer(model: RankingModel, split: ColumnSplit | None) -> Scorer:
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
-    wrapped = _TupleOutputs(bf16_experts(model), split).eval()
+    wrapped = _TupleOutputs(bf16_experts(model, fuse_relu=False), split).eval()  # it fuses
     compiled = torch.compile(wrapped, dynamic=True)
     tasks = wrapped.tasks
 
@@ -61,8 +64,29 @@ def inductor_scorer(model: RankingModel, split: ColumnSplit | None) -> Scorer:
     return score
 
 
+@contextmanager
+def torch_softmax() -> Iterator[None]:
+    """Builds (traces) under it run the gates' softmax as ``torch.softmax``, as before
+    :func:`ranker.modules.softmax_short`."""
+    saved = modules.softmax_short
+    modules.softmax_short = lambda x: torch.softmax(x, dim=-1)
+    try:
+        yield
+    finally:
+        modules.softmax_short = saved
+
+
+def before(fuse_relu: bool) -> Callable[[RankingModel, ColumnSplit | None], Scorer]:
+    def build(m: RankingModel, s: ColumnSplit | None) -> Scorer:
+        with torch_softmax():
+            return bf16_scorer(m, s, fuse_relu=fuse_relu)
+
+    return build
+
+
 VARIANTS: dict[str, Callable[[RankingModel, ColumnSplit | None], Scorer]] = {
-    "bf16-unfused": lambda m, s: bf16_scorer(m, s, fuse_relu=False),
+    "bf16-unfused": before(fuse_relu=False),
+    "bf16+fused-relu": before(fuse_relu=True),
     "bf16": lambda m, s: bf16_scorer(m, s),
     "bf16+inductor": inductor_scorer,
 }
