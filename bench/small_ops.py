@@ -42,6 +42,7 @@ from ranker import modules  # noqa: E402
 from ranker.artifact import load_artifact  # noqa: E402
 from ranker.backends import Scorer, _TupleOutputs, bf16_experts, bf16_scorer  # noqa: E402
 from ranker.cpu import describe  # noqa: E402
+from ranker.features import Encoded  # noqa: E402
 from ranker.model import RankingModel  # noqa: E402
 from ranker.modules import ColumnSplit  # noqa: E402
 from ranker.predictor import request_split  # noqa: E402
@@ -141,6 +142,7 @@ def main() -> None:
             for n in names:
                 per_round[n].append(statistics.median(ts[n]) * 1e3)
                 paired[n] += [b / v for b, v in zip(ts["bf16-unfused"], ts[n], strict=True)]
+    softmax_us = softmax_op(a.model, split, requests[0], args.rounds)
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(
         f"CPU: {cpu_model()}; {describe()}; torch {torch.__version__}; load average "
@@ -162,6 +164,36 @@ def main() -> None:
             f"{q[0]:.3f}-{q[2]:.3f} | {min(ratios):.3f}-{max(ratios):.3f} | {diff[n]:.1e} | "
             f"{build_s[n]:.1f} |"
         )
+
+    print(
+        f"\nThe gates' softmax alone on this model's logits {softmax_us['shape']}: torch.softmax "
+        f"{softmax_us['torch']:.1f} us, softmax_short {softmax_us['short']:.1f} us (medians of "
+        f"{args.rounds} interleaved rounds of 50 calls), ratio "
+        f"{softmax_us['torch'] / softmax_us['short']:.2f}"
+    )
+
+
+def softmax_op(
+    model: RankingModel, split: ColumnSplit | None, request: Encoded, rounds: int
+) -> dict:
+    """``torch.softmax`` against :func:`ranker.modules.softmax_short` on the gate logits of
+    one request's rows (their shape: what the kernel's speed depends on)."""
+    with torch.inference_mode():
+        if model.gate is None:
+            return {"shape": "(no softmax gate)", "torch": float("nan"), "short": 1.0}
+        emb = model.embed(torch.from_numpy(request.cat), torch.from_numpy(request.num))
+        logits = model.gate(emb).view(emb.shape[0], model.n_gates, -1)
+        times: dict[str, list[float]] = {"torch": [], "short": []}
+        fns = {"torch": lambda x: torch.softmax(x, dim=-1), "short": modules.softmax_short}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    fn(logits)
+                times[name].append((time.perf_counter() - t0) / 50 * 1e6)
+    out: dict = {k: statistics.median(v) for k, v in times.items()}
+    out["shape"] = tuple(logits.shape)
+    return out
 
 
 if __name__ == "__main__":

@@ -289,6 +289,8 @@ def softmax_short(x: Tensor) -> Tensor:
     of the bf16 engine's forward pass. Subtracting the max keeps it exact where ``exp``
     overflows; a ``-inf`` logit (a dropped expert) gets weight 0, as in ``torch.softmax``.
     """
+    if torch.onnx.is_in_onnx_export():  # ONNX Runtime's Softmax has no such slow case
+        return torch.softmax(x, dim=-1)
     e = (x - x.amax(dim=-1, keepdim=True)).exp()
     return e / e.sum(dim=-1, keepdim=True)
 
