@@ -21,7 +21,9 @@ against it).
   per layer on a Xeon, with a max probability error of 5.7e-4 on a trained model
   (docs/performance.md). Keeping the gates and towers in fp32 keeps the softmax over the experts
   and the head logits exact enough that the ranking barely moves; bf16 everywhere moved it.
-  Not exact: the service admits it only through the accuracy guard (:mod:`ranker.autoselect`).
+  The first expert layer runs as oneDNN's linear with relu in its epilogue (:class:`_Bf16Experts`;
+  1.03-1.6x the unfused graph under load here, ``bench/small_ops.py``). Not exact: the service
+  admits it only through the accuracy guard (:mod:`ranker.autoselect`).
 
 Every backend returns the raw head outputs keyed by task, as ``RankingModel.forward`` does, so
 :func:`ranker.heads.head_prediction` turns all of them into served units the same way.
