@@ -91,7 +91,7 @@ def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
     """The model a config and a fitted encoder describe (the same call on both sides)."""
     return RankingModel(
         encoder.cardinalities,
-        len(encoder.numeric),
+        len(encoder.numeric) + (config.live.width if config.live else 0),
         config.task_names,
         config.model,
         cat_widths=encoder.cat_widths,

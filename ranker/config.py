@@ -91,7 +91,7 @@ class FeatureSpec(Strict):
 
 
 BINARY_LOSSES = ("bce",)
-REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal")
+REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal")
 
 
 class TaskSpec(Strict):
@@ -101,10 +101,11 @@ class TaskSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     kind: Literal["binary", "regression"]
     label: str = Field(min_length=1, description="label column in the impression log")
-    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal"]
+    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal"]
     """``weighted_logistic``: watch time as in Covington et al. 2016 (rows with a positive label
     are positives weighted by it, others unit-weight negatives; the odds estimate the expected
-    value). ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
+    value). ``ziln``: zero-inflated lognormal (Wang, Liu & Miao 2019), serves the mean in label
+    units. ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
     levels: int | None = Field(default=None, ge=2, le=100, description="ordinal: number of levels")
     weight_column: str | None = Field(
         default=None, description="a log column whose value weights each row's loss"
@@ -142,12 +143,31 @@ class DataConfig(Strict):
     video_key: str = "video_id"
     request_key: str = "request_id"
     time_column: str = "timestamp"
+    event_time_column: str | None = Field(
+        default=None,
+        description="the impression's own time, finer than time_column where that is a day "
+        "(sessions, live counters); default: time_column",
+    )
+    time_unit_s: float = Field(
+        default=1.0, gt=0, description="seconds per unit of the event time (0.001 for ms)"
+    )
     validation_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="the last fraction of the time span validates"
     )
     validation_from: float | None = Field(
-        default=None, description="explicit time cutoff; overrides validation_fraction"
+        default=None,
+        description="explicit time cutoff; overrides validation_fraction; a cutoff that leaves "
+        "no validation row is an error (set validation = false to train on every row)",
     )
+    validation: bool = Field(
+        default=True,
+        description="false: no validation split, every row trains (what training.refit does "
+        "after selection); the last epoch's weights are kept",
+    )
+
+    @property
+    def event_time(self) -> str:
+        return self.event_time_column or self.time_column
 
 
 class ModelConfig(Strict):
@@ -245,8 +265,42 @@ class ModelConfig(Strict):
         return v
 
 
+HIGHER_IS_BETTER = ("auc", "gauc", "xauc", "gxauc")
+LOWER_IS_BETTER = ("loss", "logloss", "ece", "rmse", "rmse_log1p", "mae")
+
+
+class SelectionConfig(Strict):
+    """Which validation point's weights are kept, and when training stops
+    (``training/selection.py``).
+
+    ``criterion``: ``relative_loss`` (the mean over tasks of each task's validation loss divided
+    by its value after the first epoch, so that no head's scale dominates), or ``task.metric``
+    with a metric of :func:`training.evaluate.head_metrics` or ``loss`` (``click.gauc``,
+    ``watch_time.rmse``, ``like.loss``). ``keep``: ``best`` restores the weights of the best
+    point, ``last`` keeps the final ones; ``per_head`` restores the shared layers at the best
+    point and each task's tower at the point where that task's own validation loss was lowest
+    (heads that peak at different epochs, e.g. a sparse head still improving when the dense ones
+    overfit). ``patience``: stop after that many epochs without improvement (none: run every
+    epoch)."""
+
+    criterion: str = Field(default="relative_loss", pattern=r"^(relative_loss|\w+\.\w+)$")
+    keep: Literal["best", "last", "per_head"] = "best"
+    patience: int | None = Field(default=None, gt=0)
+    min_delta: float = Field(default=0.0, ge=0, description="smaller gains do not count")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "relative_loss" and v.split(".", 1)[1] not in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+            raise ValueError(
+                f"unknown metric in {v!r}; use relative_loss or task.metric with a metric in "
+                f"{HIGHER_IS_BETTER + LOWER_IS_BETTER}"
+            )
+        return v
+
+
 class TrainingConfig(Strict):
-    epochs: int = Field(default=2, gt=0)
+    epochs: int = Field(default=2, gt=0, description="the most epochs (selection may stop sooner)")
     batch_size: int = Field(default=2048, gt=0)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -265,6 +319,12 @@ class TrainingConfig(Strict):
         description="bf16: the forward pass under bfloat16 autocast (losses, gradients' "
         "accumulation and the optimizer stay fp32); auto: bf16 on a CPU with bf16 matrix units "
         "(AMX), fp32 elsewhere (training.loop.training_precision)",
+    )
+    selection: SelectionConfig = SelectionConfig()
+    refit: bool = Field(
+        default=False,
+        description="after selection, retrain from scratch on every row (validation days "
+        "included) for the selected number of epochs",
     )
     run_dir: Path = Path("runs/default")
     glibc_malloc: GlibcMalloc = Field(
@@ -354,6 +414,100 @@ class EngineGuard(Strict):
         return self.max_error_per_head.get(task, self.max_error)
 
 
+EVENT_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class EventSpec(Strict):
+    """One kind of feedback event: what ``POST /v1/events`` calls ``type``, and the log column
+    whose value it is on an impression row (a 0/1 label, or an amount such as watch time)."""
+
+    name: str = Field(pattern=EVENT_NAME, description="event type, e.g. click, like")
+    column: str = Field(min_length=1, description="the log column holding it on each impression")
+    scale: float = Field(default=1.0, gt=0, description="column units to event units (ms -> s)")
+
+
+class CounterSpec(Strict):
+    """A point-in-time counter: per entity, impressions and event totals so far, strictly before
+    each row (events at the same time are not "before"), served as smoothed rates.
+
+    ``keys`` name the entity: ``user``, ``video``, ``video:<column>`` (a column of the videos
+    table, e.g. ``video:author_id``), ``context:<feature>`` (a declared context feature, e.g.
+    ``context:tab``); several keys make a joint entity (the user per tab). Each counter adds
+    ``log1p(impressions)`` (unless ``log_impressions = false``), per event ``(sum + prior_strength * prior) / (impressions +
+    prior_strength)`` with the training rows' mean as the prior (Beta-binomial smoothing, the
+    standard empirical-Bayes CTR estimate), and with ``since_last`` ``log1p`` of the seconds
+    since the entity's last impression; all standardised on the training rows.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    keys: list[str] = Field(min_length=1, max_length=3)
+    events: list[str] = Field(default=[], description="event names from live.events")
+    prior_strength: float = Field(default=20.0, gt=0)
+    since_last: bool = False
+    half_life_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="decay: an event counts exp(-ln2 * age / half_life_s); None counts all alike",
+    )
+    log_impressions: bool = Field(
+        default=True,
+        description="add log1p(impressions): a count grows with the log's age, so a model "
+        "trained on early days meets larger ones later (a shift the rates do not have)",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        import re
+
+        for k in v:
+            if not re.fullmatch(r"user|video|(video|context):[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ValueError(f"{k!r} is not user, video, video:<column> or context:<feature>")
+        if len(set(v)) != len(v):
+            raise ValueError("a key is repeated")
+        return v
+
+    @property
+    def per_request(self) -> bool:
+        """The same value for every candidate of one request (keyed without the video)."""
+        return not any(k == "video" or k.startswith("video:") for k in self.keys)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the numeric columns it adds, in order."""
+        names = [f"{self.name}.log_impressions"] if self.log_impressions else []
+        names += [f"{self.name}.{e}_rate" for e in self.events]
+        return names + ([f"{self.name}.log_since_last_s"] if self.since_last else [])
+
+
+class LiveConfig(Strict):
+    """Features that move with time, kept current by events (``docs/live-features.md``)."""
+
+    events: list[EventSpec] = Field(min_length=1)
+    counters: list[CounterSpec] = Field(min_length=1)
+    max_event_ids: int = Field(
+        default=1_000_000, gt=0, description="event ids remembered for idempotence (serving)"
+    )
+
+    @model_validator(mode="after")
+    def _known_events(self) -> LiveConfig:
+        names = [e.name for e in self.events]
+        if "impression" in names or len(set(names)) != len(names):
+            raise ValueError("live.events: names must be unique and not 'impression' (implicit)")
+        for c in self.counters:
+            bad = [e for e in c.events if e not in names]
+            if bad:
+                raise ValueError(f"live.counters: {c.name!r} counts unknown event(s) {bad}")
+        cn = [c.name for c in self.counters]
+        if len(set(cn)) != len(cn):
+            raise ValueError("live.counters: duplicate names")
+        return self
+
+    @property
+    def width(self) -> int:
+        return sum(len(c.outputs) for c in self.counters)
+
+
 class ExportConfig(Strict):
     artifact_root: Path = Path("artifacts")
     name: str = Field(default="ranker", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -376,6 +530,7 @@ class Config(Strict):
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     position: PositionConfig = PositionConfig()
+    live: LiveConfig | None = None
     ranking: RankingConfig | None = Field(
         default=None,
         description="the ranking formula the exported artifact carries (the schema of "
@@ -437,6 +592,25 @@ class Config(Strict):
                 f"position.column: {self.position.column!r} is also a declared feature; "
                 "position handling adds it itself"
             )
+        crit = self.training.selection.criterion
+        if crit != "relative_loss" and crit.split(".")[0] not in self.task_names:
+            raise ValueError(
+                f"training.selection.criterion: unknown task in {crit!r}; tasks are "
+                f"{self.task_names}"
+            )
+        if self.training.refit and not self.data.validation:
+            raise ValueError(
+                "training.refit: needs a validation split to select on (data.validation = false)"
+            )
+        if self.live is not None:
+            ctx = {f.name for f in self.features if f.source == "context"}
+            for c in self.live.counters:
+                for k in c.keys:
+                    if k.startswith("context:") and k.split(":", 1)[1] not in ctx:
+                        raise ValueError(
+                            f"live.counters: {c.name!r} key {k!r} is not a declared context "
+                            "feature (the service reads it from the request's context)"
+                        )
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")

@@ -190,6 +190,9 @@ class FeatureEncoder:
     features: list[FeatureSpec]
     vocabs: dict[str, Vocabulary] = field(default_factory=dict)
     stats: dict[str, NumericStats] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)
+    """Point-in-time counters' state (``ranker/live.py``): event priors and column statistics;
+    their columns follow every ``num`` column of the features."""
 
     def of(self, source: Source, kind: str | None = None) -> list[FeatureSpec]:
         return [f for f in self.features if f.source == source and (kind is None or f.kind == kind)]
@@ -253,7 +256,7 @@ class FeatureEncoder:
             "features": [f.model_dump(mode="json") for f in self.features],
             "vocabs": {k: v.to_json() for k, v in self.vocabs.items()},
             "stats": {k: {"mean": s.mean, "std": s.std} for k, s in self.stats.items()},
-        }
+        } | ({"live": self.live} if self.live else {})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FeatureEncoder:
@@ -270,6 +273,7 @@ class FeatureEncoder:
             features=features,
             vocabs={k: Vocabulary.from_json(v) for k, v in d["vocabs"].items()},
             stats={k: NumericStats(**v) for k, v in d["stats"].items()},
+            live=d.get("live", {}),
         )
 
 

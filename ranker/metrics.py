@@ -41,6 +41,7 @@ __all__ = [
     "plot_reliability",
     "regression_summary",
     "rmse",
+    "sessions",
     "xauc",
 ]
 
@@ -623,6 +624,38 @@ def ndcg_at_k(
     if per_group.size == 0:
         return _NAN, per_group
     return float(per_group.mean()), per_group
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions
+# --------------------------------------------------------------------------------------------
+
+SESSION_GAP_S = 1800.0
+"""A user's impressions more than this many seconds apart belong to different sessions."""
+
+
+def sessions(users: npt.ArrayLike, times: npt.ArrayLike, gap: float = SESSION_GAP_S) -> np.ndarray:
+    """Session id per row ``(n,)`` int64: a user's impressions in time order, split wherever two
+    consecutive ones are more than ``gap`` apart (``times`` and ``gap`` in the same unit).
+
+    Why: candidates ranked in one request share the user's state at that moment, so a model
+    whose user features move with time (live counters, recent history) must be compared within
+    what one request could have ranked. GAUC pooled per user over days punishes such features:
+    a row's own label enters the counters of the user's later rows only, which shifts every
+    later score of that user together and reorders rows across sessions, not within them.
+    Ids are dense in ``[0, n_sessions)``, ordered by (user, start time).
+    """
+    u, _ = _group_index("users", users, np.asarray(users).size)
+    t = _float_array("times", times, finite=True)
+    n = _same_length(users=u, times=t)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((t, u))
+    us, ts = u[order], t[order]
+    start = np.r_[True, (us[1:] != us[:-1]) | (np.diff(ts) > gap)]
+    out = np.empty(n, np.int64)
+    out[order] = np.cumsum(start) - 1
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ranker.backends import build_scorer
-from ranker.config import TaskSpec
+from ranker.config import LiveConfig, TaskSpec
 from ranker.features import Encoded, FeatureEncoder
 from ranker.heads import head_prediction
 from ranker.model import RankingModel
@@ -22,11 +22,18 @@ if TYPE_CHECKING:
     from ranker.autoselect import Selection
 
 
-def request_split(model: RankingModel, encoder: FeatureEncoder) -> ColumnSplit:
+def request_split(
+    model: RankingModel, encoder: FeatureEncoder, live: LiveConfig | None = None
+) -> ColumnSplit:
     """The model's input columns that are the same for every candidate of one ranking request:
-    the user's and the context's features (everything but the video's)."""
+    the user's and the context's features (everything but the video's), and the live counters
+    keyed without the video (they follow the features' numeric columns)."""
     cat = [i for i, f in enumerate(encoder.categorical) if f.source != "video"]
     num = [j for j, f in enumerate(encoder.numeric) if f.source != "video"]
+    j = len(encoder.numeric)
+    for c in live.counters if live is not None else []:
+        num += list(range(j, j + len(c.outputs))) if c.per_request else []
+        j += len(c.outputs)
     return model.column_split(cat, num)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -22,14 +22,17 @@ from starlette.requests import ClientDisconnect
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from service.decode import decode_rank_request
+from service.decode import decode_events_request, decode_rank_request
 from service.docs_page import install_docs
 from service.engine import engine_line, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
+from service.live_state import EventBatch
 from service.observability import install_observability, note_ranked
 from service.reload import Reloader, install_admin
 from service.respond import items_json, rank_response_json
 from service.schemas import (
+    EventsRequest,
+    EventsResponse,
     Health,
     Problem,
     RankRequest,
@@ -71,8 +74,16 @@ def _openapi(app: FastAPI) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(parts)
         components["RankRequest"] = request
+        events = EventsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(events.pop("$defs", {}))
+        components["EventsRequest"] = events
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _loc(field: str) -> list[str | int]:
+    """A dotted field path as a pydantic ``loc``: list indices as integers (``events.3.type``)."""
+    return [int(p) if p.isdigit() else p for p in field.split(".")]
 
 
 def create_app(settings: Settings | None = None, preloaded: ServingState | None = None) -> FastAPI:
@@ -101,6 +112,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         )
         ok, detail = await model.store.ready()  # warms the store; a fault only degrades
         (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
+        if model.live is not None:
+            log.info("%s, built from %s", model.live.describe(), model.artifact.config.data.log)
         # Start-up objects live as long as the process: keep them out of the collector's scans,
         # which otherwise cause multi-millisecond pauses on the request path.
         gc.collect()
@@ -129,7 +142,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         field, _, msg = str(exc).partition(": ")
         return JSONResponse(
-            status_code=422, content={"detail": [{"loc": ["body", *field.split(".")], "msg": msg}]}
+            status_code=422,
+            content={"detail": [{"loc": ["body", *_loc(field)], "msg": msg}]},
         )
 
     @app.exception_handler(RankerError)
@@ -188,6 +202,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             ids,
             body.top_k,
             settings.forward_thread,
+            body.time,
         )
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
@@ -201,8 +216,48 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             "degraded": r.lookup.degraded is not None,
             "degraded_reason": r.lookup.degraded,
         }
+        if state.model.live is not None:
+            header["user_has_state"] = r.lookup.user_has_state
         items = items_json(r.video_ids, r.scores, r.predictions)
         return Response(rank_response_json(header, items), media_type="application/json")
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EventsRequest"}}
+                },
+            }
+        },
+        responses={
+            400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
+            404: {"model": Problem, "description": "the served model has no live counters"},
+            413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
+            422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
+        },
+    )
+    async def events_endpoint(request: Request, state: State) -> EventsResponse:
+        """Feedback events (impressions, clicks, likes, watch seconds, ...) that update the live
+        counters; an event id seen before is ignored, so a retried batch counts once."""
+        raw = await request.body()
+        body = decode_events_request(raw, request.headers.get("content-type"))
+        if state.model.live is None:
+            raise HTTPException(404, "the served model has no live counters ([live] in its config)")
+        ev = body.events
+        batch = EventBatch(
+            ids=[e.event_id for e in ev],
+            users=np.fromiter((e.user_id for e in ev), np.int64, len(ev)),
+            videos=np.fromiter((e.video_id for e in ev), np.int64, len(ev)),
+            types=[e.type for e in ev],
+            times=np.fromiter((e.time for e in ev), np.float64, len(ev)),
+            values=np.fromiter((e.value for e in ev), np.float64, len(ev)),
+            contexts=[e.context for e in ev],
+        )
+        accepted, duplicates = state.model.live.ingest(batch)
+        return EventsResponse(accepted=accepted, duplicates=duplicates)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -32,7 +32,7 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from service.schemas import ContextValue, RankRequest
+from service.schemas import ContextValue, EventsRequest, RankRequest
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _Int64 = Annotated[int, msgspec.Meta(ge=_INT64_MIN, le=_INT64_MAX)]
@@ -47,6 +47,7 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True):
     candidates: Annotated[list[_Candidate], msgspec.Meta(min_length=1)]
     context: dict[str, str | int | float | None] = {}
     top_k: Annotated[int, msgspec.Meta(ge=1, le=10**9)] | None = None
+    time: float | None = None
 
 
 _DECODER = msgspec.json.Decoder(_Request)
@@ -60,6 +61,7 @@ class RankInput:
     context: dict[str, ContextValue]
     video_ids: np.ndarray  # (n,) int64, request order
     top_k: int | None
+    time: float | None = None
 
 
 def decode_rank_request(raw: bytes, content_type: str | None) -> RankInput:
@@ -70,9 +72,9 @@ def decode_rank_request(raw: bytes, content_type: str | None) -> RankInput:
             r = _DECODER.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             r = None
-        if r is not None and _context_ok(r.context):
+        if r is not None and _context_ok(r.context) and (r.time is None or math.isfinite(r.time)):
             ids = np.fromiter((c.video_id for c in r.candidates), np.int64, len(r.candidates))
-            return RankInput(r.user_id, r.context, ids, r.top_k)
+            return RankInput(r.user_id, r.context, ids, r.top_k, r.time)
     return _validate_as_fastapi_would(raw, content_type)
 
 
@@ -129,6 +131,30 @@ def _is_unicode(text: str) -> bool:
 
 
 def _validate_as_fastapi_would(raw: bytes, content_type: str | None) -> RankInput:
+    body = parse_json_body(raw, content_type)
+    try:
+        req = RankRequest.model_validate(body)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        raise RequestValidationError(errors) from e
+    ids = np.fromiter((c.video_id for c in req.candidates), np.int64, len(req.candidates))
+    return RankInput(req.user_id, req.context, ids, req.top_k, req.time)
+
+
+def decode_events_request(raw: bytes, content_type: str | None) -> EventsRequest:
+    """A ``POST /v1/events`` body, with the refusals of :func:`decode_rank_request`'s slow path
+    (422 naming the field, lone surrogates, nesting too deep; 400 for a body that is not text)."""
+    body = parse_json_body(raw, content_type)
+    try:
+        return EventsRequest.model_validate(body)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        raise RequestValidationError(errors) from e
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> Any:
+    """The body as Python values, as FastAPI would parse it, refusing what the service cannot
+    use; a non-JSON content type leaves the bytes for validation to refuse."""
     body: Any = raw
     if _is_json(content_type):
         try:
@@ -170,10 +196,4 @@ def _validate_as_fastapi_would(raw: bytes, content_type: str | None) -> RankInpu
                     }
                 ]
             )
-    try:
-        req = RankRequest.model_validate(body)
-    except ValidationError as e:
-        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
-        raise RequestValidationError(errors) from e
-    ids = np.fromiter((c.video_id for c in req.candidates), np.int64, len(req.candidates))
-    return RankInput(req.user_id, req.context, ids, req.top_k)
+    return body

@@ -22,6 +22,7 @@ from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
 from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
+from service.live_state import LiveState
 from service.settings import Settings, default_threads
 from service.store import FeatureStore, InProcessStore, Lookup
 
@@ -39,7 +40,7 @@ def make_predictor(artifact: Artifact, settings: Settings) -> Predictor:
     the predictor's ``selection`` says what was measured. The guard scores the ranking with the
     formula the service serves (``RANKER_RANKING_CONFIG``, else the artifact's own)."""
     a = artifact
-    split = request_split(a.model, a.encoder)
+    split = request_split(a.model, a.encoder, a.config.live)
     threads = default_threads(settings)
     if settings.backend != "auto":
         return Predictor(a.model, a.config.tasks, settings.backend, threads, split)
@@ -72,6 +73,7 @@ class ServingModel:
     _contexts: dict[tuple, tuple[Encoded, tuple[str, ...]]] = field(
         default_factory=dict, repr=False
     )
+    live: LiveState | None = None  # live counters' state, for a model with [live] counters
 
     def context(self, context: dict[str, ContextValue]) -> tuple[Encoded, tuple[str, ...]]:
         """The encoded context row and the features whose given value the model does not know
@@ -102,7 +104,20 @@ class ServingModel:
             store = InProcessStore.from_tables(
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
-        return cls(artifact, make_predictor(artifact, settings), store)
+        return cls(artifact, make_predictor(artifact, settings), store, live=live_state(artifact))
+
+
+def live_state(artifact: Artifact, current: LiveState | None = None) -> LiveState | None:
+    """The live counters' state a model needs: ``current`` when it counts the same things (a
+    reload keeps the events received so far), else built from the training log; ``None`` for
+    a model without ``[live]``."""
+    config = artifact.config
+    if config.live is None:
+        return None
+    if current is not None and current.config.live == config.live:
+        current.params = artifact.encoder.live  # the new model's priors and statistics
+        return current
+    return LiveState(config, artifact.encoder.live, [Path(config.data.log)])
 
 
 def parameter_limit(settings: Settings) -> tuple[int, str]:
@@ -191,13 +206,16 @@ class Ranked:
 def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
     """One forward pass over all candidates: user and context rows broadcast to every video."""
     n = len(lookup.videos)
-    rows = Encoded.concat_columns(
-        [
-            lookup.user.take(np.zeros(n, np.int64)),
-            lookup.videos,
-            context.take(np.zeros(n, np.int64)),
-        ]
-    )
+    parts = [
+        lookup.user.take(np.zeros(n, np.int64)),
+        lookup.videos,
+        context.take(np.zeros(n, np.int64)),
+    ]
+    live = model.artifact.config.live
+    if live is not None:
+        num = lookup.live if lookup.live is not None else np.zeros((n, live.width), np.float32)
+        parts.append(Encoded(np.zeros((n, 0), np.int64), num))
+    rows = Encoded.concat_columns(parts)
     return model.predictor.predict(rows)
 
 
@@ -235,13 +253,17 @@ async def rank(
     video_ids: np.ndarray,
     top_k: int | None,
     forward_thread: bool = False,
+    now: float | None = None,
 ) -> Ranked:
     """Scores every candidate and returns them best first (ties keep the request's order).
     ``forward_thread``: the forward pass runs on the process's forward thread
-    (:func:`_forward_executor`) while the event loop serves other requests."""
+    (:func:`_forward_executor`) while the event loop serves other requests. ``now``: the
+    request's time in the log's unit, for live counters (default: the clock)."""
     t0 = time.perf_counter()
     ctx, unknown = model.context(context)
     lookup = await model.store.lookup(user_id, video_ids)
+    if model.live is not None:
+        lookup.live, lookup.user_has_state = model.live.features(user_id, video_ids, context, now)
     t1 = time.perf_counter()
     if forward_thread:
         loop = asyncio.get_running_loop()

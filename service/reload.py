@@ -47,6 +47,7 @@ from service.engine import (
     ServingModel,
     encode_context,
     engine_line,
+    live_state,
     make_predictor,
     parameter_limit,
     score_rows,
@@ -371,7 +372,8 @@ class Reloader:
         try:
             artifact = load_artifact(target, *parameter_limit(self.settings))
             store = store_for(artifact, current.model.store, self.settings)
-            return ServingModel(artifact, make_predictor(artifact, self.settings), store)
+            live = live_state(artifact, current.model.live)
+            return ServingModel(artifact, make_predictor(artifact, self.settings), store, live=live)
         except RankerError as e:
             self._refuse_model(target, str(e))
         except Exception as e:  # noqa: BLE001 - whatever breaks a load, the old model serves on

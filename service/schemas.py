@@ -49,6 +49,11 @@ class RankRequest(BaseModel):
         strict=True,
         description="return only the best k (at most RANKER_MAX_CANDIDATES)",
     )
+    time: FiniteFloat | None = Field(
+        default=None,
+        description="the request's time in the log's time unit, for live counters' time since "
+        "the last impression (replays); default: the server's clock",
+    )
 
 
 class RankedItem(BaseModel):
@@ -71,7 +76,41 @@ class RankResponse(BaseModel):
         default=False, description="ranked on default features because of a feature-store fault"
     )
     degraded_reason: str | None = None
+    user_has_state: bool | None = Field(
+        default=None,
+        description="live counters held impressions of this user (None: the model has none)",
+    )
     items: list[RankedItem]
+
+
+MAX_EVENTS = 10_000
+"""Events per ``POST /v1/events`` body: a batch from a log shipper, bounded like candidates."""
+
+
+class FeedbackEvent(BaseModel):
+    """One thing a user did with a shown video; ``type`` is ``impression`` or one of the
+    model's ``live.events`` (click, long_view, like, watch_seconds, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: str = Field(min_length=1, max_length=128, description="idempotence key")
+    user_id: Id
+    video_id: Id
+    type: str = Field(min_length=1, max_length=64)
+    time: FiniteFloat = Field(description="when, in the log's time unit")
+    value: FiniteFloat = Field(default=1.0, ge=0, description="1, or an amount (seconds)")
+    context: dict[str, ContextValue] = Field(
+        default_factory=dict, description="the impression's context (e.g. tab), as in /v1/rank"
+    )
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events applied to the state")
+    duplicates: int = Field(description="events whose id was seen before (ignored)")
 
 
 class Health(BaseModel):

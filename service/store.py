@@ -25,6 +25,8 @@ class Lookup:
     user_missing: bool
     videos_missing: np.ndarray  # (n,) bool
     degraded: str | None = None  # why defaults were used for a store fault, None when healthy
+    live: np.ndarray | None = None  # (n, W) float32 live counter columns; None: the defaults
+    user_has_state: bool = False  # the live state held impressions of this user
 
 
 class FeatureStore(Protocol):

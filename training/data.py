@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from ranker import live
 from ranker.config import Config
 from ranker.errors import DataError
 from ranker.features import Encoded, FeatureEncoder
+from ranker.live import OfflineCounters
 from ranker.tables import FeatureTable, as_int64_ids
 
 Split = Literal["train", "validation", "all"]
@@ -159,6 +161,8 @@ class ImpressionLog:
     def required_columns(self) -> list[str]:
         d = self.config.data
         cols = [d.user_key, d.video_key, d.request_key, d.time_column]
+        if self.config.live is not None:
+            cols += live.log_columns(self.config)
         cols += [
             f.source_column
             for f in self.config.effective_features
@@ -208,6 +212,8 @@ class ImpressionLog:
 
     def _cutoff(self) -> float:
         d = self.config.data
+        if not d.validation:
+            return math.inf
         if d.validation_from is not None:
             return float(d.validation_from)
         lo, hi = np.inf, -np.inf
@@ -225,6 +231,8 @@ class ImpressionLog:
         return lo + (1.0 - d.validation_fraction) * (hi - lo)
 
     def filter(self, split: Split) -> pc.Expression | None:
+        if not self.config.data.validation:  # every row trains, none validates
+            return pc.scalar(False) if split == "validation" else None
         t = pc.field(self.config.data.time_column)
         cutoff: float | int = self.cutoff
         if pa.types.is_integer(self.dataset.schema.field(self.config.data.time_column).type):
@@ -236,6 +244,25 @@ class ImpressionLog:
         if split == "validation":
             return t >= cutoff
         return None
+
+    def check_validation(self) -> int:
+        """Rows of the validation split; an error naming the key when a configured split is
+        empty (a cutoff past the end would otherwise select on nothing, silently)."""
+        d = self.config.data
+        if not d.validation:
+            return 0
+        n = self.count_rows("validation")
+        if n == 0:
+            key = (
+                f"data.validation_from = {d.validation_from:g}"
+                if d.validation_from is not None
+                else f"data.validation_fraction = {d.validation_fraction:g}"
+            )
+            raise DataError(
+                f"impression log {self.path}: {key} leaves no validation rows "
+                f"(column {d.time_column!r}); set data.validation = false to train on every row"
+            )
+        return n
 
     def count_rows(self, split: Split, files: list[str] | None = None) -> int:
         """Rows of one split (in ``files``, default all), from the time column alone."""
@@ -284,8 +311,14 @@ class BatchBuilder:
         videos: FeatureTable,
         extra_columns: list[str] | None = None,
         serving: bool = False,
+        counters: OfflineCounters | None = None,
     ) -> None:
         self.config = config
+        # Live counters: values strictly before each row's time, from ``counters`` (built over
+        # the training log, plus the evaluated log when that is another one).
+        if config.live is not None and counters is None:
+            counters = OfflineCounters(config, [Path(config.data.log)])
+        self.counters = counters
         self.encoder = encoder
         self.users = users
         self.videos = videos
@@ -309,7 +342,11 @@ class BatchBuilder:
         if self.serving and self.fixed:
             rb = self._fix_context(rb)
         c = self.encoder.encode(rb, "context", origin)
-        return Encoded.concat_columns([u, v, c]), uid, vid
+        parts = [u, v, c]
+        if self.counters is not None:
+            num = self.counters.encode(rb, self.encoder.live, origin)
+            parts.append(Encoded(np.zeros((len(num), 0), np.int64), num))
+        return Encoded.concat_columns(parts), uid, vid
 
     def _fix_context(self, rb: pa.RecordBatch) -> pa.RecordBatch:
         for name, value in self.fixed.items():
@@ -349,7 +386,7 @@ class BatchBuilder:
                     f"{origin}: ordinal label column {t.label!r} has values outside 1..{t.levels}"
                 )
             if (
-                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic")
+                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic", "ziln")
                 and ok.any()
                 and (y[ok] < 0).any()
             ):
@@ -409,7 +446,7 @@ class BatchBuilder:
             c: torch.from_numpy(
                 pc.cast(rb.column(c), pa.float64())
                 .to_numpy(zero_copy_only=False)
-                .astype(np.float32)
+                .astype(np.float64)  # float64: a time in ms is exact, float32 is +-2 minutes
             )
             for c in self.extra_columns
             if c in rb.schema.names

@@ -16,10 +16,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ranker import live
 from ranker.config import Config, Source
 from ranker.errors import DataError
 from ranker.features import EncoderFitter, FeatureEncoder, _Counts
 from ranker.heads import HeadStats
+from ranker.live import OfflineCounters
 from ranker.tables import FeatureTable
 from training.data import ImpressionLog
 
@@ -61,6 +63,7 @@ class Fitted:
     users: FeatureTable
     videos: FeatureTable
     head_bias: dict[str, list[float]]  # per task: output-layer bias giving the base value
+    counters: OfflineCounters | None = None  # live counters over the training log
 
 
 def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fitted:
@@ -74,13 +77,18 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
         f.source_column for f in config.effective_features if f.source in ("context", "bias")
     ]
     label_cols = [c for t in config.tasks for c in (t.label, t.only_where) if c]
-    cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols, *label_cols]))
+    live_cols = live.log_columns(config) if config.live else []
+    cols = list(dict.fromkeys([d.user_key, d.video_key, *ctx_cols, *label_cols, *live_cols]))
+    counters = OfflineCounters(config, [log.path]) if config.live else None
+    train_events: list[live.Events] = []
     stats = {t.name: HeadStats(t) for t in config.tasks}
     rows = 0
     bar = tqdm(desc="fit encoder", unit=" rows", disable=not progress, unit_scale=True)
     for f, rb in log.record_batches("train", columns=cols, batch_size=1 << 18):
         fitter.update(rb, "context", f)
         fitter.update(rb, "bias", f)
+        if counters is not None:
+            train_events.append(live.events_from_table(config, rb, counters.attrs, f))
         users_seen.add(rb.column(d.user_key))
         videos_seen.add(rb.column(d.video_key))
         for t in config.tasks:
@@ -107,6 +115,8 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
         if tables[source] is not None:
             _fit_entity(fitter, tables[source], key, seen, source, str(path))
     encoder = fitter.finish()
+    if counters is not None:
+        encoder.live = counters.fit(live.concat_events(train_events))
     head_bias = {name: st.bias() for name, st in stats.items()}
 
     def table(source: Source, path: object, key: str) -> FeatureTable:
@@ -120,4 +130,5 @@ def fit_encoder(config: Config, log: ImpressionLog, progress: bool = True) -> Fi
         table("user", d.users, d.user_key),
         table("video", d.videos, d.video_key),
         head_bias,
+        counters,
     )

@@ -1,8 +1,10 @@
 """Offline evaluation: every head's metrics on a split of the log, as a table and as JSON.
 
 Binary heads: AUC, GAUC (grouped by user), logloss, calibration error; regression heads: RMSE,
-MAE and XAUC in the served units (seconds for watch time, stars for rating), on the rows that
-count for the head.
+MAE and XAUC in the served units (seconds for watch time, stars for rating), and RMSE in
+``log1p`` units (``rmse_log1p``: the usual watch-time metric on heavy-tailed logs, where a few
+long views dominate the RMSE in seconds), on the rows that count for the head. Every head also
+reports its training loss on the split (``loss``), what early stopping selects on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ranker.config import Config
-from ranker.heads import head_prediction
+from ranker.heads import head_loss, head_prediction
 from ranker.metrics import (
     Calibration,
     binary_summary,
@@ -24,6 +26,7 @@ from ranker.metrics import (
     group_auc,
     plot_reliability,
     regression_summary,
+    sessions,
 )
 from ranker.model import RankingModel
 from training.data import BatchBuilder, ImpressionLog, Split
@@ -39,6 +42,7 @@ class Predictions:
     users: np.ndarray
     requests: np.ndarray
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)  # task -> mean head loss on the split
 
     def __len__(self) -> int:
         return len(self.users)
@@ -59,10 +63,26 @@ def predict_split(
     tasks = builder.config.tasks
     out = _RowArrays(log.count_rows(split))
     bar = tqdm(desc=f"predict {split}", unit=" rows", unit_scale=True, disable=not progress)
+    loss_sum = dict.fromkeys((t.name for t in tasks), 0.0)
+    loss_rows = dict.fromkeys((t.name for t in tasks), 0)
     for f, rb in log.record_batches(split, columns=_columns(builder, log), batch_size=batch_size):
         b = builder.build(rb, f)
         raw = model(b.cat.to(device), b.num.to(device))
         for t in tasks:
+            # The head's own loss, each batch weighted by its counted rows (row weights, where a
+            # task has them, weigh within a batch only).
+            n = int(b.masks[t.name].sum())
+            if n:
+                w = b.weights.get(t.name)
+                loss = head_loss(
+                    t,
+                    raw[t.name].float(),
+                    b.labels[t.name].to(device),
+                    b.masks[t.name].to(device),
+                    None if w is None else w.to(device),
+                )
+                loss_sum[t.name] += float(loss) * n
+                loss_rows[t.name] += n
             out.put(f"p:{t.name}", head_prediction(t, raw[t.name]).double())
             out.put(f"y:{t.name}", b.labels[t.name])
             out.put(f"m:{t.name}", b.masks[t.name])
@@ -91,6 +111,7 @@ def predict_split(
         users=cat["users"],
         requests=cat["requests"],
         extra={k[2:]: v for k, v in cat.items() if k.startswith("x:")},
+        losses={k: v / loss_rows[k] if loss_rows[k] else float("nan") for k, v in loss_sum.items()},
     )
 
 
@@ -185,9 +206,40 @@ def _columns(builder: BatchBuilder, log: ImpressionLog) -> list[str]:
     )
 
 
+def session_groups(config: Config, p: Predictions) -> np.ndarray | None:
+    """The groups one ranking request could have ranked together: the log's requests when it has
+    a request id of its own, else sessions (a user's impressions split at gaps over 30 minutes,
+    :func:`ranker.metrics.sessions`); ``None`` when the rows carry no event time."""
+    d = config.data
+    if d.request_key != d.user_key:
+        return p.requests
+    t = p.extra.get(d.event_time)
+    if t is None:
+        return None
+    return sessions(p.users, t.astype(np.float64) * d.time_unit_s)
+
+
+def gauc_note(config: Config) -> str | None:
+    """A warning line when per-user GAUC is not a fair measure for this model: its user
+    features move with time (live counters), so a user's rows are scored under different
+    states and pooling them per user over days mixes rankings no request ever made."""
+    if config.data.request_key != config.data.user_key and not config.live:
+        return None
+    if not config.live or not any(c.per_request for c in config.live.counters):
+        return None
+    return (
+        "note: this model's user features move with time; per-user GAUC pools rows scored "
+        "under different user states and is not a fair comparison; nor quite is sgauc, where a "
+        "row's label still enters its session neighbours' features: see the frozen figure"
+    )
+
+
 def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
-    """Metrics per head on the rows that count for it."""
+    """Metrics per head on the rows that count for it. Binary heads also get ``gauc_session``:
+    GAUC within sessions (or requests), the fair comparison for features that change with time
+    (per-user GAUC pooled over days is not, see :func:`ranker.metrics.sessions`)."""
     result: dict[str, dict[str, float]] = {}
+    groups = session_groups(config, p)
     for t in config.tasks:
         m = p.masks[t.name]
         y, pred, users = p.labels[t.name][m], p.preds[t.name][m], p.users[m]
@@ -195,6 +247,12 @@ def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
             result[t.name] = {"count": 0.0}
         elif t.kind == "binary":
             result[t.name] = binary_summary(y, pred, users)
+            if groups is not None:
+                per, w = group_auc(y, pred, groups[m])
+                result[t.name]["gauc_session"] = (
+                    float(np.dot(per, w) / w.sum()) if per.size else float("nan")
+                )
+                result[t.name]["gauc_session_groups"] = float(per.size)
             per_user, _ = group_auc(y, pred, users)
             # The spread over users says whether a GAUC gain is broad or carried by a few users.
             result[t.name]["gauc_user_std"] = (
@@ -202,10 +260,27 @@ def head_metrics(config: Config, p: Predictions) -> dict[str, dict[str, float]]:
             )
         else:
             result[t.name] = regression_summary(y, pred, users)
+            result[t.name]["rmse_log1p"] = float(
+                np.sqrt(np.mean((np.log1p(np.maximum(pred, 0)) - np.log1p(np.maximum(y, 0))) ** 2))
+            )
+        if t.name in p.losses:
+            result[t.name]["loss"] = p.losses[t.name]
     return result
 
 
-COLUMNS = ("count", "auc", "gauc", "logloss", "ece", "rmse", "mae", "xauc")
+COLUMNS = (
+    "count",
+    "auc",
+    "gauc",
+    "gauc_session",
+    "logloss",
+    "ece",
+    "rmse",
+    "rmse_log1p",
+    "mae",
+    "xauc",
+)
+HEADERS = {"gauc_session": "sgauc"}
 
 
 def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> dict[str, Any]:
@@ -230,7 +305,7 @@ def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> d
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
     """A fixed-width table, one row per head; blank where a metric does not apply."""
-    head = f"{'head':<12}" + "".join(f"{c:>10}" for c in COLUMNS)
+    head = f"{'head':<12}" + "".join(f"{HEADERS.get(c, c):>10}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for task, m in metrics.items():
         cells = []

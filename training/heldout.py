@@ -65,6 +65,11 @@ def load_heldout(
     videos = FeatureTable.from_parquet(d.videos, d.video_key, artifact.encoder, "video")
     # serving=True: context features with a serving default (the position, when it is a model
     # feature) take that value, so these are the predictions the service would make
-    builder = BatchBuilder(config, artifact.encoder, users, videos, extra, serving=True)
+    from training.offline import continued_counters
+
+    counters = continued_counters(artifact.config, config)
+    builder = BatchBuilder(
+        config, artifact.encoder, users, videos, extra, serving=True, counters=counters
+    )
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     return HeldOut(artifact, config, impressions, split, preds)

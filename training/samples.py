@@ -37,7 +37,10 @@ def build_samples(
         return None
     builder = BatchBuilder(config, encoder, users, videos, serving=True)
     rng = np.random.default_rng(seed)
-    columns = [c for c in log.required_columns() if c not in {t.label for t in config.tasks}]
+    # Labels are not features, except where live counters count them as events (only those
+    # strictly before a row enter its features, so a row's own labels never do).
+    labels = set() if config.live is not None else {t.label for t in config.tasks}
+    columns = [c for c in log.required_columns() if c not in labels]
     pool: list[pa.RecordBatch] = []
     seen = 0
     for _, rb in log.record_batches("validation", columns=columns, batch_size=4096):

@@ -493,3 +493,75 @@ def test_regression_summary_consistent_with_metrics():
 def test_invalid_input_raises_naming_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", range(300))
+def test_sessions_split_a_users_impressions_at_gaps(case: int) -> None:
+    from ranker.metrics import sessions
+
+    rng = np.random.default_rng(case)
+    n = int(rng.integers(0, 60))
+    users = rng.integers(0, 5, n)
+    times = np.round(
+        rng.exponential(1000.0, n).cumsum() * rng.choice([1.0, -1.0, 0.0])
+    ) + rng.integers(0, 3000, n)
+    gap = float(rng.choice([1.0, 1800.0, 5000.0]))
+    got = sessions(users, times, gap)
+    # The definition, pair by pair: two rows share a session iff same user and no gap > `gap`
+    # between consecutive impressions of that user anywhere between them.
+    for i in range(n):
+        for j in range(n):
+            if users[i] != users[j]:
+                assert got[i] != got[j]
+                continue
+            lo, hi = sorted((times[i], times[j]))
+            ts = np.sort(times[(users == users[i]) & (times >= lo) & (times <= hi)])
+            same = bool(np.all(np.diff(ts) <= gap)) if len(ts) else True
+            assert (got[i] == got[j]) == same
+    if n:
+        assert set(np.unique(got)) == set(range(got.max() + 1))
+
+
+def test_session_gauc_is_reported_where_rows_carry_a_time() -> None:
+    from ranker.config import parse_config
+    from training.evaluate import Predictions, head_metrics
+
+    cfg = parse_config(
+        {
+            "data": {
+                "log": "x",
+                "users": "u",
+                "videos": "v",
+                "request_key": "user_id",
+                "event_time_column": "t",
+                "time_unit_s": 0.001,
+            },
+            "features": [{"name": "user_id", "source": "user", "kind": "categorical"}],
+            "tasks": [{"name": "click", "kind": "binary", "label": "c", "loss": "bce"}],
+        }
+    )
+    rng = np.random.default_rng(0)
+    n = 400
+    users = rng.integers(0, 4, n)
+    t_ms = rng.integers(0, 10, n) * 3_600_000 + rng.integers(0, 600_000, n)  # 10 hourly sessions
+    y = rng.integers(0, 2, n).astype(float)
+    # A score that ranks rows well within each session but shifts whole sessions apart.
+    sess = t_ms // 3_600_000
+    pred = 1 / (1 + np.exp(-(y - 0.5 + 3.0 * (sess % 3))))
+    p = Predictions(
+        {"click": pred},
+        {"click": y},
+        {"click": np.ones(n, bool)},
+        users,
+        users,
+        {"t": t_ms.astype(np.float64)},
+    )
+    m = head_metrics(cfg, p)["click"]
+    assert m["gauc_session"] == pytest.approx(1.0)
+    assert m["gauc"] < 0.9
+    _, g = np.unique(np.c_[users, sess], axis=0, return_inverse=True)
+    mixed = sum(len(np.unique(y[g.ravel() == k])) == 2 for k in range(g.max() + 1))
+    assert m["gauc_session_groups"] == mixed  # sessions with both labels

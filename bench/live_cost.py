@@ -1,0 +1,131 @@
+"""What live counters add to a ranking request: the same world, a static model and one with
+counters (user, user x hour, video, channel), the service's in-process ``rank()`` on the same
+requests, interleaved, in one run.
+
+    .venv/bin/python bench/live_cost.py                    # 500 candidates, 300 requests each
+    .venv/bin/python bench/live_cost.py --candidates 200
+
+Prints the median and p90 milliseconds per request of each model, their ratio, the live
+features' own share and the CPU; nothing is timed in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
+
+from ranker.artifact import load_artifact  # noqa: E402
+from ranker.config import _apply_override, parse_config  # noqa: E402
+from ranker.predictor import Predictor, request_split  # noqa: E402
+from ranker.scoring import RankingFormula, load_ranking_config  # noqa: E402
+from service.engine import ServingModel, live_state, rank  # noqa: E402
+from service.store import InProcessStore  # noqa: E402
+from training.loop import train  # noqa: E402
+from training.synth import WorldConfig, generate  # noqa: E402
+
+LIVE = {
+    "events": [
+        {"name": "click", "column": "click"},
+        {"name": "like", "column": "like"},
+        {"name": "watch_seconds", "column": "watch_time"},
+    ],
+    "counters": [
+        {"name": "user", "keys": ["user"], "events": ["click", "like"], "since_last": True},
+        {"name": "user_hour", "keys": ["user", "context:hour"], "events": ["click"]},
+        {"name": "video", "keys": ["video"], "events": ["click", "watch_seconds"]},
+        {"name": "channel", "keys": ["video:channel_id"], "events": ["click"]},
+    ],
+}
+
+
+def serving_model(path: Path) -> ServingModel:
+    a = load_artifact(path)
+    split = request_split(a.model, a.encoder, a.config.live)
+    predictor = Predictor(a.model, a.config.tasks, "eager", 1, split)
+    store = InProcessStore.from_tables(a.config, a.encoder)
+    return ServingModel(a, predictor, store, live=live_state(a))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--requests", type=int, default=300)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(tmp) / "world"
+        generate(
+            WorldConfig.small(n_requests=3000, n_users=2000, n_videos=5000), world, progress=False
+        )
+        models = {}
+        for name in ("static", "live"):
+            d = tomllib.loads((ROOT / "configs/default.toml").read_text())
+            for o in (
+                f'data.log="{world / "log"}"',
+                f'data.users="{world / "users.parquet"}"',
+                f'data.videos="{world / "videos.parquet"}"',
+                "training.epochs=1",
+                f'training.run_dir="{tmp}/{name}"',
+                f'export.artifact_root="{tmp}/artifacts"',
+                f'export.name="{name}"',
+            ):
+                _apply_override(d, o)
+            if name == "live":
+                d["live"] = LIVE
+            result = train(parse_config(d), progress=False, export=True)
+            assert result.artifact is not None
+            models[name] = serving_model(result.artifact)
+        formula = RankingFormula(
+            load_ranking_config(ROOT / "configs/ranking.toml"),
+            models["static"].artifact.config.task_names,
+        )
+        rng = np.random.default_rng(0)
+        n_videos = len(models["static"].store.videos)
+        times: dict[str, list[float]] = {k: [] for k in models}
+        feature_ms: list[float] = []
+
+        async def run() -> None:
+            for i in range(a.requests):
+                user = int(rng.integers(0, 2000))
+                ids = rng.choice(n_videos, a.candidates, replace=False).astype(np.int64)
+                ctx = {"device": "ios", "hour": int(rng.integers(0, 24))}
+                for name in ("static", "live") if i % 2 else ("live", "static"):
+                    t0 = time.perf_counter()
+                    await rank(models[name], formula, user, ctx, ids, 10)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                live = models["live"].live
+                assert live is not None
+                t0 = time.perf_counter()
+                live.features(user, ids, ctx, None)
+                feature_ms.append((time.perf_counter() - t0) * 1e3)
+
+        asyncio.run(run())
+    print(f"{a.candidates} candidates, {a.requests} requests per model, one thread; {cpu_model()}")
+    for name, ts in times.items():
+        q = np.percentile(ts, [50, 90])
+        print(f"  {name:7s} median {q[0]:.3f} ms   p90 {q[1]:.3f} ms")
+    ratio = statistics.median(times["live"]) / statistics.median(times["static"])
+    print(
+        f"  live / static (median): {ratio:.2f}x; live features alone: "
+        f"median {statistics.median(feature_ms):.3f} ms"
+    )
+    print(f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Point-in-time counters (ranker/live.py): against a brute-force definition over many random
+logs, leakage (nothing at or after t moves a row before t), and serving totals built by events
+equal to the offline ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ranker.config import CounterSpec, EventSpec, LiveConfig
+from ranker.live import (
+    Events,
+    PointInTime,
+    Totals,
+    VideoAttributes,
+    combine_keys,
+    decay_tau,
+    event_index,
+    make_events,
+)
+
+LIVE = LiveConfig(
+    events=[EventSpec(name="click", column="click"), EventSpec(name="watch", column="w")],
+    counters=[
+        CounterSpec(name="user", keys=["user"], events=["click", "watch"], since_last=True),
+        CounterSpec(name="user_tab", keys=["user", "context:tab"], events=["click"]),
+        CounterSpec(name="video", keys=["video"], events=["watch"]),
+        CounterSpec(name="author", keys=["video:author"], events=["click"]),
+        CounterSpec(name="recent", keys=["user"], events=["click", "watch"], half_life_s=4.0),
+    ],
+)
+N_VIDEOS = 12
+# Videos 0..9 have authors 0..3; 10 and 11 are not in the table (no author counter).
+ATTRS = VideoAttributes(np.arange(10), {"author": np.arange(10) % 4})
+
+
+def random_log(rng: np.random.Generator, n: int) -> Events:
+    """Few users, videos and distinct times, so ties (same entity, same time) are common."""
+    times = rng.integers(0, max(2, n // 3), n).astype(np.float64)
+    return make_events(
+        LIVE,
+        times,
+        rng.integers(0, 4, n),
+        rng.integers(0, N_VIDEOS, n),
+        {"context:tab": rng.integers(0, 3, n)},
+        np.ones(n),
+        np.c_[rng.integers(0, 2, n), rng.exponential(10, n) * (rng.random(n) < 0.7)],
+        ATTRS,
+    )
+
+
+def brute_force(spec: CounterSpec, ev: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The definition, row by row: sums over rows of the same entity at strictly earlier times."""
+    key, ok = ev.entity(spec)
+    idx = event_index(LIVE, spec)
+    tau = decay_tau(spec, 1.0)
+    n = len(ev)
+    imp, sums, last = np.zeros(n), np.zeros((n, len(idx))), np.full(n, np.nan)
+    for i in range(n):
+        if not ok[i]:
+            continue
+        before = ok & (key == key[i]) & (ev.times < ev.times[i])
+        w = np.ones(n) if tau is None else np.exp(-(ev.times[i] - ev.times) / tau)
+        imp[i] = (ev.impressions * w)[before].sum()
+        sums[i] = (ev.values[:, idx] * w[:, None])[before].sum(0)
+        if before.any():
+            last[i] = ev.times[before].max()
+    return imp, sums, last
+
+
+@pytest.mark.parametrize("case", range(300))
+def test_point_in_time_matches_the_definition(case: int) -> None:
+    rng = np.random.default_rng(case)
+    ev = random_log(rng, int(rng.integers(1, 60)))
+    for spec in LIVE.counters:
+        got = PointInTime(spec, event_index(LIVE, spec), ev).before(*ev.entity(spec), ev.times)
+        imp, sums, last = brute_force(spec, ev)
+        np.testing.assert_allclose(got.impressions, imp)
+        np.testing.assert_allclose(got.sums, sums, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(np.isnan(got.last_time), np.isnan(last))
+        np.testing.assert_allclose(got.last_time[~np.isnan(last)], last[~np.isnan(last)])
+
+
+def _with_rows_from(ev: Events, t: float, rng: np.random.Generator) -> Events:
+    """The same log with every row at or after ``t`` changed (labels, entities) and more added."""
+    late = ev.times >= t
+    other = random_log(rng, len(ev) + 20)
+    other.times = t + np.abs(other.times)  # all at or after t, some exactly at t
+    keys = {k: np.where(late, other.keys[k][: len(ev)], v) for k, v in ev.keys.items()}
+    valid = {k: np.where(late, other.valid[k][: len(ev)], v) for k, v in ev.valid.items()}
+    vals = np.where(late[:, None], other.values[: len(ev)], ev.values)
+    tail = slice(len(ev), None)
+    return Events(
+        np.r_[ev.times, other.times[tail]],
+        np.r_[ev.impressions, other.impressions[tail]],
+        np.r_[vals, other.values[tail]],
+        {k: np.r_[keys[k], other.keys[k][tail]] for k in keys},
+        {k: np.r_[valid[k], other.valid[k][tail]] for k in valid},
+    )
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_changing_rows_from_t_on_changes_no_earlier_feature(case: int) -> None:
+    rng = np.random.default_rng(10_000 + case)
+    ev = random_log(rng, int(rng.integers(2, 80)))
+    t = float(rng.choice(ev.times))
+    changed = _with_rows_from(ev, t, rng)
+    early = np.flatnonzero(ev.times < t)
+    for spec in LIVE.counters:
+        idx = event_index(LIVE, spec)
+        a = PointInTime(spec, idx, ev).before(*ev.entity(spec), ev.times)
+        b = PointInTime(spec, idx, changed).before(*changed.entity(spec), changed.times)
+        np.testing.assert_array_equal(a.impressions[early], b.impressions[early])
+        np.testing.assert_array_equal(a.sums[early], b.sums[early])
+        np.testing.assert_array_equal(a.last_time[early], b.last_time[early])
+
+
+@pytest.mark.parametrize("case", range(100))
+def test_events_in_batches_reach_the_offline_totals(case: int) -> None:
+    """Serving state: totals after a prefix of the log, then the rest as separate impression and
+    label events in random batches, equal the totals of the whole log."""
+    rng = np.random.default_rng(20_000 + case)
+    ev = random_log(rng, int(rng.integers(1, 80)))
+    cut = int(rng.integers(0, len(ev) + 1))
+    for spec in LIVE.counters:
+        idx = event_index(LIVE, spec)
+        head = _take(ev, np.arange(cut))
+        tot = PointInTime(spec, idx, head).totals() if cut else _no_totals(spec, idx)
+        rest = np.arange(cut, len(ev))
+        # Each remaining row as one impression event and one event per label, shuffled.
+        pieces = [_take(ev, rest, impressions_only=True)] + [
+            _take(ev, rest, only_value=j) for j in range(ev.values.shape[1])
+        ]
+        for p in pieces:
+            for chunk in np.array_split(rng.permutation(len(p)), int(rng.integers(1, 4))):
+                tot.add(_take(p, chunk), idx)
+        want = PointInTime(spec, idx, ev).totals()
+        np.testing.assert_array_equal(tot.keys, want.keys)
+        now = np.full(len(want.keys), ev.times.max() + rng.uniform(0, 5))
+        ok = np.ones(len(want.keys), bool)
+        got, ref = tot.current(want.keys, ok, now), want.current(want.keys, ok, now)
+        np.testing.assert_allclose(got.impressions, ref.impressions, rtol=1e-12)
+        np.testing.assert_allclose(got.sums, ref.sums, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(got.last_time, ref.last_time)
+
+
+def _no_totals(spec: CounterSpec, idx: list[int]) -> Totals:
+    e = np.zeros(0)
+    return Totals(
+        spec, np.zeros(0, np.int64), e, np.zeros((0, len(idx))), e, e, decay_tau(spec, 1.0)
+    )
+
+
+def _take(
+    ev: Events, rows: np.ndarray, impressions_only: bool = False, only_value: int | None = None
+) -> Events:
+    imp = ev.impressions[rows]
+    vals = ev.values[rows].copy()
+    if impressions_only:
+        vals[:] = 0.0
+    if only_value is not None:
+        imp = np.zeros_like(imp)
+        keep = np.zeros(vals.shape[1], bool)
+        keep[only_value] = True
+        vals[:, ~keep] = 0.0
+    return Events(
+        ev.times[rows],
+        imp,
+        vals,
+        {k: v[rows] for k, v in ev.keys.items()},
+        {k: v[rows] for k, v in ev.valid.items()},
+    )
+
+
+def test_combined_keys_separate_entities() -> None:
+    a = np.arange(1000)
+    assert len(np.unique(combine_keys([a, np.zeros(1000, np.int64)]))) == 1000
+    k1 = combine_keys([np.array([1, 2]), np.array([2, 1])])
+    assert k1[0] != k1[1]  # (user 1, tab 2) is not (user 2, tab 1)
+
+
+@pytest.mark.parametrize(
+    ("counter", "message"),
+    [
+        ({"keys": ["context:tab"]}, "not a declared context feature"),
+        ({"keys": ["author"]}, "is not user, video"),
+        ({"keys": ["user"], "events": ["share"]}, "unknown event(s) ['share']"),
+        ({"keys": ["user", "user"]}, "repeated"),
+    ],
+)
+def test_bad_counters_are_refused_naming_the_key(counter: dict, message: str) -> None:
+    from ranker.config import parse_config
+    from ranker.errors import ConfigError
+
+    data = {
+        "data": {"log": "x", "users": "u", "videos": "v"},
+        "features": [{"name": "hour", "source": "context", "kind": "categorical"}],
+        "tasks": [{"name": "click", "kind": "binary", "label": "c", "loss": "bce"}],
+        "live": {
+            "events": [{"name": "click", "column": "c"}],
+            "counters": [{"name": "c1"} | counter],
+        },
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert message in str(e.value)
+    assert "live" in str(e.value)
+
+
+def test_a_counter_keyed_on_a_string_column_stops_naming_it(tiny_world) -> None:  # noqa: ANN001
+    """The world's `device` is a string: counters key on integers, and the job says which
+    column is not one instead of hashing or crashing."""
+    from ranker.config import parse_config
+    from ranker.errors import DataError
+    from ranker.live import OfflineCounters
+
+    config = parse_config(
+        {
+            "data": {
+                "log": str(tiny_world / "log"),
+                "users": str(tiny_world / "users.parquet"),
+                "videos": str(tiny_world / "videos.parquet"),
+            },
+            "features": [{"name": "device", "source": "context", "kind": "categorical"}],
+            "tasks": [{"name": "click", "kind": "binary", "label": "click", "loss": "bce"}],
+            "live": {
+                "events": [{"name": "click", "column": "click"}],
+                "counters": [{"name": "d", "keys": ["user", "context:device"]}],
+            },
+        }
+    )
+    with pytest.raises(DataError, match=r"column 'device'.*integers"):
+        OfflineCounters(config, [tiny_world / "log"])
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_session_index_finds_each_rows_session_start(case: int) -> None:
+    from ranker.live import SessionIndex
+    from ranker.metrics import sessions
+
+    rng = np.random.default_rng(30_000 + case)
+    n = int(rng.integers(1, 80))
+    users = rng.integers(0, 5, n)
+    times = rng.integers(0, 40, n).astype(np.float64)
+    gap = float(rng.choice([1.0, 3.0, 10.0]))
+    sid = sessions(users, times, gap)
+    want = np.array([times[sid == sid[i]].min() for i in range(n)])
+    np.testing.assert_array_equal(SessionIndex(users, times, gap).start(users, times), want)
