@@ -99,7 +99,9 @@ class _Bf16Experts(nn.Module):
     def __init__(self, bank: ExpertBank, fuse_relu: bool = True) -> None:
         super().__init__()
         self.bank = bank.to(torch.bfloat16)
-        self.fuse_relu = fuse_relu and torch.backends.mkldnn.is_available()
+        # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT); elsewhere the bank's own
+        # forward runs (emulated bf16, which auto does not try there anyway)
+        self.fuse_relu = fuse_relu and _onednn_bf16()
 
     def forward(self, x: Tensor | SplitInput) -> Tensor:
         if isinstance(x, SplitInput):
@@ -120,6 +122,13 @@ class _Bf16Experts(nn.Module):
             bias = bias + (x.shared @ w[:, x.split.shared].T).view(-1)
             w, x = w[:, x.split.rows], x.rows
         return _linear_relu(x, w, bias)
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU."""
+    return torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 @torch.jit.script
