@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -209,7 +210,10 @@ def test_ranking_config_is_polled_and_an_invalid_one_is_refused(
             return c.get("/readyz").json()
 
         first = ready()["ranking_version"]
-        ranking.write_text(ranking.read_text().replace("weight = 3.0", "weight = 2.0"))
+        # the like head's weight, whatever configs/ranking.toml ships, becomes 2.0
+        text = re.sub(r"(\[heads\.like\]\nweight = )[^\n]+", r"\g<1>2.0", ranking.read_text())
+        assert text != ranking.read_text() and text.count("weight = 2.0") == 1
+        ranking.write_text(text)
         until(lambda: ready()["ranking_version"] != first, "the new weights served")
         second = ready()["ranking_version"]
         assert c.post("/v1/rank", json=rank_body(tiny_world)).json()["ranking_version"] == second
