@@ -274,3 +274,25 @@ def test_redis_down_ranks_degraded_and_refuses_events_with_503(
             r = httpx.post(f"{url}/v1/events", json={"events": [ev]}, timeout=30)
             assert r.status_code == 503, r.text
             assert "retry" in r.json()["detail"]
+
+
+def test_a_push_of_tables_keeps_the_counter_state(
+    live_artifact: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    """The live keys are not versioned: a features push's clean-up of old versions leaves them."""
+    import redis
+
+    with redis_server(tmp_path / "redis") as server:
+        _push_all(server, tiny_world, live_artifact)
+        client = redis.Redis(port=server.port)
+        live = sorted(client.scan_iter(match="ranker:fs:live:*", count=10_000))
+        assert live
+        for _ in range(3):  # the third push removes the first version
+            push_files(
+                server.url(),
+                tiny_world / "users.parquet",
+                tiny_world / "videos.parquet",
+                progress=False,
+            )
+        assert sorted(client.scan_iter(match="ranker:fs:live:*", count=10_000)) == live
+        client.close()
