@@ -82,6 +82,9 @@ def _random_batch(rng: np.random.Generator, n: int, users: np.ndarray, videos: n
     )
 
 
+# Requests weeks before a 60 s half-life counter's reference time overflow exp() in both
+# engines alike (the column is then the training mean): part of the ill-conditioned cases.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_redis_state_gives_the_in_process_features_over_random_events(
     tiny_world: Path,
     split_world: tuple[Path, Path],
