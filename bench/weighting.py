@@ -33,6 +33,8 @@ several times that when other jobs share the machine).
     .venv/bin/python bench/weighting.py                                      # the full run
     .venv/bin/python bench/weighting.py --requests 800 --seeds 2 --max-steps 2 \\
         --timing-rounds 1 --timing-steps 1 --out /tmp/wq                    # a quick look
+    .venv/bin/python bench/weighting.py --strategies gls,upgrad --skip-quality \\
+        --out /tmp/wq                             # the cost of some strategies only
 
 Only the cost, for every strategy in both modes, before/after a change (``--baseline``: another
 checkout's code timed in the same invocation; see ``bench/weighting_cost.py``)::
@@ -109,12 +111,22 @@ PAPERS: dict[str, str] = {
     "nash_mtl": "Navon et al., ICML 2022 (arXiv:2202.01017)",
     "db_mtl": "Lin et al., 2023 (arXiv:2308.12029)",
     "aligned_mtl": "Senushkin et al., CVPR 2023 (arXiv:2305.19000)",
+    "gls": "Chennupati et al., CVPR Workshops 2019 (arXiv:1904.08492)",
+    "graddrop": "Chen et al., NeurIPS 2020 (arXiv:2010.06808)",
+    "gradvac": "Wang et al., ICLR 2021 (arXiv:2010.05874)",
+    "moco": "Fernando et al., ICLR 2023 (arXiv:2210.12624)",
+    "stch": "Lin et al., ICML 2024 (arXiv:2402.19078)",
+    "excess_mtl": "He et al., ICML 2024 (arXiv:2402.02009)",
+    "fairgrad": "Ban & Ji, ICML 2024 (arXiv:2402.15638)",
+    "upgrad": "Quinton & Rey, 2024 (arXiv:2406.16232)",
 }
 """The paper each strategy implements (the module docstrings give the full reference)."""
 
 MODE_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
     # DB-MTL's EMA of gradients is meaningless over per-batch representations (see its module).
     ("db_mtl", "representation"): {"beta": 0.0},
+    # Nor MoCo's gradient tracking: y_t = g_t (beta 1, no decay) over representations.
+    ("moco", "representation"): {"beta": 1.0, "beta_sigma": 0.0},
 }
 """Extra config a strategy needs to run in a mode that is not its default."""
 
@@ -170,12 +182,15 @@ def family(name: str) -> str:
     return "gradient" if issubclass(cls, GradientWeighting) or has_mode else "loss"
 
 
-def cases(static_weights: dict[str, float], both_modes: bool = True) -> list[Case]:
-    """Every registered strategy with its default config (``static`` with ``static_weights``);
-    strategies with a ``mode`` in both modes when ``both_modes``, else in their default mode,
-    labelled ``name (rep)`` / ``name (par)``."""
+def cases(
+    static_weights: dict[str, float], both_modes: bool = True, only: list[str] | None = None
+) -> list[Case]:
+    """Every registered strategy (or ``equal`` and those in ``only``) with its default config
+    (``static`` with ``static_weights``); strategies with a ``mode`` in both modes when
+    ``both_modes``, else in their default mode, labelled ``name (rep)`` / ``name (par)``."""
     out: list[Case] = []
-    for name in ["equal", *sorted(n for n in registry() if n != "equal")]:
+    names = sorted(n for n in registry() if n != "equal" and (only is None or n in only))
+    for name in ["equal", *names]:
         fields = registry()[name].config_class.model_fields
         base: dict[str, Any] = {"name": name}
         if name == "static":
@@ -386,7 +401,7 @@ def measure_quality(tmp: Path, a: argparse.Namespace, res: Results) -> None:
     for seed in range(a.seeds):
         world = tmp / f"world{seed}"
         generate(world_config(seed, a.requests), world, progress=False)
-        todo = cases(res.static_weights, both_modes=a.quality_modes == "both")
+        todo = cases(res.static_weights, a.quality_modes == "both", a.strategies)
         for c in todo:
             if c.name == "static":  # weights from seed 0's equal run, the same for every seed
                 c = Case(c.label, c.name, c.weighting | {"weights": res.static_weights})
@@ -666,6 +681,12 @@ def main() -> None:
         default="default",
         help="train gradient strategies in their default mode only, or in both",
     )
+    ap.add_argument(
+        "--strategies",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        help="comma-separated names to run (with equal, the reference); default: all",
+    )
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="where weighting.md and img/ go")
@@ -681,6 +702,9 @@ def main() -> None:
     )
     ap.add_argument("--cost-json", default=None, help=argparse.SUPPRESS)  # the baseline's child
     a = ap.parse_args()
+    unknown = sorted(set(a.strategies or []) - set(registry()))
+    if unknown:
+        ap.error(f"--strategies: unknown {unknown}; registered: {sorted(registry())}")
     if a.cost_only:
         a.skip_quality, a.skip_timing = True, False
     out = Path(a.out)
@@ -711,7 +735,9 @@ def main() -> None:
             world = tmp / "world0"
             if not world.exists():
                 generate(world_config(0, a.requests), world, progress=False)
-            all_cases = cases(res.static_weights or {t: 1.0 for t in _task_names()})
+            all_cases = cases(
+                res.static_weights or {t: 1.0 for t in _task_names()}, only=a.strategies
+            )
             measure_cost(world, tmp, all_cases, a, res)
     res.seconds = time.perf_counter() - started
     if a.cost_json:

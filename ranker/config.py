@@ -91,7 +91,7 @@ class FeatureSpec(Strict):
 
 
 BINARY_LOSSES = ("bce",)
-REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal")
+REGRESSION_LOSSES = ("mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal")
 
 
 class TaskSpec(Strict):
@@ -101,10 +101,11 @@ class TaskSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     kind: Literal["binary", "regression"]
     label: str = Field(min_length=1, description="label column in the impression log")
-    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ordinal"]
+    loss: Literal["bce", "mse", "mse_log1p", "huber_log1p", "weighted_logistic", "ziln", "ordinal"]
     """``weighted_logistic``: watch time as in Covington et al. 2016 (rows with a positive label
     are positives weighted by it, others unit-weight negatives; the odds estimate the expected
-    value). ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
+    value). ``ziln``: zero-inflated lognormal (Wang, Liu & Miao 2019), serves the mean in label
+    units. ``ordinal``: cumulative-link regression over the integer labels 1..``levels``."""
     levels: int | None = Field(default=None, ge=2, le=100, description="ordinal: number of levels")
     weight_column: str | None = Field(
         default=None, description="a log column whose value weights each row's loss"
@@ -154,7 +155,14 @@ class DataConfig(Strict):
         default=0.1, gt=0, lt=1, description="the last fraction of the time span validates"
     )
     validation_from: float | None = Field(
-        default=None, description="explicit time cutoff; overrides validation_fraction"
+        default=None,
+        description="explicit time cutoff; overrides validation_fraction; a cutoff that leaves "
+        "no validation row is an error (set validation = false to train on every row)",
+    )
+    validation: bool = Field(
+        default=True,
+        description="false: no validation split, every row trains (what training.refit does "
+        "after selection); the last epoch's weights are kept",
     )
 
     @property
@@ -257,8 +265,42 @@ class ModelConfig(Strict):
         return v
 
 
+HIGHER_IS_BETTER = ("auc", "gauc", "xauc", "gxauc")
+LOWER_IS_BETTER = ("loss", "logloss", "ece", "rmse", "rmse_log1p", "mae")
+
+
+class SelectionConfig(Strict):
+    """Which validation point's weights are kept, and when training stops
+    (``training/selection.py``).
+
+    ``criterion``: ``relative_loss`` (the mean over tasks of each task's validation loss divided
+    by its value after the first epoch, so that no head's scale dominates), or ``task.metric``
+    with a metric of :func:`training.evaluate.head_metrics` or ``loss`` (``click.gauc``,
+    ``watch_time.rmse``, ``like.loss``). ``keep``: ``best`` restores the weights of the best
+    point, ``last`` keeps the final ones; ``per_head`` restores the shared layers at the best
+    point and each task's tower at the point where that task's own validation loss was lowest
+    (heads that peak at different epochs, e.g. a sparse head still improving when the dense ones
+    overfit). ``patience``: stop after that many epochs without improvement (none: run every
+    epoch)."""
+
+    criterion: str = Field(default="relative_loss", pattern=r"^(relative_loss|\w+\.\w+)$")
+    keep: Literal["best", "last", "per_head"] = "best"
+    patience: int | None = Field(default=None, gt=0)
+    min_delta: float = Field(default=0.0, ge=0, description="smaller gains do not count")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "relative_loss" and v.split(".", 1)[1] not in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+            raise ValueError(
+                f"unknown metric in {v!r}; use relative_loss or task.metric with a metric in "
+                f"{HIGHER_IS_BETTER + LOWER_IS_BETTER}"
+            )
+        return v
+
+
 class TrainingConfig(Strict):
-    epochs: int = Field(default=2, gt=0)
+    epochs: int = Field(default=2, gt=0, description="the most epochs (selection may stop sooner)")
     batch_size: int = Field(default=2048, gt=0)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -277,6 +319,12 @@ class TrainingConfig(Strict):
         description="bf16: the forward pass under bfloat16 autocast (losses, gradients' "
         "accumulation and the optimizer stay fp32); auto: bf16 on a CPU with bf16 matrix units "
         "(AMX), fp32 elsewhere (training.loop.training_precision)",
+    )
+    selection: SelectionConfig = SelectionConfig()
+    refit: bool = Field(
+        default=False,
+        description="after selection, retrain from scratch on every row (validation days "
+        "included) for the selected number of epochs",
     )
     run_dir: Path = Path("runs/default")
     glibc_malloc: GlibcMalloc = Field(
@@ -543,6 +591,16 @@ class Config(Strict):
             raise ValueError(
                 f"position.column: {self.position.column!r} is also a declared feature; "
                 "position handling adds it itself"
+            )
+        crit = self.training.selection.criterion
+        if crit != "relative_loss" and crit.split(".")[0] not in self.task_names:
+            raise ValueError(
+                f"training.selection.criterion: unknown task in {crit!r}; tasks are "
+                f"{self.task_names}"
+            )
+        if self.training.refit and not self.data.validation:
+            raise ValueError(
+                "training.refit: needs a validation split to select on (data.validation = false)"
             )
         if self.live is not None:
             ctx = {f.name for f in self.features if f.source == "context"}

@@ -14,6 +14,12 @@ Losses (``TaskSpec.loss``):
   weighted by the label, the other rows negatives with unit weight. The learned odds
   ``exp(logit)`` equal ``sum(T) / N_negative``, which is ``E[T] / (1 - P)`` (about ``E[T]`` when
   positives are rare); the head serves ``exp(logit)`` in label units.
+* ``ziln``: zero-inflated lognormal (Wang, Liu & Miao, "A Deep Probabilistic Model for Customer
+  Lifetime Value Prediction", 2019): three raw outputs, a logit for ``P(T > 0)`` and the ``mu``
+  and (through softplus) ``sigma`` of a lognormal for ``T`` given ``T > 0``. The loss is the
+  binary cross-entropy of ``T > 0`` plus, on positive rows, the lognormal negative
+  log-likelihood; it serves the mean ``p * exp(mu + sigma^2 / 2)`` in label units, calibrated
+  where ``expm1(E[log1p T])`` is a geometric-type mean far below it.
 * ``ordinal``: cumulative-link model over ``1..K`` (McCullagh 1980). The head outputs ``K-1``
   raw values turned into decreasing cumulative logits ``c_k = logit P(y > k)``:
   ``c_1 = r_1``, ``c_k = c_{k-1} - softplus(r_k)``, so the star distribution is always valid.
@@ -34,9 +40,31 @@ from ranker.config import TaskSpec
 _MAX_LOG_ODDS = 30.0
 
 
+_MIN_SIGMA = 1e-3
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
 def output_dim(task: TaskSpec) -> int:
     """Raw outputs the head needs."""
+    if task.loss == "ziln":
+        return 3
     return (task.levels - 1) if task.loss == "ordinal" and task.levels else 1
+
+
+def ziln_parts(raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ZILN head: raw ``(B, 3)`` -> (logit of ``P(T > 0)``, ``mu``, ``sigma``), each ``(B,)``."""
+    return raw[:, 0], raw[:, 1], F.softplus(raw[:, 2]).clamp_min(_MIN_SIGMA)
+
+
+def ziln_nll(raw: Tensor, y: Tensor) -> Tensor:
+    """Per-row ZILN negative log-likelihood (Wang, Liu & Miao 2019, eq. 2): the classification
+    term on ``T > 0`` plus, for ``T > 0``, ``-log`` of the lognormal density at ``T``."""
+    logit, mu, sigma = ziln_parts(raw)
+    positive = y > 0
+    cls = F.binary_cross_entropy_with_logits(logit, positive.to(raw.dtype), reduction="none")
+    log_y = torch.log(torch.where(positive, y, torch.ones_like(y)))
+    reg = log_y + torch.log(sigma) + _HALF_LOG_2PI + (log_y - mu) ** 2 / (2 * sigma**2)
+    return cls + torch.where(positive, reg, torch.zeros_like(reg))
 
 
 def cumulative_logits(raw: Tensor) -> Tensor:
@@ -86,6 +114,8 @@ def head_loss(
         wl = torch.where(y > 0, y, torch.ones_like(y))
         per = F.binary_cross_entropy_with_logits(r, positive, reduction="none")
         w = wl if w is None else w * wl
+    elif task.loss == "ziln":
+        per = ziln_nll(r, y)
     elif task.loss == "ordinal":
         k = int(task.levels or 2)
         level = y.round().clamp(1, k).long() - 1  # 0..K-1
@@ -106,6 +136,9 @@ def head_prediction(task: TaskSpec, raw: Tensor) -> Tensor:
         out = torch.expm1(raw.clamp(min=0.0, max=_MAX_LOG_ODDS))
     elif task.loss == "weighted_logistic":
         out = torch.exp(raw.clamp(max=_MAX_LOG_ODDS))
+    elif task.loss == "ziln":
+        logit, mu, sigma = ziln_parts(raw)
+        out = torch.sigmoid(logit) * torch.exp((mu + sigma**2 / 2).clamp(max=_MAX_LOG_ODDS))
     elif task.loss == "ordinal":
         out = 1.0 + torch.sigmoid(cumulative_logits(raw)).sum(dim=1)
     else:
@@ -124,6 +157,9 @@ class HeadStats:
         self.total = 0.0
         self.positive_sum = 0.0  # weighted logistic: sum of positive labels
         self.negatives = 0
+        self.log_sum = 0.0  # ziln: sums of log(T) and log(T)^2 over positive labels
+        self.log_sq_sum = 0.0
+        self.positives = 0
         k = task.levels or 1
         self.hist = [0] * k
 
@@ -140,6 +176,11 @@ class HeadStats:
         if t.loss == "weighted_logistic":
             self.positive_sum += float(y[y > 0].sum())
             self.negatives += int((y <= 0).sum())
+        if t.loss == "ziln":
+            logs = np.log(y[y > 0])
+            self.positives += int(logs.size)
+            self.log_sum += float(logs.sum())
+            self.log_sq_sum += float((logs**2).sum())
         if t.loss == "ordinal":
             idx = np.clip(np.round(y), 1, len(self.hist)).astype(int) - 1
             for i, c in enumerate(np.bincount(idx, minlength=len(self.hist))):
@@ -156,6 +197,14 @@ class HeadStats:
             return [math.log(p / (1 - p))]
         if t.loss == "weighted_logistic":
             return [math.log(max(self.positive_sum, 1e-6) / max(self.negatives, 1))]
+        if t.loss == "ziln":
+            # The maximum-likelihood start: the positive rate, and the mean and std of log(T).
+            k = self.positives
+            p = min(max(k / self.n, 1e-4), 1 - 1e-4)
+            mu = self.log_sum / k if k else 0.0
+            var = self.log_sq_sum / k - mu**2 if k else 1.0
+            sigma = max(math.sqrt(max(var, 0.0)), 0.05)
+            return [math.log(p / (1 - p)), mu, math.log(math.expm1(sigma))]
         if t.loss == "ordinal":
             total = sum(self.hist)
             above = [sum(self.hist[k + 1 :]) / total for k in range(len(self.hist) - 1)]

@@ -212,6 +212,8 @@ class ImpressionLog:
 
     def _cutoff(self) -> float:
         d = self.config.data
+        if not d.validation:
+            return math.inf
         if d.validation_from is not None:
             return float(d.validation_from)
         lo, hi = np.inf, -np.inf
@@ -229,6 +231,8 @@ class ImpressionLog:
         return lo + (1.0 - d.validation_fraction) * (hi - lo)
 
     def filter(self, split: Split) -> pc.Expression | None:
+        if not self.config.data.validation:  # every row trains, none validates
+            return pc.scalar(False) if split == "validation" else None
         t = pc.field(self.config.data.time_column)
         cutoff: float | int = self.cutoff
         if pa.types.is_integer(self.dataset.schema.field(self.config.data.time_column).type):
@@ -240,6 +244,25 @@ class ImpressionLog:
         if split == "validation":
             return t >= cutoff
         return None
+
+    def check_validation(self) -> int:
+        """Rows of the validation split; an error naming the key when a configured split is
+        empty (a cutoff past the end would otherwise select on nothing, silently)."""
+        d = self.config.data
+        if not d.validation:
+            return 0
+        n = self.count_rows("validation")
+        if n == 0:
+            key = (
+                f"data.validation_from = {d.validation_from:g}"
+                if d.validation_from is not None
+                else f"data.validation_fraction = {d.validation_fraction:g}"
+            )
+            raise DataError(
+                f"impression log {self.path}: {key} leaves no validation rows "
+                f"(column {d.time_column!r}); set data.validation = false to train on every row"
+            )
+        return n
 
     def count_rows(self, split: Split, files: list[str] | None = None) -> int:
         """Rows of one split (in ``files``, default all), from the time column alone."""
@@ -363,7 +386,7 @@ class BatchBuilder:
                     f"{origin}: ordinal label column {t.label!r} has values outside 1..{t.levels}"
                 )
             if (
-                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic")
+                t.loss in ("mse_log1p", "huber_log1p", "weighted_logistic", "ziln")
                 and ok.any()
                 and (y[ok] < 0).any()
             ):

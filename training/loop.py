@@ -1,5 +1,8 @@
 """The training loop: one readable pass over the stream per epoch, validation after each.
 
+Validation scores feed best-epoch selection and early stopping (``training/selection.py``);
+``training.refit`` then retrains from scratch on every row for the selected epochs.
+
 Per step: forward (keeping the shared representation), per-task masked losses, the weighting
 strategy's backward, one optimizer step. No strategy-specific code here: every strategy goes
 through ``Weighting.backward``.
@@ -30,6 +33,7 @@ from ranker.model import RankingModel
 from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
 from ranker.weighting import SharedPart, build_weighting
+from training.calibration import calibrate_means
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import BatchBuilder, ImpressionLog, shuffled_batches
 from training.distributed import Dist, parameter_digest, shard_files
@@ -42,6 +46,7 @@ from training.evaluate import (
     predict_split,
 )
 from training.samples import build_samples
+from training.selection import Selected, Selector
 
 
 @dataclass
@@ -57,6 +62,8 @@ class TrainResult:
     seconds: float = 0.0
     rows_per_second: float = 0.0
     gate_utilisation: dict[str, dict[str, float]] | None = None  # task -> expert -> mean weight
+    selection: Selected | None = None  # the kept validation point (None: no validation split)
+    calibration: dict[str, float] = field(default_factory=dict)  # ZILN head -> mean scale factor
     precision: str = "fp32"  # what training.precision resolved to (training_precision)
 
 
@@ -103,6 +110,23 @@ def build_bias_tower(config: Config, encoder: FeatureEncoder) -> ShallowTower | 
     return ShallowTower(cards, p.hidden, p.dropout)
 
 
+def refit_config(config: Config, selected: Selected, keep: str) -> Config:
+    """The config of a refit: every row trains (no validation split), for the selected epochs
+    (the latest per-head epoch with ``keep = "per_head"``), in its own run directory."""
+    t = config.training
+    epochs = selected.epoch
+    if keep == "per_head" and selected.task_epochs:
+        epochs = max(epochs, *selected.task_epochs.values())
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"validation": False}),
+            "training": t.model_copy(
+                update={"refit": False, "epochs": epochs, "run_dir": t.run_dir / "refit"}
+            ),
+        }
+    )
+
+
 def training_precision(config: Config, features: CpuFeatures | None = None) -> str:
     """``fp32`` or ``bf16`` for ``training.precision``; ``auto`` is bf16 only on a CPU with
     bf16 matrix units (AMX), where autocast gave 1.49-1.53x samples/s with validation metrics
@@ -119,7 +143,66 @@ def training_precision(config: Config, features: CpuFeatures | None = None) -> s
 def train(
     config: Config, progress: bool = True, export: bool = True, resume: bool = False
 ) -> TrainResult:
-    """Fits the encoder and the model on the training split, validates every epoch, exports.
+    """Trains with best-epoch selection, refits on every row when ``training.refit`` is set,
+    and exports.
+
+    The refit follows the peers' protocol: the epoch count is chosen on the validation split,
+    then a model trained from scratch on all rows (validation days included) for that many
+    epochs is the one exported; the artifact's report keeps the selection run's validation
+    metrics, the refit's own being unmeasurable. ``resume`` applies to the selection run.
+    """
+    dctx = Dist.from_env(config.training.device)
+    if dctx.enabled and resume:
+        raise TrainingError("--resume runs single-process only; resume without torchrun")
+    try:
+        result = _fit(config, dctx, progress, resume)
+        if config.training.refit and result.selection is not None:
+            keep = config.training.selection.keep
+            refit = refit_config(config, result.selection, keep)
+            if progress and dctx.is_main:
+                print(
+                    f"\nrefit on every row for {refit.training.epochs} epoch(s) "
+                    f"(selected: {result.selection.as_json()})"
+                )
+            again = _fit(refit, dctx, progress, False, plan=result.selection)
+            again.config, again.metrics, again.selection = config, result.metrics, result.selection
+            again.history = result.history + [{"refit": h} for h in again.history]
+            again.gate_utilisation = result.gate_utilisation
+            result = again
+    finally:
+        dctx.close()
+    if export and dctx.is_main:
+        report: dict[str, Any] = {
+            "validation": json_ready(result.metrics),
+            "precision": result.precision,
+        }
+        if result.gate_utilisation is not None:
+            report["gate_utilisation"] = json_ready(result.gate_utilisation)
+        if result.calibration:
+            report["calibration"] = result.calibration
+        if result.selection is not None:
+            report["selection"] = result.selection.as_json() | {
+                "refit": config.training.refit,
+                "keep": config.training.selection.keep,
+                "criterion": config.training.selection.criterion,
+            }
+        e = config.export
+        samples = build_samples(config, result.encoder, e.sample_requests, e.sample_candidates)
+        result.artifact = save_artifact(
+            result.model, result.encoder, config, report, samples=samples
+        )
+    return result
+
+
+def _fit(
+    config: Config,
+    dctx: Dist,
+    progress: bool = True,
+    resume: bool = False,
+    plan: Selected | None = None,
+) -> TrainResult:
+    """Fits the encoder and the model on the training split, validates every epoch (selecting
+    the kept weights, ``training/selection.py``), or follows ``plan`` on every row (a refit).
 
     With ``resume`` it continues from ``run_dir/checkpoint.pt`` (written every
     ``checkpoint_every_steps`` steps and at every epoch end): model, optimizer, weighting and
@@ -138,13 +221,14 @@ def train(
     device = torch.device(t.device)
     bf16 = training_precision(config) == "bf16"
     ckpt_path = t.run_dir / "checkpoint.pt"
-    dctx = Dist.from_env(t.device)
-    if dctx.enabled and resume:
-        raise TrainingError("--resume runs single-process only; resume without torchrun")
     progress = progress and dctx.is_main
     state = load_checkpoint(ckpt_path, config) if resume else None
 
     log = ImpressionLog(config)
+    validating = config.data.validation
+    if dctx.is_main:
+        log.check_validation()  # a configured split that selects nothing is an error
+    selector = Selector(t.selection, config.task_names, plan) if validating or plan else None
     if state is None:
         # Fitted once, on rank 0, and shared: every rank encodes exactly alike.
         fitted = fit_encoder(config, log, progress) if dctx.is_main else None
@@ -218,12 +302,21 @@ def train(
         gen.set_state(state["rng_shuffle"])
         if skip == 0:
             torch.set_rng_state(state["rng_torch"])
+        if selector is not None and state.get("selection") is not None:
+            selector.load_state_dict(state["selection"])
+            if state["selection"].get("stopped"):
+                first_epoch = t.epochs + 1  # it had stopped early: nothing left to train
         if progress:
             print(f"resuming {ckpt_path}: epoch {first_epoch}, {skip} batches done, step {step}")
+
+    stopped = False
 
     def checkpoint(epoch: int, batches_done: int, sums: dict[str, float], epoch_rng: Any) -> None:
         if not dctx.is_main:
             return
+        selection = None
+        if selector is not None:
+            selection = selector.state_dict() | {"stopped": stopped}
         save_checkpoint(
             ckpt_path,
             {
@@ -242,6 +335,7 @@ def train(
                 "rng_numpy": json.dumps(epoch_rng[0]),
                 "rng_shuffle": epoch_rng[1],
                 "rng_torch": torch.get_rng_state(),
+                "selection": selection,
             },
         )
 
@@ -350,33 +444,66 @@ def train(
             raise TrainingError("the training split produced no batches")
         mean_losses = dctx.mean_dict({k: v / n_steps for k, v in sums.items()})
         weighting.epoch_end(mean_losses)
-        if dctx.is_main:  # ranks hold identical weights: rank 0 validates on the whole split
+        entry: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": mean_losses}
+        if dctx.is_main and validating:  # ranks hold identical weights: rank 0 validates
             preds = predict_split(model, val_builder, log, "validation", device=str(device))
             metrics = head_metrics(config, preds)
-            entry = {
-                "epoch": epoch,
-                "train_loss": mean_losses,
-                "validation": metrics,
-                "rows": len(preds),
-            }
-            history.append(entry)
-            telemetry.write(entry)
+            entry |= {"validation": metrics, "rows": len(preds)}
             if progress:
                 table = format_table(metrics)
                 print(f"\nvalidation after epoch {epoch} ({len(preds)} rows):\n{table}")
+        if selector is not None:  # every rank decides alike: rank 0's verdict is broadcast
+            verdict = selector.update(epoch, step, metrics, model) if dctx.is_main else None
+            stopped = bool(dctx.broadcast_object(verdict))
+            if selector.history:
+                entry["selection_score"] = selector.history[-1]["score"]
+        if dctx.is_main:
+            history.append(entry)
+            telemetry.write(entry)
         next_rng = (rng.bit_generator.state, gen.get_state())
         checkpoint(epoch + 1, 0, dict.fromkeys(config.task_names, 0.0), next_rng)
         dctx.barrier()
+        if stopped:
+            if progress and plan is None:
+                print(f"early stop after epoch {epoch}: no gain for {t.selection.patience} epochs")
+            break
+    selected = None
+    if selector is not None:
+        selected = selector.restore(model) if dctx.is_main else None
+        if selected is not None and plan is None:
+            selected.stopped_early = stopped
+            if dctx.is_main:
+                telemetry.write({"selection": selected.as_json()})
+                if progress:
+                    print(f"kept the weights of {selected.as_json()}")
+            # the reported metrics are those of the kept weights
+            if dctx.is_main and t.selection.keep == "per_head":
+                preds = predict_split(model, val_builder, log, "validation", device=str(device))
+                metrics = head_metrics(config, preds)
+            elif dctx.is_main and t.selection.keep == "best":
+                metrics = next(h for h in history if h.get("epoch") == selected.epoch)["validation"]
+        if plan is not None:
+            selected = None
+        selected = dctx.broadcast_object(selected)  # every rank decides alike on a refit
+    calibration: dict[str, float] = {}
+    if dctx.is_main:  # ZILN heads: the mean right on the training rows (training/calibration.py)
+        calibration = calibrate_means(config, model, val_builder, log, str(device))
+        if calibration and validating:
+            preds = predict_split(model, val_builder, log, "validation", device=str(device))
+            metrics = head_metrics(config, preds)
+        if calibration and progress:
+            print(f"mean calibration of ZILN heads (x factor): {calibration}")
+    dctx.broadcast_parameters([model])  # rank 0 restored and calibrated: every rank ends alike
     gates = None
     if dctx.is_main:
-        gates = gate_utilisation(model, val_builder, log, "validation", device=str(device))
+        split = "validation" if validating else "train"
+        gates = gate_utilisation(model, val_builder, log, split, device=str(device))
     if gates is not None:
         telemetry.write({"gate_utilisation": gates})
     telemetry.close()
     if dctx.enabled:
         (t.run_dir / f"params-rank{dctx.rank}.sha256").write_text(parameter_digest(model))
         dctx.barrier()
-        dctx.close()
     model = model.cpu().eval()
     result = TrainResult(
         config,
@@ -389,14 +516,8 @@ def train(
         seconds=time.perf_counter() - started,
         rows_per_second=rows_seen / train_seconds if train_seconds else 0.0,
         gate_utilisation=gates,
+        selection=selected,
+        calibration=calibration,
         precision="bf16" if bf16 else "fp32",
     )
-    if export and dctx.is_main:
-        report: dict[str, Any] = {"validation": json_ready(metrics), "precision": result.precision}
-        if gates is not None:
-            report["gate_utilisation"] = json_ready(gates)
-        samples = build_samples(
-            config, encoder, config.export.sample_requests, config.export.sample_candidates
-        )
-        result.artifact = save_artifact(model, encoder, config, report, samples=samples)
     return result

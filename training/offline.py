@@ -24,6 +24,7 @@ from training.evaluate import (
     reliability,
 )
 from training.samples import build_samples
+from training.selection import Selector
 from training.truth import (
     format_truth_table,
     logged_ranking_metrics,
@@ -144,7 +145,10 @@ def continued_counters(trained: Config, evaluated: Config) -> OfflineCounters | 
 
 
 def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
-    """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder)."""
+    """An artifact from a checkpoint written by ``ranker train`` (it carries config and encoder),
+    with the weights that best-epoch selection kept so far (``training/selection.py``), not the
+    last ones, unless ``training.selection.keep = "last"``. A ZILN head's mean calibration needs
+    the log (``training/calibration.py``) and is not applied here."""
     try:
         state = read_checkpoint(checkpoint)
     except TrainingError as e:
@@ -153,6 +157,10 @@ def export_checkpoint(checkpoint: Path, root: Path | None = None) -> Path:
     encoder = FeatureEncoder.from_json(json.loads(state["encoder"]))
     model = build_model(config, encoder)
     model.load_state_dict(state["model"])
+    if state.get("selection") is not None:
+        selector = Selector(config.training.selection, config.task_names)
+        selector.load_state_dict(state["selection"])
+        selector.restore(model)
     e = config.export
     try:
         samples = build_samples(config, encoder, e.sample_requests, e.sample_candidates)

@@ -355,7 +355,18 @@ def html_table(
     return "\n".join(out)
 
 
-EVAL_COLUMNS = ("count", "auc", "gauc", "logloss", "ece", "rmse", "mae", "xauc", "gxauc")
+EVAL_COLUMNS = (
+    "count",
+    "auc",
+    "gauc",
+    "logloss",
+    "ece",
+    "rmse",
+    "rmse_log1p",
+    "mae",
+    "xauc",
+    "gxauc",
+)
 
 
 def evaluation_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -137,3 +137,25 @@ def test_non_finite_loss_names_step_and_task(tiny_world: Path, tmp_path: Path) -
     cfg = load_config(DEFAULT_CONFIG, [*tiny_overrides(tiny_world, tmp_path), "training.lr=1e30"])
     with pytest.raises(TrainingError, match=r"non-finite loss for task '\w+' at step \d+"):
         train(cfg, progress=False, export=False)
+
+
+def test_regression_heads_report_rmse_in_label_and_log1p_units(tiny_config: Config) -> None:
+    """RMSE in seconds is dominated by a few long views; the log1p RMSE (the usual watch-time
+    metric on real logs) is reported beside it, both from the served prediction."""
+    import numpy as np
+
+    from training.evaluate import Predictions, format_table, head_metrics
+
+    rng = np.random.default_rng(0)
+    n = 500
+    names = tiny_config.task_names
+    y = np.where(rng.random(n) < 0.5, rng.lognormal(2, 1.5, n), 0.0)
+    pred = rng.lognormal(1, 1, n)
+    labels = {t: rng.integers(0, 2, n).astype(float) for t in names} | {"watch_time": y}
+    preds = {t: rng.random(n) for t in names} | {"watch_time": pred}
+    masks = {t: np.ones(n, bool) for t in names}
+    m = head_metrics(tiny_config, Predictions(preds, labels, masks, np.arange(n), np.arange(n)))
+    w = m["watch_time"]
+    assert w["rmse"] == pytest.approx(np.sqrt(np.mean((pred - y) ** 2)))
+    assert w["rmse_log1p"] == pytest.approx(np.sqrt(np.mean((np.log1p(pred) - np.log1p(y)) ** 2)))
+    assert "rmse_log1p" in format_table(m)

@@ -19,8 +19,13 @@ def test_train_log_records_are_strict_json_of_the_documented_kinds(tiny_trained)
     tasks = set(tiny_trained.config.task_names)
     steps = [r for r in records if "step" in r]
     epochs = [r for r in records if "validation" in r]
+    selection = [r for r in records if "selection" in r]
     gates = [r for r in records if "gate_utilisation" in r]
-    assert len(steps) + len(epochs) + len(gates) == len(records)
+    assert len(steps) + len(epochs) + len(selection) + len(gates) == len(records)
+    assert len(selection) == 1 and records[-2] is selection[0]
+    assert {"epoch", "steps", "score", "task_epochs", "stopped_early"} == set(
+        selection[0]["selection"]
+    )
     for r in steps:
         assert {"step", "epoch", "losses", "weights", "elapsed_s"} <= set(r)
         assert set(r) <= {
@@ -38,7 +43,15 @@ def test_train_log_records_are_strict_json_of_the_documented_kinds(tiny_trained)
             assert all(len(row) == len(r["gate_experts"]) for row in r["gates"])
     assert [r["epoch"] for r in epochs] == list(range(1, tiny_trained.config.training.epochs + 1))
     for r in epochs:
-        assert set(r) == {"epoch", "train_loss", "validation", "rows", "elapsed_s"}
+        assert set(r) == {
+            "epoch",
+            "steps",
+            "train_loss",
+            "validation",
+            "rows",
+            "selection_score",
+            "elapsed_s",
+        }
         assert set(r["train_loss"]) == set(r["validation"]) == tasks and r["rows"] > 0
     assert len(gates) == 1 and records[-1] is gates[0]
     assert set(gates[0]["gate_utilisation"]) == tasks

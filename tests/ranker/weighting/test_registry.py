@@ -35,6 +35,8 @@ EXTRA: dict[tuple[str, str | None], dict[str, Any]] = {
     ("static", None): {"weights": STATIC_WEIGHTS},
     # DB-MTL's gradient EMA is refused over representations unless beta = 0 (see its module).
     ("db_mtl", "representation"): {"beta": 0.0},
+    # MoCo's gradient tracking likewise (see its module): no tracking over representations.
+    ("moco", "representation"): {"beta": 1.0, "beta_sigma": 0.0},
 }
 
 
@@ -182,6 +184,14 @@ BAD_PARAMETER: dict[str, tuple[dict[str, Any], str]] = {
     "nash_mtl": ({"update_weights_every": 0}, "weighting.update_weights_every"),
     "db_mtl": ({"beta": 1.0}, "weighting.beta"),
     "aligned_mtl": ({"scale": "max"}, "weighting.scale"),
+    "gls": ({"weights": TWO_TASKS}, "weighting.weights: unknown key"),
+    "stch": ({"mu": 0}, "weighting.mu"),
+    "upgrad": ({"mode": "layers"}, "weighting.mode"),
+    "fairgrad": ({"alpha": -1.0}, "weighting.alpha"),
+    "gradvac": ({"beta": 2.0}, "weighting.beta"),
+    "graddrop": ({"leak": 1.5}, "weighting.leak"),
+    "moco": ({"gamma": 0}, "weighting.gamma"),
+    "excess_mtl": ({"step_size": -0.01}, "weighting.step_size"),
 }
 
 
@@ -234,6 +244,7 @@ def test_bad_static_weights_name_the_key(weights: dict[str, float], match: str) 
             "weighting.task_weights",
         ),
         ('weighting={name = "db_mtl", mode = "representation", beta = 0.5}', "beta: must be 0"),
+        ('weighting={name = "moco", mode = "representation"}', "beta: must be 1"),
     ],
 )
 def test_bad_weighting_override_stops_load_config(override: str, key: str) -> None:
