@@ -21,7 +21,9 @@ against it).
   per layer on a Xeon, with a max probability error of 5.7e-4 on a trained model
   (docs/performance.md). Keeping the gates and towers in fp32 keeps the softmax over the experts
   and the head logits exact enough that the ranking barely moves; bf16 everywhere moved it.
-  Not exact: the service admits it only through the accuracy guard (:mod:`ranker.autoselect`).
+  The first expert layer runs as oneDNN's linear with relu in its epilogue (:class:`_Bf16Experts`;
+  1.03-1.6x the unfused graph under load here, ``bench/small_ops.py``). Not exact: the service
+  admits it only through the accuracy guard (:mod:`ranker.autoselect`).
 
 Every backend returns the raw head outputs keyed by task, as ``RankingModel.forward`` does, so
 :func:`ranker.heads.head_prediction` turns all of them into served units the same way.
@@ -87,23 +89,61 @@ def eager_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Score
 class _Bf16Experts(nn.Module):
     """An :class:`~ranker.modules.ExpertBank` run in bfloat16: its input cast down, its output
     cast back to float32, so the gates that mix the experts and the towers after them stay fp32.
-    The bank's own forward runs unchanged on bf16 weights (one definition of the experts)."""
+    The bank's own forward runs on bf16 weights (one definition of the experts), except with
+    ``fuse_relu`` for an input shared by every expert: then the first layer, one
+    ``(B, In) @ (In, E*H1)`` product, runs as oneDNN's linear with relu in its epilogue
+    (``mkldnn::_linear_pointwise``, the op torch.compile's inductor emits for linear + relu),
+    so the product is written once, already rectified, instead of written and then rewritten by
+    a separate relu; the later layers are the bank's own (:meth:`ExpertBank.deeper`)."""
 
-    def __init__(self, bank: ExpertBank) -> None:
+    def __init__(self, bank: ExpertBank, fuse_relu: bool = True) -> None:
         super().__init__()
         self.bank = bank.to(torch.bfloat16)
+        # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT); elsewhere the bank's own
+        # forward runs (emulated bf16, which auto does not try there anyway)
+        self.fuse_relu = fuse_relu and _onednn_bf16()
 
     def forward(self, x: Tensor | SplitInput) -> Tensor:
         if isinstance(x, SplitInput):
             x = SplitInput(x.rows.to(torch.bfloat16), x.shared.to(torch.bfloat16), x.split)
         else:
             x = x.to(torch.bfloat16)
+        if self.fuse_relu and (isinstance(x, SplitInput) or x.dim() == 2):
+            return self.bank.deeper(self._first_layer(x)).float()
         return self.bank(x).float()
 
+    def _first_layer(self, x: Tensor | SplitInput) -> Tensor:
+        """relu(x @ W0 + b0) as ``(B, E*H1)``, with the relu in the matmul's epilogue."""
+        w0 = self.bank.weights[0]  # (E, In, H1)
+        e, d_in, h1 = w0.shape
+        w = w0.permute(0, 2, 1).reshape(e * h1, d_in)  # (Out, In), as nn.Linear holds it
+        bias = self.bank.biases[0].reshape(e * h1)
+        if isinstance(x, SplitInput):  # the shared columns once, folded into the bias
+            bias = bias + (x.shared @ w[:, x.split.shared].T).view(-1)
+            w, x = w[:, x.split.rows], x.rows
+        return _linear_relu(x, w, bias)
 
-def bf16_experts(model: RankingModel) -> RankingModel:
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU."""
+    return torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+@torch.jit.script
+def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """oneDNN linear with relu as a post-op. Scripted, so a trace records the call: the tracer
+    cannot record the op's empty ``Scalar?[]`` argument by itself."""
+    scalars: list[int | float | complex | None] = []
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", scalars, "")
+
+
+def bf16_experts(model: RankingModel, fuse_relu: bool = True) -> RankingModel:
     """A copy of ``model`` whose expert banks run in bfloat16 (:class:`_Bf16Experts`); every
-    architecture's experts are :class:`~ranker.modules.ExpertBank`s, so this covers them all."""
+    architecture's experts are :class:`~ranker.modules.ExpertBank`s, so this covers them all.
+    ``fuse_relu=False``: the first layer's relu as a separate op (the engine before the fusion,
+    kept for ``bench/small_ops.py``)."""
     import copy
 
     twin = copy.deepcopy(model).eval()
@@ -111,15 +151,17 @@ def bf16_experts(model: RankingModel) -> RankingModel:
     for name, bank in banks:
         parent_name, _, attr = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
-        setattr(parent, attr, _Bf16Experts(bank))
+        setattr(parent, attr, _Bf16Experts(bank, fuse_relu))
     return twin
 
 
-def bf16_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:
+def bf16_scorer(
+    model: RankingModel, split: ColumnSplit | None = None, fuse_relu: bool = True
+) -> Scorer:
     """The expert layers in bfloat16 (:func:`bf16_experts`), traced and frozen like
     :func:`torchscript_scorer`: freezing folds the per-call weight reshapes and column selections
     into constants, copies that eager pays on every forward."""
-    return torchscript_scorer(bf16_experts(model), split)
+    return torchscript_scorer(bf16_experts(model, fuse_relu), split)
 
 
 def torchscript_scorer(model: RankingModel, split: ColumnSplit | None = None) -> Scorer:

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from ranker.modules import GateBank, SplitInput
+from ranker.modules import GateBank, SplitInput, softmax_short
 
 
 def code_bits(num_experts: int) -> int:
@@ -104,7 +104,7 @@ class DSelectGateBank(GateBank):
         s = smooth_step(logits[..., : k * m], self.gamma)
         s = s.unflatten(-1, (k, 1, m))  # (..., k, 1, m)
         r = torch.where(self.codes, s, 1.0 - s).prod(-1)  # (..., k, 2^m)
-        return r, torch.softmax(logits[..., k * m :], dim=-1)
+        return r, softmax_short(logits[..., k * m :])  # k selectors: a short dim
 
     def forward(self, x: Tensor | SplitInput) -> Tensor:
         """``x (B, In)`` (or split) or ``(B, G, In)`` -> gate weights ``(B, G, E)``."""

@@ -42,12 +42,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.pcgrad import visiting_orders
 
 
 class GradvacConfig(GradientConfigBase):
@@ -123,10 +123,7 @@ class Gradvac(GradientWeighting):
 
     def orders(self, n: int) -> list[list[int]]:
         """This step's random visiting order of the other tasks, one list per task."""
-        rng = np.random.default_rng([self.config.seed, int(self.step)])
-        return [
-            [int(j) for j in rng.permutation([k for k in range(n) if k != i])] for i in range(n)
-        ]
+        return visiting_orders(self.config.seed, int(self.step), n)
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         orders = self.orders(grads.shape[0])

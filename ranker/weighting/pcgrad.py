@@ -85,6 +85,13 @@ def project_conflicting(grads: Tensor, orders: list[list[int]]) -> tuple[Tensor,
     return coef.to(grads) @ grads, coef
 
 
+def visiting_orders(seed: int, step: int, n: int) -> list[list[int]]:
+    """A random order of the other tasks for each of ``n`` tasks, drawn from ``(seed, step)``
+    alone, so that a resumed run visits them in the same orders (PCGrad, GradVac)."""
+    rng = np.random.default_rng([seed, step])
+    return [[int(j) for j in rng.permutation([k for k in range(n) if k != i])] for i in range(n)]
+
+
 @register("pcgrad")
 class Pcgrad(GradientWeighting):
     """Sum of the task gradients after projecting out their pairwise conflicts."""
@@ -98,10 +105,7 @@ class Pcgrad(GradientWeighting):
 
     def orders(self, n: int) -> list[list[int]]:
         """This step's random visiting order of the other tasks, one list per task."""
-        rng = np.random.default_rng([self.config.seed, int(self.step)])
-        return [
-            [int(j) for j in rng.permutation([k for k in range(n) if k != i])] for i in range(n)
-        ]
+        return visiting_orders(self.config.seed, int(self.step), n)
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         orders = self.orders(grads.shape[0])
