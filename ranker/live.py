@@ -417,6 +417,9 @@ class Totals:
             self.ref = np.insert(self.ref, at, np.nan)
         pos = np.searchsorted(self.keys, key)
         imp = events.impressions[ok]
+        # An impression, before any decay: one far older than the reference time decays to 0
+        # but is still the entity's latest impression when nothing newer was shown.
+        shown = imp > 0
         vals = events.values[ok][:, event_index]
         if self.tau is not None:
             # Sums decayed to a reference time per entity: move it to the newest event, decay
@@ -434,7 +437,6 @@ class Totals:
             self.ref[u] = ref
         np.add.at(self.imp, pos, imp)
         np.add.at(self.vals, pos, vals)
-        shown = imp > 0
         t = np.where(np.isnan(self.last_time), -np.inf, self.last_time)
         np.maximum.at(t, pos[shown], events.times[ok][shown])
         self.last_time = np.where(np.isfinite(t), t, np.nan)

@@ -113,7 +113,10 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         ok, detail = await model.store.ready()  # warms the store; a fault only degrades
         (log.info if ok else log.warning)("feature store %s: %s", model.store.name, detail)
         if model.live is not None:
-            log.info("%s, built from %s", model.live.describe(), model.artifact.config.data.log)
+            if getattr(model.live, "remote", False):
+                log.info("%s", model.live.describe())
+            else:
+                log.info("%s, built from %s", model.live.describe(), model.artifact.config.data.log)
         # Start-up objects live as long as the process: keep them out of the collector's scans,
         # which otherwise cause multi-millisecond pauses on the request path.
         gc.collect()
@@ -235,6 +238,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
             404: {"model": Problem, "description": "the served model has no live counters"},
+            503: {"model": Problem, "description": "Redis did not take the events; retry"},
             413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
         },
@@ -256,7 +260,16 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             values=np.fromiter((e.value for e in ev), np.float64, len(ev)),
             contexts=[e.context for e in ev],
         )
-        accepted, duplicates = state.model.live.ingest(batch)
+        live = state.model.live
+        if getattr(live, "remote", False):  # counters in Redis (service/redis_live.py)
+            from service.redis_live import CountersUnavailable
+
+            try:
+                accepted, duplicates = await live.ingest_async(batch)  # type: ignore[attr-defined]
+            except CountersUnavailable as e:
+                raise HTTPException(503, str(e)) from None
+        else:
+            accepted, duplicates = live.ingest(batch)
         return EventsResponse(accepted=accepted, duplicates=duplicates)
 
     @app.get("/healthz", response_model=Health)

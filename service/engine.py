@@ -104,16 +104,32 @@ class ServingModel:
             store = InProcessStore.from_tables(
                 artifact.config, artifact.encoder, settings.users, settings.videos
             )
-        return cls(artifact, make_predictor(artifact, settings), store, live=live_state(artifact))
+        live = live_state(artifact, None, store, settings)
+        return cls(artifact, make_predictor(artifact, settings), store, live=live)
 
 
-def live_state(artifact: Artifact, current: LiveState | None = None) -> LiveState | None:
+def live_state(
+    artifact: Artifact,
+    current: LiveState | None = None,
+    store: FeatureStore | None = None,
+    settings: Settings | None = None,
+) -> LiveState | None:
     """The live counters' state a model needs: ``current`` when it counts the same things (a
     reload keeps the events received so far), else built from the training log; ``None`` for
-    a model without ``[live]``."""
+    a model without ``[live]``. With the Redis feature store the state is Redis's, shared by
+    every worker and replica (``service/redis_live.py``)."""
     config = artifact.config
     if config.live is None:
         return None
+    if store is not None and store.name == "redis":
+        from service.redis_live import RedisLiveState
+
+        params = artifact.encoder.live
+        if settings is None:
+            return RedisLiveState(config, params, store)  # type: ignore[arg-type]
+        return RedisLiveState(  # type: ignore[arg-type]
+            config, params, store, settings.live_state_ttl_s, settings.live_event_id_ttl_s
+        )
     if current is not None and current.config.live == config.live:
         current.params = artifact.encoder.live  # the new model's priors and statistics
         return current
@@ -261,8 +277,12 @@ async def rank(
     request's time in the log's unit, for live counters (default: the clock)."""
     t0 = time.perf_counter()
     ctx, unknown = model.context(context)
-    lookup = await model.store.lookup(user_id, video_ids)
-    if model.live is not None:
+    if getattr(model.live, "remote", False):  # counters in Redis: read in the features' MGET
+        counters = model.live.request(user_id, video_ids, context, now)  # type: ignore[union-attr]
+        lookup = await model.store.lookup(user_id, video_ids, counters)  # type: ignore[call-arg]
+    else:
+        lookup = await model.store.lookup(user_id, video_ids)
+    if model.live is not None and not getattr(model.live, "remote", False):
         lookup.live, lookup.user_has_state = model.live.features(user_id, video_ids, context, now)
     t1 = time.perf_counter()
     if forward_thread:

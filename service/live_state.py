@@ -23,8 +23,11 @@ from ranker.config import Config
 from ranker.errors import RequestError
 from ranker.live import (
     _NULL,
+    Counts,
+    Events,
     OfflineCounters,
     Totals,
+    VideoAttributes,
     event_index,
     make_events,
     raw_features,
@@ -51,13 +54,17 @@ class LiveState:
     """Every counter's current totals, the videos' key attributes and the recent event ids."""
 
     def __init__(self, config: Config, params: dict[str, Any], logs: list[Path]) -> None:
+        offline = OfflineCounters(config, logs)
+        self._setup(config, params, offline.attrs)
+        self.totals: list[Totals] = [c.totals() for c in offline.counters]
+
+    def _setup(self, config: Config, params: dict[str, Any], attrs: VideoAttributes) -> None:
+        """What encoding requests and decoding events needs, wherever the totals live."""
         assert config.live is not None
         self.config = config
         self.live = config.live
         self.params = params
-        offline = OfflineCounters(config, logs)
-        self.attrs = offline.attrs
-        self.totals: list[Totals] = [c.totals() for c in offline.counters]
+        self.attrs = attrs
         self.index = [event_index(self.live, c) for c in self.live.counters]
         self.names = [e.name for e in self.live.events]
         self.context_keys = [
@@ -99,10 +106,22 @@ class LiveState:
     ) -> tuple[np.ndarray, bool]:
         """Standardised counter columns ``(n, width)`` for one request's candidates, and
         whether the user had any impression in the state."""
+        ev = self.request_events(user_id, video_ids, context, now)
+        counts = [tot.current(*ev.entity(tot.spec), ev.times) for tot in self.totals]
+        return self.encode(counts, ev.times)
+
+    def request_events(
+        self,
+        user_id: int,
+        video_ids: np.ndarray,
+        context: dict[str, ContextValue],
+        now: float | None,
+    ) -> Events:
+        """One request's candidates as (empty) events: their entity keys and the request time."""
         n = len(video_ids)
         t = float(now) if now is not None else time.time() / self.config.data.time_unit_s
         ctx = {k: np.repeat(self._context_column(k, [context]), n) for k in self.context_keys}
-        ev = make_events(
+        return make_events(
             self.live,
             np.full(n, t),
             np.full(n, user_id, np.int64),
@@ -112,8 +131,11 @@ class LiveState:
             np.zeros((n, len(self.names))),
             self.attrs,
         )
-        counts = [tot.current(*ev.entity(tot.spec), ev.times) for tot in self.totals]
-        raw = raw_features(self.live, self.params, counts, ev.times, self.config.data.time_unit_s)
+
+    def encode(self, counts: list[Counts], times: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Standardised columns from every counter's counts, and whether the user had any
+        impression (a ``user``-keyed counter with impressions)."""
+        raw = raw_features(self.live, self.params, counts, times, self.config.data.time_unit_s)
         user_seen = any(
             c.keys == ["user"] and len(cnt.impressions) and cnt.impressions[0] > 0
             for c, cnt in zip(self.live.counters, counts, strict=True)
@@ -122,12 +144,7 @@ class LiveState:
 
     def ingest(self, batch: EventBatch) -> tuple[int, int]:
         """Adds the events not seen before (by id); returns ``(accepted, duplicates)``."""
-        for i, typ in enumerate(batch.types):
-            if typ != "impression" and typ not in self.names:
-                raise RequestError(
-                    f"events.{i}.type: unknown event type {typ!r}; "
-                    f"known: {['impression', *self.names]}"
-                )
+        self.check_types(batch)
         fresh = []
         batch_ids: set[str] = set()
         for i, eid in enumerate(batch.ids):
@@ -136,29 +153,41 @@ class LiveState:
                 batch_ids.add(eid)
         keep = np.asarray(fresh, np.int64)
         if len(keep):
-            types = [batch.types[i] for i in fresh]
-            imp = np.asarray([t == "impression" for t in types], np.float64)
-            values = np.zeros((len(keep), len(self.names)))
-            col = np.asarray([self.names.index(t) if t in self.names else -1 for t in types])
-            rows = np.flatnonzero(col >= 0)
-            values[rows, col[rows]] = batch.values[keep][rows]
-            contexts = [batch.contexts[i] for i in fresh]
-            ctx = {k: self._context_column(k, contexts) for k in self.context_keys}
-            ev = make_events(
-                self.live,
-                batch.times[keep],
-                batch.users[keep],
-                batch.videos[keep],
-                ctx,
-                imp,
-                values,
-                self.attrs,
-            )
+            ev = self.batch_events(batch, keep)
             for tot, idx in zip(self.totals, self.index, strict=True):
                 tot.add(ev, idx)
             self._remember([batch.ids[i] for i in fresh])
             self.events += len(keep)
         return len(keep), len(batch.ids) - len(keep)
+
+    def check_types(self, batch: EventBatch) -> None:
+        for i, typ in enumerate(batch.types):
+            if typ != "impression" and typ not in self.names:
+                raise RequestError(
+                    f"events.{i}.type: unknown event type {typ!r}; "
+                    f"known: {['impression', *self.names]}"
+                )
+
+    def batch_events(self, batch: EventBatch, keep: np.ndarray) -> Events:
+        """The ``keep`` rows of a batch as counter events (values in their event's column)."""
+        types = [batch.types[i] for i in keep.tolist()]
+        imp = np.asarray([t == "impression" for t in types], np.float64)
+        values = np.zeros((len(keep), len(self.names)))
+        col = np.asarray([self.names.index(t) if t in self.names else -1 for t in types])
+        rows = np.flatnonzero(col >= 0)
+        values[rows, col[rows]] = batch.values[keep][rows]
+        contexts = [batch.contexts[i] for i in keep.tolist()]
+        ctx = {k: self._context_column(k, contexts) for k in self.context_keys}
+        return make_events(
+            self.live,
+            batch.times[keep],
+            batch.users[keep],
+            batch.videos[keep],
+            ctx,
+            imp,
+            values,
+            self.attrs,
+        )
 
     def _remember(self, ids: list[str]) -> None:
         self.seen.update(ids)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import hiredis
 import numpy as np
@@ -38,6 +39,9 @@ from ranker.features import Encoded, FeatureEncoder
 from service.entity_cache import EntityCache
 from service.settings import Settings
 from service.store import Lookup
+
+if TYPE_CHECKING:
+    from service.redis_live import CounterRequest
 
 log = logging.getLogger("ranker.service.redis")
 
@@ -225,7 +229,11 @@ class RedisStore:
             settings.feature_cache_entries,
         )
 
-    async def lookup(self, user_id: int, video_ids: np.ndarray) -> Lookup:
+    async def lookup(
+        self, user_id: int, video_ids: np.ndarray, counters: CounterRequest | None = None
+    ) -> Lookup:
+        """The user's and videos' features; with ``counters``, their live counter records ride
+        in the same MGET (``service/redis_live.py``) and fill ``Lookup.live``."""
         self.lookups += 1
         now = time.monotonic()
         if now < self._down_until:
@@ -233,7 +241,7 @@ class RedisStore:
         n = len(video_ids)
         try:
             async with asyncio.timeout(self.timeout_s):
-                plan, values = await self._fetch(user_id, video_ids)
+                plan, values, counted = await self._fetch(user_id, video_ids, counters)
         except TimeoutError:
             return self._down(n, f"Redis did not answer within {self._ms} ms")
         except (RedisConnectionError, OSError) as e:
@@ -245,6 +253,7 @@ class RedisStore:
         try:
             user, user_missing = plan.complete_user(values)
             videos, videos_missing = plan.complete_videos(values)
+            live, user_has_state = counters.decode(counted) if counters else (None, False)
         except (RankerError, pa.ArrowException, ValueError, TypeError) as e:
             # Records the encoder cannot read (a layout or type this model does not expect):
             # a store fault like any other, answered with the defaults.
@@ -254,20 +263,33 @@ class RedisStore:
             self._down_reason, self._down_until = None, 0.0
         if plan.version.problem is not None:
             self.degraded_lookups += 1
-        return Lookup(user, videos, bool(user_missing[0]), videos_missing, plan.version.problem)
+        return Lookup(
+            user,
+            videos,
+            bool(user_missing[0]),
+            videos_missing,
+            plan.version.problem,
+            live,
+            user_has_state,
+        )
 
-    async def _fetch(self, user_id: int, video_ids: np.ndarray) -> tuple[_Plan, list]:
-        """One MGET of the pointer and every record this process has not cached for the
-        version; more only when the version changed."""
+    async def _fetch(
+        self, user_id: int, video_ids: np.ndarray, counters: CounterRequest | None = None
+    ) -> tuple[_Plan, list, list]:
+        """One MGET of the pointer, every record this process has not cached for the version
+        and the request's counter records; more only when the version changed. Returns the
+        plan, the feature records and the counter records."""
+        extra = counters.keys if counters is not None else []
         version = self._version
         if version is None:
             version = await self._load(await self.client.get(self.keys.current))
         for _ in range(3):
             plan = _Plan(version, user_id, video_ids)
-            values = await self._mget([self.keys.current, *plan.keys])
+            values = await self._mget([self.keys.current, *plan.keys, *extra])
             if values[0] == version.id_bytes:
                 self._version = version
-                return plan, values[1:]
+                split = 1 + len(plan.keys)
+                return plan, values[1:split], values[split:]
             version = await self._load(values[0])
         raise StoreError("the current feature version changed three times during one request")
 

@@ -372,7 +372,7 @@ class Reloader:
         try:
             artifact = load_artifact(target, *parameter_limit(self.settings))
             store = store_for(artifact, current.model.store, self.settings)
-            live = live_state(artifact, current.model.live)
+            live = live_state(artifact, current.model.live, store, self.settings)
             return ServingModel(artifact, make_predictor(artifact, self.settings), store, live=live)
         except RankerError as e:
             self._refuse_model(target, str(e))

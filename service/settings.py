@@ -102,6 +102,17 @@ class Settings(BaseSettings):
         description="encoded users and videos kept per source and feature version (exact: a "
         "pushed version never changes); 0: fetch and encode every entity on every request",
     )
+    live_state_ttl_s: int = Field(
+        default=30 * 86400,
+        gt=0,
+        description="with Redis: a live counter's record not updated for this long expires",
+    )
+    live_event_id_ttl_s: int = Field(
+        default=86400,
+        gt=0,
+        description="with Redis: how long an event id is remembered (a retry within it counts "
+        "once)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"

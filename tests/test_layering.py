@@ -83,7 +83,17 @@ def test_entry_points_and_builtin_command_list_agree() -> None:
     assert all(v.endswith(":register") for v in declared.values())
 
 
-JOBS = {"generate", "train", "evaluate", "export", "serve", "push-features", "tune", "report"}
+JOBS = {
+    "generate",
+    "train",
+    "evaluate",
+    "export",
+    "serve",
+    "push-features",
+    "push-state",
+    "tune",
+    "report",
+}
 
 
 def subcommands() -> set[str]:

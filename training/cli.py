@@ -152,6 +152,36 @@ def cmd_push_features(a: argparse.Namespace) -> None:
         print(f"note: {source} columns of unsupported types were not pushed: {cols}")
 
 
+def cmd_push_state(a: argparse.Namespace) -> None:
+    import os
+
+    from ranker.artifact import load_artifact
+    from ranker.feature_store import DEFAULT_PREFIX, redact
+    from ranker.live_store import STATE_TTL_S
+    from training.push_state import push_state_files
+
+    url = a.redis_url or os.environ.get("RANKER_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    prefix = a.prefix or os.environ.get("RANKER_REDIS_PREFIX") or DEFAULT_PREFIX
+    config = load_artifact(Path(a.artifact)).config
+    if config.live is None:
+        raise RankerError(f"{a.artifact}: the model has no live counters ([live]): no state")
+    logs = [Path(p) for p in (a.log or [config.data.log])]
+    r = push_state_files(
+        url,
+        config,
+        logs,
+        prefix,
+        a.ttl_s or STATE_TTL_S,
+        a.batch_size,
+        progress=not a.quiet and sys.stderr.isatty(),
+    )
+    counts = ", ".join(f"{c} {n:,}" for c, n in r.entities.items())
+    print(
+        f"pushed live counter state from {', '.join(map(str, logs))} to {redact(url)} {prefix} "
+        f"({counts} entities) in {r.seconds:.2f}s: {r.per_second:,.0f} entities/s"
+    )
+
+
 def cmd_tune(a: argparse.Namespace) -> None:
     from training.tune import print_summary, run_tune
 
@@ -264,6 +294,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--quiet", action="store_true")
     add_overrides(f)
     f.set_defaults(func=cmd_push_features)
+
+    p = sub.add_parser(
+        "push-state", help="load live counter state from a log into Redis (every worker's)"
+    )
+    p.add_argument("--artifact", default="artifacts/default", help="the model whose counters")
+    p.add_argument(
+        "--log", action="append", help="Parquet log (repeatable); default: the artifact's data.log"
+    )
+    p.add_argument("--redis-url", help="default: RANKER_REDIS_URL, else redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", help="key prefix; default: RANKER_REDIS_PREFIX, else ranker:fs")
+    p.add_argument("--ttl-s", type=int, help="record TTL in seconds; default 30 days")
+    p.add_argument("--batch-size", type=int, default=5000, help="entities per pipelined round trip")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_push_state)
 
     u = sub.add_parser(
         "tune", help="choose ranking weights from a goal; Pareto plot of the trade-off"

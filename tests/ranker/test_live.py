@@ -14,6 +14,7 @@ from ranker.live import (
     Totals,
     VideoAttributes,
     combine_keys,
+    concat_events,
     decay_tau,
     event_index,
     make_events,
@@ -246,3 +247,28 @@ def test_session_index_finds_each_rows_session_start(case: int) -> None:
     sid = sessions(users, times, gap)
     want = np.array([times[sid == sid[i]].min() for i in range(n)])
     np.testing.assert_array_equal(SessionIndex(users, times, gap).start(users, times), want)
+
+
+@pytest.mark.parametrize("case", range(100))
+def test_an_impression_decayed_to_nothing_is_still_the_last_impression(case: int) -> None:
+    """Labels first (moving a decayed counter's reference time far ahead), then impressions
+    thousands of half-lives older: each is still the entity's latest impression, as offline."""
+    rng = np.random.default_rng(30_000 + case)
+    ev = random_log(rng, int(rng.integers(2, 60)))
+    ev.times = np.round(rng.uniform(0, 1e5, len(ev)))
+    spec = CounterSpec(name="fast", keys=["user"], events=["click"], half_life_s=0.5)
+    live = LiveConfig(events=LIVE.events, counters=[spec])
+    idx = event_index(live, spec)
+    rows = rng.permutation(len(ev))
+    labels = _take(ev, rows, only_value=0)
+    labels.times = labels.times + rng.uniform(1e3, 1e5)  # later than every impression
+    shown = _take(ev, rows, impressions_only=True)
+    tot = _no_totals(spec, idx)
+    tot.add(labels, idx)
+    tot.add(shown, idx)
+    want = PointInTime(spec, idx, concat_events([labels, shown])).totals()
+    ok = np.ones(len(want.keys), bool)
+    now = np.full(len(want.keys), labels.times.max())
+    np.testing.assert_array_equal(
+        tot.current(want.keys, ok, now).last_time, want.current(want.keys, ok, now).last_time
+    )
