@@ -19,9 +19,16 @@ def run_service(
     args: Sequence[str] = (),
     log_path: Path | None = None,
 ) -> Iterator[str]:
-    """Runs ``ranker serve`` with ``RANKER_*`` settings (one torch thread unless ``env`` says
-    otherwise) and extra CLI ``args``; yields its base URL once ready."""
-    with serve({"RANKER_THREADS": "1"} | env, args, log_path, timeout) as running:
+    """Runs ``ranker serve`` with ``RANKER_*`` settings and extra CLI ``args``; yields its base
+    URL once ready.
+
+    Unless ``env`` says otherwise: one torch thread, and the exact fp32 ``eager`` engine. The
+    service's default, ``auto``, serves whichever guard-admitted engine is fastest on the CPU
+    at hand (bf16 expert layers where there are bf16 matrix units, within 5e-3 of fp32), so
+    tests that compare served numbers with the offline fp32 path or with another process pin
+    the engine; the tests of ``auto`` set it explicitly."""
+    defaults = {"RANKER_THREADS": "1", "RANKER_BACKEND": "eager"}
+    with serve(defaults | env, args, log_path, timeout) as running:
         yield running.url
 
 

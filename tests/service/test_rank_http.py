@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.service.conftest import run_service
+
 pytestmark = pytest.mark.slow
 
 
@@ -106,22 +108,28 @@ def test_health_readiness_and_docs(service_url: str) -> None:
     assert httpx.get(f"{service_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service_url}/readyz").json()
     assert ready["ready"] is True and ready["store"] == "in-process"
-    # RANKER_BACKEND unset: auto chose an engine that passed its guard, and says so
+    assert httpx.get(f"{service_url}/docs").status_code == 200
+    spec = httpx.get(f"{service_url}/openapi.json").json()
+    assert "/v1/rank" in spec["paths"]
+
+
+def test_auto_says_which_engine_it_chose(tiny_artifact) -> None:  # noqa: ANN001
+    env = {"RANKER_ARTIFACT": str(tiny_artifact), "RANKER_BACKEND": "auto"}
+    with run_service(env) as url:
+        ready = httpx.get(f"{url}/readyz").json()
+        metrics = httpx.get(f"{url}/metrics").text
+    # auto chose an engine that passed its guard, and says so
     sel = ready["engine_selection"]
     assert ready["engine"] == sel["engine"] and ready["engine_ms"] == sel["ms"] > 0
     trials = {t["engine"]: t for t in sel["trials"]}
     assert trials[ready["engine"]]["admitted"] and "eager" in trials
     assert sel["sample_requests"] > 0 and sel["threads"] == 1
-    metrics = httpx.get(f"{service_url}/metrics").text
     version = ready["model_version"]
     assert (
         f'ranker_engine_info{{engine="{ready["engine"]}",selected_by="auto",version="{version}"}} 1.0'
         in metrics
     )
     assert f'ranker_engine_sample_forward_seconds{{engine="{ready["engine"]}"' in metrics
-    assert httpx.get(f"{service_url}/docs").status_code == 200
-    spec = httpx.get(f"{service_url}/openapi.json").json()
-    assert "/v1/rank" in spec["paths"]
 
 
 def visible_text(html: str) -> str:
