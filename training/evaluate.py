@@ -281,6 +281,7 @@ COLUMNS = (
     "xauc",
 )
 HEADERS = {"gauc_session": "sgauc"}
+CELL_WIDTH = 11  # the longest header, rmse_log1p, and a space
 
 
 def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> dict[str, Any]:
@@ -305,18 +306,19 @@ def reliability(config: Config, p: Predictions, path: Path, bins: int = 10) -> d
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
     """A fixed-width table, one row per head; blank where a metric does not apply."""
-    head = f"{'head':<12}" + "".join(f"{HEADERS.get(c, c):>10}" for c in COLUMNS)
+    w = CELL_WIDTH
+    head = f"{'head':<12}" + "".join(f"{HEADERS.get(c, c):>{w}}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for task, m in metrics.items():
         cells = []
         for c in COLUMNS:
             v = m.get(c)
             if v is None:
-                cells.append(f"{'':>10}")
+                cells.append(f"{'':>{w}}")
             elif c == "count":
-                cells.append(f"{int(v):>10d}")
+                cells.append(f"{int(v):>{w}d}")
             else:
-                cells.append(f"{v:>10.4f}")
+                cells.append(f"{v:>{w}.4f}")
         lines.append(f"{task:<12}" + "".join(cells))
     return "\n".join(lines)
 
