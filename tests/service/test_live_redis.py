@@ -63,23 +63,29 @@ def _decayed_config(world: Path, tmp: Path, log: Path) -> Config:
 
 
 def _random_batch(rng: np.random.Generator, n: int, users: np.ndarray, videos: np.ndarray,
-                  t0: float, k: int) -> EventBatch:  # fmt: skip
-    """Random events: out of order, repeated times, gaps from none to weeks, duplicate ids
-    within and across batches, unknown users and videos, missing contexts."""
+                  t0: float, k: int, previous: EventBatch | None = None) -> EventBatch:  # fmt: skip
+    """Random events: out of order, repeated times, gaps from none to weeks, retried events
+    (an earlier event of this batch or of ``previous`` sent again, id and all) within and
+    across batches, unknown users and videos, missing contexts."""
     span = rng.choice([1.0, 600.0, 86400.0 * 14])
     times = t0 + np.round(rng.uniform(-span, span, n), rng.integers(0, 3))
-    types = rng.choice(["impression", "click", "like", "watch_seconds"], n).tolist()
-    ids = [f"e{k}.{i}" if rng.random() > 0.1 else f"e{max(k - 1, 0)}.{i}" for i in range(n)]
-    ctx = [{"hour": int(h)} if h >= 0 else {} for h in rng.integers(-3, 24, n)]
-    return EventBatch(
-        ids=ids,
+    batch = EventBatch(
+        ids=[f"e{k}.{i}" for i in range(n)],
         users=rng.choice(np.r_[users[:20], [10**12]], n),
         videos=rng.choice(np.r_[videos[:30], [10**12]], n),
-        types=types,
+        types=rng.choice(["impression", "click", "like", "watch_seconds"], n).tolist(),
         times=times,
         values=np.round(rng.exponential(30.0, n), 3),
-        contexts=ctx,
+        contexts=[{"hour": int(h)} if h >= 0 else {} for h in rng.integers(-3, 24, n)],
     )
+    for i in range(n):
+        if rng.random() > 0.1:
+            continue
+        src, j = (previous, int(rng.integers(len(previous.ids)))) if previous and rng.random() < 0.5 else (batch, int(rng.integers(i + 1)))  # fmt: skip
+        batch.ids[i], batch.types[i], batch.contexts[i] = src.ids[j], src.types[j], src.contexts[j]
+        batch.users[i], batch.videos[i] = src.users[j], src.videos[j]
+        batch.times[i], batch.values[i] = src.times[j], src.values[j]
+    return batch
 
 
 # Requests weeks before a 60 s half-life counter's reference time overflow exp() in both
@@ -108,10 +114,10 @@ def test_redis_state_gives_the_in_process_features_over_random_events(
         async def run() -> int:
             store = RedisStore(Redis(port=server.port), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
             remote = RedisLiveState(cfg, params, store)
-            checked = 0
+            checked, batch = 0, None
             for k in range(300):
                 t = t_end + k * rng.choice([1.0, 30.0, 3600.0])
-                batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k)
+                batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k, batch)
                 assert await remote.ingest_async(batch) == local.ingest(batch)
                 user = int(rng.choice(np.r_[users[:20], [10**12]]))
                 cand = rng.choice(np.r_[videos[:30], [10**12]], int(rng.integers(1, 12)))
