@@ -331,7 +331,7 @@ class RedisStore:
             version = await self._load(await self.client.get(self.keys.current))
         for _ in range(3):
             plan = _Plan(version, user_id, video_ids)
-            values = await self._read([self.keys.current, *plan.keys, *extra])
+            values = await self.read([self.keys.current, *plan.keys, *extra])
             if values[0] == version.id_bytes:
                 split = 1 + len(plan.keys)
                 records = values[1:split]
@@ -343,7 +343,7 @@ class RedisStore:
             version = await self._load(values[0])
         raise StoreError("the current feature version changed three times during one request")
 
-    async def _read(self, keys: list[str]) -> list[bytes | None]:
+    async def read(self, keys: list[str]) -> list[bytes | None]:
         """The values of ``keys`` in one round trip: one MGET on a single node (atomic); on a
         cluster one MGET per hash slot, pipelined per node, the nodes in parallel."""
         if self.cluster:
@@ -436,4 +436,7 @@ class RedisStore:
         return True, detail
 
     async def close(self) -> None:
-        await self.client.aclose(close_connection_pool=True)
+        if self.cluster:
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
