@@ -9,8 +9,8 @@ key keeps two pushes from interleaving (one's clean-up would delete the other's 
 Layout: :mod:`ranker.feature_store` and ``docs/feature-store.md``.
 
 The same code writes to one Redis node or to a Redis Cluster (:func:`connect` picks the client):
-records go out in pipelines that redis-py's cluster client splits per node (``MSET`` on one
-node; one ``SET`` per key on a cluster, where keys of different slots cannot share a command);
+records go out in one pipeline per node and batch (``MSET`` on one node; one ``SET`` per key
+on a cluster, where keys of different slots cannot share a command; :func:`write_many`);
 the fixed keys share one hash slot, so the switch stays one ``MULTI``; clean-up scans every
 master.
 """
@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from tqdm import tqdm
 
 from ranker.config import Source
@@ -96,17 +97,36 @@ def primaries(client: Client) -> list[redis.Redis]:
     return [client]
 
 
-def set_many(pipe: redis.client.Pipeline, items: dict[str, bytes], ex: int | None = None) -> None:
-    """Queues ``items`` on a non-transactional pipeline: ``MSET`` in chunks on one node; one
-    ``SET`` per key on a cluster, whose pipeline groups them per node (keys of different
-    slots cannot share a command there). With ``ex``, one ``SET ... EX`` per key on both."""
-    if ex is not None or isinstance(pipe, redis.cluster.ClusterPipeline):
+def write_many(client: Client, items: dict[str, bytes], ex: int | None = None) -> None:
+    """Writes ``items`` in one round trip per node: on one node a pipeline of ``MSET`` chunks
+    (``SET ... EX`` per key with ``ex``); on a cluster the keys grouped by the node serving
+    their slot (redis-py's slot map) and one plain pipeline of ``SET``s per node. redis-py's
+    cluster pipeline would route each command through its policy machinery in Python, about
+    ten times slower here (``bench/feature_store.py --cluster``). A slot that moved during the
+    push answers MOVED and fails the push, which is safe to rerun."""
+    if is_cluster(client):
+        nodes: dict[str, tuple[redis.Redis, dict[str, bytes]]] = {}
+        for k, v in items.items():
+            node = client.nodes_manager.get_node_from_slot(key_slot(k.encode()))
+            if node.name not in nodes:
+                nodes[node.name] = (client.get_redis_connection(node), {})
+            nodes[node.name][1][k] = v
+        for conn, part in nodes.values():
+            _pipeline(conn, part, ex, mset=False)
+        return
+    _pipeline(client, items, ex, mset=ex is None)
+
+
+def _pipeline(client: redis.Redis, items: dict[str, bytes], ex: int | None, mset: bool) -> None:
+    pipe = client.pipeline(transaction=False)
+    if mset:
+        keys = list(items)
+        for k0 in range(0, len(keys), MSET_KEYS):
+            pipe.mset({k: items[k] for k in keys[k0 : k0 + MSET_KEYS]})
+    else:
         for k, v in items.items():
             pipe.set(k, v, ex=ex)
-        return
-    keys = list(items)
-    for k0 in range(0, len(keys), MSET_KEYS):
-        pipe.mset({k: items[k] for k in keys[k0 : k0 + MSET_KEYS]})
+    pipe.execute()
 
 
 class _Lock:
@@ -142,9 +162,7 @@ def _write_batch(client: Client, prefix: str, ids: np.ndarray, records: np.ndarr
     size = records.dtype.itemsize
     buf = records.tobytes()
     keys = [prefix + s for s in map(str, ids.tolist())]
-    pipe = client.pipeline(transaction=False)
-    set_many(pipe, {k: buf[j * size : (j + 1) * size] for j, k in enumerate(keys)})
-    pipe.execute()
+    write_many(client, {k: buf[j * size : (j + 1) * size] for j, k in enumerate(keys)})
     return len(keys)
 
 
@@ -171,10 +189,16 @@ def _write_source(
             bar.update(n)
 
 
-def _unlink(client: Client, keys: list[bytes]) -> None:
-    """UNLINK by slot on a cluster (redis-py splits a multi-key UNLINK per slot), at once on a
-    single node."""
-    client.unlink(*keys)
+def _unlink(node: redis.Redis, keys: list[bytes], cluster: bool) -> None:
+    """UNLINKs keys a node holds: one multi-key UNLINK on a single node; on a cluster node,
+    where a multi-key command must stay in one slot, one UNLINK per key in one pipeline."""
+    if not cluster:
+        node.unlink(*keys)
+        return
+    pipe = node.pipeline(transaction=False)
+    for k in keys:
+        pipe.unlink(k)
+    pipe.execute()
 
 
 def remove_versions(client: Client, keys: Keys, keep: set[str]) -> list[str]:
@@ -184,6 +208,7 @@ def remove_versions(client: Client, keys: Keys, keep: set[str]) -> list[str]:
     registered = {v.decode() for v in client.zrange(keys.versions, 0, -1)}
     doomed: set[str] = set()
     batch: list[bytes] = []
+    cluster = is_cluster(client)
     for node in primaries(client):
         for key in node.scan_iter(match=keys.scan_pattern(), count=10_000):
             v = keys.version_of(key.decode(errors="replace"))
@@ -191,10 +216,11 @@ def remove_versions(client: Client, keys: Keys, keep: set[str]) -> list[str]:
                 doomed.add(v)
                 batch.append(key)
                 if len(batch) >= 10_000:
-                    _unlink(client, batch)
+                    _unlink(node, batch, cluster)
                     batch.clear()
-    if batch:
-        _unlink(client, batch)
+        if batch:
+            _unlink(node, batch, cluster)
+            batch.clear()
     doomed |= registered - keep
     if doomed:
         client.zrem(keys.versions, *doomed)

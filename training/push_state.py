@@ -22,7 +22,7 @@ from ranker.errors import StoreError
 from ranker.feature_store import check_prefix, redact
 from ranker.live import OfflineCounters
 from ranker.live_store import STATE_TTL_S, counter_prefix, pack_totals, record_keys
-from training.push import Client, connect, set_many
+from training.push import Client, connect, write_many
 
 
 @dataclass
@@ -61,11 +61,8 @@ def push_state(
                 stop = min(start + batch_size, len(tot))
                 buf = records[start:stop].tobytes()
                 keys = record_keys(key_prefix, tot.keys[start:stop].tolist())
-                pipe = client.pipeline(transaction=False)
-                set_many(
-                    pipe, {k: buf[j * width : (j + 1) * width] for j, k in enumerate(keys)}, ttl_s
-                )
-                pipe.execute()
+                items = {k: buf[j * width : (j + 1) * width] for j, k in enumerate(keys)}
+                write_many(client, items, ttl_s)
                 bar.update(stop - start)
             written[tot.spec.name] = len(tot)
     return StateResult(written, time.perf_counter() - t0)
