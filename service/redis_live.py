@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ranker.config import Config
 from ranker.errors import RankerError
@@ -234,7 +234,7 @@ class RedisLiveState(LiveState):
                 f"live counters: Redis {self.store.where} did not take the events within "
                 f"{budget:g} s; retry the batch (ids make it safe)"
             ) from None
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where}: {type(e).__name__}: {e}; "
                 f"retry the batch (ids make it safe)"

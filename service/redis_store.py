@@ -45,7 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ranker.config import Source
 from ranker.errors import ConfigError, RankerError, StoreError
@@ -295,7 +295,7 @@ class RedisStore:
             return self._down(n, f"Redis did not answer within {self._ms} ms")
         except (RedisConnectionError, OSError) as e:
             return self._down(n, f"Redis unreachable: {type(e).__name__}: {e}")
-        except RedisError as e:
+        except (RedisError, RedisClusterException) as e:  # the latter: no node for a slot
             return self._down(n, f"Redis error: {type(e).__name__}: {e}")
         except StoreError as e:  # the server answered: no cool-down, the next request retries
             return self._fallback(n, str(e))
@@ -353,7 +353,7 @@ class RedisStore:
             return await self._mget(keys)
         try:
             return await self._per_node(keys)
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             # A moved slot, a node down, a cluster failing over: redis-py's own cluster read
             # (per-slot MGETs on its pipeline), which follows redirections and refreshes the
             # slot map; the next request takes the fast path on the new map.
@@ -479,7 +479,7 @@ class RedisStore:
                 version = await self._load(await self.client.get(self.keys.current))
         except TimeoutError:
             return False, f"{self.where}: no answer within {max(self.timeout_s, 1.0):g} s"
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             return False, f"{self.where}: unreachable: {type(e).__name__}: {e}"
         except StoreError as e:
             return False, f"{self.where}: {e}"
