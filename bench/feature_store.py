@@ -242,6 +242,29 @@ async def concurrent_lookups(
     return times * 1e6, n / wall, degraded
 
 
+async def cluster_reads(url: str, keys: list[list[str]], warmup: int) -> dict[str, np.ndarray]:
+    """The cluster read alone (no decoding), the store's per-node read against redis-py's
+    ``mget_nonatomic`` on the same keys, alternating lookup by lookup; microseconds."""
+    from service.redis_cluster import ClusterReader, cluster_client
+
+    client = cluster_client(url, 16, 2.0)
+    reader = ClusterReader(client)
+    ways = {
+        "per node, hiredis (the store's)": reader.per_node,
+        "redis-py mget_nonatomic": client.mget_nonatomic,
+    }
+    out = {name: np.empty(len(keys) - warmup) for name in ways}
+    for i, k in enumerate(keys):
+        for name, read in ways.items():
+            t = time.perf_counter()
+            values = await read(k)
+            if i >= warmup:
+                out[name][i - warmup] = (time.perf_counter() - t) * 1e6
+            assert values[0] is not None
+    await client.aclose()
+    return out
+
+
 def record_memory(client, keys: list[str]) -> float:  # noqa: ANN001 - redis.Redis / RedisCluster
     """Mean ``MEMORY USAGE`` (bytes, key and Redis's per-key overhead included) of ``keys``."""
     return float(np.mean([client.memory_usage(k, samples=0) for k in keys]))
@@ -253,7 +276,7 @@ def cluster_comparison(args: argparse.Namespace, users: pa.Table, videos: pa.Tab
     sys.path.insert(0, str(ROOT / "bench"))
     from machine import cpu_model
 
-    from ranker.feature_store import Keys
+    from ranker.feature_store import Keys, cluster_url
     from tests.conftest import RedisClusterNodes
     from training.push import connect, push_tables
 
@@ -278,6 +301,7 @@ def cluster_comparison(args: argparse.Namespace, users: pa.Table, videos: pa.Tab
     push_rows: dict[tuple[str, int], float] = {}
     lookup_rows: dict[tuple[str, int], tuple[np.ndarray, float, int]] = {}
     memory: dict[str, float] = {}
+    reads: dict[str, np.ndarray] = {}
     try:
         cluster.start()
         urls = {"single node": f"redis://127.0.0.1:{port}/0", "cluster 3+3": cluster.url()}
@@ -303,6 +327,13 @@ def cluster_comparison(args: argparse.Namespace, users: pa.Table, videos: pa.Tab
                 lookup_rows[name, c] = asyncio.run(
                     concurrent_lookups(url, encoder, user_ids, video_ids, c, args.warmup)
                 )
+            if name.startswith("cluster"):
+                vk, uk = k.entity(version, "video"), k.entity(version, "user")
+                keys = [
+                    [k.current, f"{uk}{user_ids[i]}", *(f"{vk}{v}" for v in video_ids[i].tolist())]
+                    for i in range(total)
+                ]
+                reads = asyncio.run(cluster_reads(cluster_url(url)[0], keys, args.warmup))
     finally:
         cluster.stop()
         proc.terminate()
@@ -329,6 +360,15 @@ def cluster_comparison(args: argparse.Namespace, users: pa.Table, videos: pa.Tab
     for (name, c), (t, rate, bad) in lookup_rows.items():
         p50, p99 = np.percentile(t, 50), np.percentile(t, 99)
         print(f"| {name} | {c} | {p50:,.0f} | {p99:,.0f} | {t.min():,.0f} | {rate:,.0f} | {bad} |")
+    print(
+        f"\nThe cluster read alone (pointer + user + {args.candidates} videos, no decoding), "
+        "the two ways alternating, microseconds\n"
+    )
+    print("| read | p50 | p99 | min |")
+    print("|---|---:|---:|---:|")
+    for what, t in reads.items():
+        p50, p99 = np.percentile(t, 50), np.percentile(t, 99)
+        print(f"| {what} | {p50:,.0f} | {p99:,.0f} | {t.min():,.0f} |")
     print("\nMEMORY USAGE, mean of 1,000 records (key, value and Redis's per-key overhead)\n")
     for what, b in memory.items():
         print(f"- {what}: {b:.0f} bytes")

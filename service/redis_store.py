@@ -10,9 +10,8 @@ push has switched versions: the store loads the new version's meta and reads aga
 second and third round trip, once per version and process).
 
 On a Redis Cluster (``redis+cluster://`` or ``RANKER_REDIS_CLUSTER=1``) the same lookup runs,
-but one MGET cannot span hash slots: the keys go out as one MGET per slot, grouped per node
-in one pipeline and the nodes asked in parallel (redis-py's ``mget_nonatomic`` on its asyncio
-cluster pipeline), so still one round trip, now per node. The pointer read in that round trip
+but one MGET cannot span hash slots: the keys go out grouped per node, one round trip per node,
+the nodes asked in parallel (``service/redis_cluster.py``). The pointer read in that round trip
 is no longer atomic with the records, and nothing needs it to be: a version's records are
 written before the pointer names it and never change, so every record *found* under ``N`` is
 ``N``'s. Only a record *missing* is ambiguous (an unknown entity, or version ``N`` removed by
@@ -38,12 +37,10 @@ from typing import TYPE_CHECKING
 import hiredis
 import numpy as np
 import pyarrow as pa
-from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -59,6 +56,7 @@ from ranker.feature_store import (
 )
 from ranker.features import Encoded, FeatureEncoder
 from service.entity_cache import EntityCache
+from service.redis_cluster import ClusterReader, cluster_client
 from service.settings import Settings
 from service.store import Lookup
 
@@ -211,7 +209,7 @@ class RedisStore:
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
-        self._slot_map_ready = False
+        self._cluster = ClusterReader(client) if isinstance(client, RedisCluster) else None
         self.cache_entries = cache_entries
         self.encoder = encoder
         self.keys = Keys(check_prefix(prefix))
@@ -235,21 +233,8 @@ class RedisStore:
         timeout_s = settings.redis_timeout_ms / 1000
         where = f"{redact(url)}{' (cluster)' if cluster else ''} {settings.redis_prefix}"
         if cluster:
-            try:
-                # Per node at most pool_size connections; no retries of its own beyond one on
-                # a fresh connection: the per-request timeout bounds a lookup, and a failover
-                # shows as degraded answers until the client has the new slot map.
-                client = RedisCluster.from_url(
-                    plain,
-                    max_connections=settings.redis_pool_size,
-                    socket_timeout=max(timeout_s, 1.0),
-                    socket_connect_timeout=max(timeout_s, 1.0),
-                    retry=Retry(NoBackoff(), 1),
-                )
-            except ValueError as e:
-                raise ConfigError(f"redis_url: invalid Redis URL {redact(url)}: {e}") from None
             return cls(
-                client,
+                cluster_client(plain, settings.redis_pool_size, timeout_s),
                 encoder,
                 settings.redis_prefix,
                 timeout_s,
@@ -348,63 +333,10 @@ class RedisStore:
 
     async def read(self, keys: list[str]) -> list[bytes | None]:
         """The values of ``keys`` in one round trip: one MGET on a single node (atomic); on a
-        cluster one round trip per node, the nodes in parallel (:meth:`_per_node`)."""
-        if not self.cluster:
-            return await self._mget(keys)
-        try:
-            return await self._per_node(keys)
-        except (RedisError, RedisClusterException, OSError):
-            # A moved slot, a node down, a cluster failing over: redis-py's own cluster read
-            # (per-slot MGETs on its pipeline), which follows redirections and refreshes the
-            # slot map; the next request takes the fast path on the new map.
-            self._slot_map_ready = False
-            return await self.client.mget_nonatomic(keys)
-
-    async def _per_node(self, keys: list[str]) -> list[bytes | None]:
-        """One ``GET`` per key, grouped by the node that serves its slot (redis-py's slot map)
-        and sent as one hiredis-packed buffer per node on one of its pooled connections; the
-        nodes are asked in parallel. redis-py's ``mget_nonatomic`` does the same grouping but
-        builds, routes and packs every per-slot command in Python and reads every reply through
-        its connection's timeout wrapper: several times slower for 500 keys (measured in
-        ``bench/feature_store.py --cluster``, the ``mget_nonatomic`` row). Any error
-        reply (MOVED, ASK, CLUSTERDOWN) or socket error raises, the connection is dropped."""
-        if not self._slot_map_ready:
-            await self.client.initialize()
-            self._slot_map_ready = True
-        nodes = self.client.nodes_manager
-        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
-        for i, k in enumerate(keys):
-            node = nodes.get_node_from_slot(key_slot(k.encode()))
-            groups.setdefault(node.name, (node, []))[1].append(i)
-        out: list[bytes | None] = [None] * len(keys)
-
-        async def ask(node: ClusterNode, index: list[int]) -> None:
-            packed = b"".join([hiredis.pack_command(("GET", keys[i])) for i in index])
-            conn = node.acquire_connection()
-            try:
-                await conn.send_packed_command(packed, check_health=False)
-                # The hiredis parser's own read: redis-py's Connection.read_response wraps each
-                # reply in a timeout scope and checks, about 20 us a reply, most of the time of
-                # 500 replies; the per-request timeout bounds the whole read instead.
-                parser = getattr(conn, "_parser", None)
-                read = (
-                    parser.read_response
-                    if isinstance(parser, _AsyncHiredisParser)
-                    else conn.read_response
-                )
-                for i in index:
-                    value = await read()
-                    if isinstance(value, Exception):  # an error reply: MOVED, ASK, CLUSTERDOWN
-                        raise value
-                    out[i] = value
-            except BaseException:
-                await conn.disconnect()  # replies may be left unread on it
-                raise
-            finally:
-                node.release(conn)
-
-        await asyncio.gather(*(ask(node, index) for node, index in groups.values()))
-        return out
+        cluster one round trip per node, the nodes in parallel (``service/redis_cluster.py``)."""
+        if self._cluster is not None:
+            return await self._cluster.read(keys)
+        return await self._mget(keys)
 
     async def _still_held(self, version: _Version) -> bool:
         """Whether ``version`` is still current or previous, hence not removed (the clean-up
