@@ -100,10 +100,10 @@ def primaries(client: Client) -> list[redis.Redis]:
 def write_many(client: Client, items: dict[str, bytes], ex: int | None = None) -> None:
     """Writes ``items`` in one round trip per node: on one node a pipeline of ``MSET`` chunks
     (``SET ... EX`` per key with ``ex``); on a cluster the keys grouped by the node serving
-    their slot (redis-py's slot map) and one plain pipeline of ``SET``s per node. redis-py's
-    cluster pipeline would route each command through its policy machinery in Python, about
-    ten times slower here (``bench/feature_store.py --cluster``). A slot that moved during the
-    push answers MOVED and fails the push, which is safe to rerun."""
+    their slot (redis-py's slot map) and one plain pipeline of ``SET``s per node, rather than
+    redis-py's cluster pipeline, which routes each command through its policy machinery in
+    Python. A slot that moved during the push answers MOVED and fails the push, which is safe
+    to rerun."""
     if is_cluster(client):
         nodes: dict[str, tuple[redis.Redis, dict[str, bytes]]] = {}
         for k, v in items.items():
