@@ -43,6 +43,24 @@ class Settings(BaseSettings):
         gt=0,
         description="refuse an artifact whose config describes a larger model, before building it",
     )
+    # 16: one worker's forward thread ranks 500 candidates in 3-6 ms, and a few requests must be
+    # in flight to keep it busy while others read bodies and wait on Redis (c=8 sustains the
+    # most, docs/performance.md); 16 in flight then queue at most ~16 forward passes, about
+    # 50-100 ms, before the 17th is refused (bench/overload.py measures both sides).
+    max_in_flight: int = Field(
+        default=16,
+        ge=0,
+        description="rank requests one worker serves at once; one more gets an immediate 503 "
+        "with Retry-After instead of a queue (service/overload.py); 0: no bound",
+    )
+    deadline_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=60_000,
+        description="time budget of every rank request from its arrival; past it the answer is "
+        "the candidates in request order with degraded: true (a request's "
+        "X-Request-Deadline-Ms header may set a shorter one); unset: no deadline",
+    )
     reload_interval_s: float = Field(
         default=0.0,
         ge=0,
