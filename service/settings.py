@@ -43,12 +43,13 @@ class Settings(BaseSettings):
         gt=0,
         description="refuse an artifact whose config describes a larger model, before building it",
     )
-    # 16: one worker's forward thread ranks 500 candidates in 3-6 ms, and a few requests must be
-    # in flight to keep it busy while others read bodies and wait on Redis (c=8 sustains the
-    # most, docs/performance.md); 16 in flight then queue at most ~16 forward passes, about
-    # 50-100 ms, before the 17th is refused (bench/overload.py measures both sides).
+    # 8: one worker ranks requests one at a time on its forward thread, and concurrency 8 is where
+    # it reaches its most requests/s (docs/performance.md): a few requests read bodies and wait
+    # on Redis while one computes. More in flight adds no throughput, only waiting: each request
+    # past the 8th waits one more forward pass (3-13 ms at 500 candidates), and at twice the
+    # sustainable rate an unbounded queue grew to seconds (bench/overload.py).
     max_in_flight: int = Field(
-        default=16,
+        default=8,
         ge=0,
         description="rank requests one worker serves at once; one more gets an immediate 503 "
         "with Retry-After instead of a queue (service/overload.py); 0: no bound",
