@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.allocator import GlibcMalloc
 from ranker.feature_store import DEFAULT_PREFIX
+
+log = logging.getLogger("ranker.service")
 
 
 class Settings(BaseSettings):
@@ -75,8 +78,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None,
         gt=0,
-        description="intra-op threads of torch and ONNX Runtime per worker; default: 1 "
-        "(default_threads)",
+        description="intra-op threads of torch and ONNX Runtime per worker; default: 1; never "
+        "more than the CPUs the process may use (affinity, cgroup quota: default_threads)",
     )
     forward_thread: bool = Field(
         default=True,
@@ -137,14 +140,37 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
 
-def default_threads(settings: Settings) -> int:
-    """Intra-op threads of each worker when ``RANKER_THREADS`` is unset: one.
+def default_threads(settings: Settings, cpus: int | None = None) -> int:
+    """Intra-op threads of each worker: one when ``RANKER_THREADS`` is unset, and never more
+    than the CPUs the process may use (``cpus``, default :func:`ranker.cpu.usable_cpus`: its
+    affinity and cgroup quota, not the host's core count).
 
     Left alone, torch and ONNX Runtime start one thread per core of the host. A forward pass over
     500 candidates is a few milliseconds of small matmuls; splitting it over threads gains little
     (one worker with two threads served 74-89k candidates/s, one thread per worker as much) and
     costs everything when another process takes a core: OpenMP threads spin at their barriers
     waiting for the descheduled one, and throughput fell 5-7x (c=1 p90 7 -> 107 ms,
-    docs/performance.md). Processes, not threads, use more cores: ``--workers`` up to
-    :func:`ranker.cpu.usable_cpus`. An explicit ``RANKER_THREADS`` wins."""
-    return settings.threads or 1
+    docs/performance.md). A start-up measurement cannot show more threads are safe: the
+    neighbour that takes a core comes later. Processes, not threads, use more cores:
+    ``--workers`` up to :func:`ranker.cpu.usable_cpus`. An explicit ``RANKER_THREADS`` wins up
+    to the usable CPUs; past them it is cut to them, with a warning (threads beyond the cores
+    a container may run on only wait for each other)."""
+    wanted = settings.threads or 1
+    if cpus is None:
+        from ranker.cpu import usable_cpus
+
+        cpus = usable_cpus()
+    if wanted > cpus:
+        if (wanted, cpus) not in _warned:
+            _warned.add((wanted, cpus))
+            log.warning(
+                "RANKER_THREADS=%d > %d usable CPUs (affinity, cgroup quota): %d threads",
+                wanted,
+                cpus,
+                cpus,
+            )
+        return cpus
+    return wanted
+
+
+_warned: set[tuple[int, int]] = set()
