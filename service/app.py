@@ -28,7 +28,12 @@ from service.engine import engine_line, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.live_state import EventBatch
 from service.observability import install_observability, note_ranked
-from service.overload import fallback_json, install_overload, rank_by_deadline
+from service.overload import (
+    DEADLINE_PARAMETER,
+    fallback_json,
+    install_overload,
+    rank_by_deadline,
+)
 from service.reload import Reloader, install_admin
 from service.respond import items_json, rank_response_json
 from service.schemas import (
@@ -182,7 +187,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}
                 },
-            }
+            },
+            "parameters": [DEADLINE_PARAMETER],
         },
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},

@@ -48,6 +48,15 @@ DEADLINE_HEADER = b"x-request-deadline-ms"
 MAX_DEADLINE_MS = 60_000.0  # a longer budget is no deadline: a client bug, refused by name
 # Where the middleware leaves the request's absolute deadline (time.perf_counter() seconds).
 DEADLINE_KEY = "ranker.deadline"
+# The header in the OpenAPI schema of POST /v1/rank (the middleware reads it, not FastAPI).
+DEADLINE_PARAMETER = {
+    "name": "X-Request-Deadline-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_MS},
+    "description": "time budget from arrival, ms: past it the candidates come back in request "
+    "order, degraded: true (RANKER_DEADLINE_MS, when set, caps it)",
+}
 ADMITTED_PATHS = frozenset({"/v1/rank"})  # what the bound applies to
 RETRY_AFTER_S = 1  # Retry-After is whole seconds (RFC 9110 10.2.3); one is the smallest hint
 
