@@ -54,7 +54,11 @@ EVENTS_PER_SCRIPT = 500  # events per atomic script call: bounds how long one ca
 
 class CountersUnavailable(RankerError):
     """Redis did not take the events (down, slow, an error): nothing or part was counted, and a
-    retry of the same batch counts each event once."""
+    retry of the same batch counts each event once. ``fresh``: which events were counted."""
+
+    def __init__(self, message: str, fresh: np.ndarray | None = None) -> None:
+        super().__init__(message)
+        self.fresh = fresh
 
 
 class CounterRequest:
@@ -176,21 +180,33 @@ class RedisLiveState(LiveState):
 
     async def ingest_async(self, batch: EventBatch) -> tuple[int, int]:
         """Counts the events not seen before (by id, on any worker); ``(accepted, duplicates)``."""
+        accepted = int((await self.ingest_fresh_async(batch)).sum())
+        return accepted, len(batch.ids) - accepted
+
+    async def ingest_fresh_async(self, batch: EventBatch) -> np.ndarray:
+        """Counts the events not seen before (by id, on any worker); which were (``(n,)``
+        bool). On a failure, :class:`CountersUnavailable` carries the ones counted so far."""
         calls = self.script_calls(batch)
         budget = max(self.store.timeout_s, 5.0)
-        accepted = 0
+        fresh = np.zeros(len(batch.ids), bool)
+        done = 0
         try:
             async with asyncio.timeout(budget):
                 for keys, args in calls:
-                    accepted += sum(await self.script(keys=keys, args=args))
+                    flags = await self.script(keys=keys, args=args)
+                    fresh[done : done + len(flags)] = np.asarray(flags, np.int64) > 0
+                    done += len(flags)
         except TimeoutError:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where} did not take the events within "
-                f"{budget:g} s; {accepted} counted so far, retry the batch (ids make it safe)"
+                f"{budget:g} s; {int(fresh.sum())} counted so far, retry the batch (ids make it "
+                "safe)",
+                fresh,
             ) from None
         except (RedisError, OSError) as e:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where}: {type(e).__name__}: {e}; "
-                f"{accepted} counted so far, retry the batch (ids make it safe)"
+                f"{int(fresh.sum())} counted so far, retry the batch (ids make it safe)",
+                fresh,
             ) from None
-        return accepted, len(batch.ids) - accepted
+        return fresh
