@@ -9,6 +9,11 @@ concurrency 1 (latency: what the ``put`` on the request path costs) and 8 (throu
 writer thread shares the process's CPU and GIL with the event loop). The rows the log wrote and
 dropped come from the service's ``/metrics``.
 
+On a busy shared machine the HTTP ratios drown in noise, so it also measures the two costs in
+this process, where they do not depend on the machine's load: the request path's part (one
+``ServiceLogs.exposed`` call: a record and a ``put_nowait``), and the writer thread's CPU time
+per request (building the Arrow table from a batch of records and writing it as Parquet).
+
     .venv/bin/python bench/exposure.py --artifact artifacts/default --requests 400
 
 Client, connections and bodies are ``bench/serve.py``'s.
@@ -34,6 +39,7 @@ from machine import cpu_model  # noqa: E402
 from serve import Connections, _get, replay, request_bodies  # noqa: E402
 
 from ranker.artifact import load_artifact  # noqa: E402
+from service.exposure_log import Exposure, ServiceLogs, exposure_table  # noqa: E402
 from service.launch import serve  # noqa: E402
 
 _ROWS = re.compile(
@@ -45,6 +51,41 @@ def log_rows(port: int) -> dict[str, float]:
     """``written`` and ``dropped`` exposure rows so far, from ``/metrics``."""
     _, text = _get(port, "/metrics")
     return {kind: float(v) for kind, v in _ROWS.findall(text.decode())}
+
+
+class _Nothing:
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+def in_process_costs(rows: int, directory: Path, n: int = 2000) -> tuple[float, float]:
+    """Microseconds per request: the request path's ``exposed`` call, and the writer's CPU
+    time (table and Parquet) per request, for requests that show ``rows`` videos."""
+    import pyarrow.parquet as pq
+
+    from service.exposure_log import LogCounters, Rotation
+
+    rng = np.random.default_rng(0)
+    heads = ["click", "watch_time", "like", "rating"]
+    ids, scores = rng.integers(0, 10**6, rows), rng.random(rows).astype(np.float32)
+    preds = {h: rng.random(rows).astype(np.float32) for h in heads}
+    ctx = {"device": "ios", "hour": 20}
+    nothing = LogCounters(lambda _: _Nothing(), lambda _: _Nothing(), lambda _: _Nothing())
+    logs = ServiceLogs(directory, Rotation(10**9, 1 << 40, 3600.0), n + 1, 10, nothing)
+    t0 = time.perf_counter()
+    for i in range(n):
+        logs.exposed(f"r{i}", 1.0, 7, ctx, ids, scores, preds, "m", "v", False, variant=None)
+    put_us = (time.perf_counter() - t0) / n * 1e6
+    logs.close()
+    records = [
+        Exposure(f"r{i}", 1.0, 7, ctx, ids, scores, preds, "m", "v", None, False) for i in range(n)
+    ]
+    c0 = time.thread_time()
+    for start in range(0, n, 100):  # batches as the writer takes them off a busy queue
+        table = exposure_table(records[start : start + 100])
+        pq.write_table(table, directory / f"bench-{start}.parquet")
+    write_us = (time.thread_time() - c0) / n * 1e6
+    return put_us, write_us
 
 
 def main() -> None:
@@ -103,6 +144,10 @@ def main() -> None:
                     sent += n
         time.sleep(0.5)
         rows_after = log_rows(ports["on"])
+        costs = {
+            rows: in_process_costs(rows, Path(tmp) / f"in-process-{rows}")
+            for rows in (10, args.candidates)
+        }
     print(f"CPU: {cpu_model()}; artifact {artifact.version}; {args.requests} requests per cell")
     print("command: " + " ".join([".venv/bin/python", "bench/exposure.py", *sys.argv[1:]]))
     print()
@@ -122,6 +167,9 @@ def main() -> None:
             )
     written = rows_after.get("written", 0.0) - rows_before.get("written", 0.0)
     dropped = rows_after.get("dropped", 0.0) - rows_before.get("dropped", 0.0)
+    print("\nin this process, microseconds per request (request path | writer thread CPU):")
+    for rows, (put_us, write_us) in costs.items():
+        print(f"  {rows} rows shown: exposed() {put_us:.1f} us | table + Parquet {write_us:.1f} us")
     print(f"\nexposure rows while measured: {written:.0f} written, {dropped:.0f} dropped "
           "(the rest pending in memory until its file rotates)")  # fmt: skip
 
