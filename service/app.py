@@ -25,13 +25,19 @@ from starlette.requests import ClientDisconnect
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from service.decode import decode_events_request, decode_rank_request
+from service.decode import RankInput, decode_events_request, decode_rank_request
 from service.docs_page import install_docs
 from service.engine import engine_line, rank
 from service.exposure_log import LogCounters, Rotation, ServiceLogs
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.live_state import EventBatch
 from service.observability import current_request_id, install_observability, note_ranked
+from service.overload import (
+    DEADLINE_PARAMETER,
+    fallback_json,
+    install_overload,
+    rank_by_deadline,
+)
 from service.reload import Reloader, install_admin
 from service.respond import items_json, rank_response_json
 from service.schemas import (
@@ -110,6 +116,34 @@ def _service_logs(app: FastAPI, settings: Settings) -> ServiceLogs | None:
             obs.exposure_written.labels,
             obs.exposure_failed.labels,
         ),
+    )
+
+
+def _log_exposure(
+    logs: ServiceLogs,
+    body: RankInput,
+    state: ServingState,
+    video_ids: np.ndarray,
+    scores: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    degraded: bool,
+    variant: str | None = None,
+) -> None:
+    """Queues what one response showed for the exposure log (a ``put``, never a wait)."""
+    logs.exposed(
+        current_request_id() or secrets.token_hex(16),
+        body.time
+        if body.time is not None
+        else time.time() / state.model.artifact.config.data.time_unit_s,
+        body.user_id,
+        body.context,
+        video_ids,
+        scores,
+        predictions,
+        state.model.version,
+        state.formula.version,
+        degraded,
+        variant=variant,
     )
 
 
@@ -212,12 +246,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}
                 },
-            }
+            },
+            "parameters": [DEADLINE_PARAMETER],
         },
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
             413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
+            503: {"model": Problem, "description": "RANKER_MAX_IN_FLIGHT reached; Retry-After"},
         },
     )
     async def rank_endpoint(request: Request, state: State) -> Response:
@@ -228,16 +264,33 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
-        r = await rank(
-            state.model,
-            state.formula,
-            body.user_id,
-            body.context,
-            ids,
-            body.top_k,
-            settings.forward_thread,
-            body.time,
+        r = await rank_by_deadline(
+            request.scope,
+            rank(
+                state.model,
+                state.formula,
+                body.user_id,
+                body.context,
+                ids,
+                body.top_k,
+                settings.forward_thread,
+                body.time,
+            ),
         )
+        if isinstance(r, str):  # the deadline passed first: answer now, unranked
+            request.app.state.overload.fallbacks.inc()
+            versions = {
+                "model_version": state.model.version,
+                "ranking_version": state.formula.version,
+            }
+            content = fallback_json(ids, body.top_k, versions, r)
+            if app.state.service_logs is not None:  # shown too: request order, no scores
+                shown = ids if body.top_k is None else ids[: body.top_k]
+                nan = np.full(len(shown), np.nan, np.float32)
+                _log_exposure(
+                    app.state.service_logs, body, state, shown, nan, {}, True, variant=None
+                )
+            return Response(content, media_type="application/json")
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1
@@ -254,20 +307,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             header["user_has_state"] = r.lookup.user_has_state
         items = items_json(r.video_ids, r.scores, r.predictions)
         response = Response(rank_response_json(header, items), media_type="application/json")
-        logs: ServiceLogs | None = app.state.service_logs
-        if logs is not None:
-            logs.exposed(
-                current_request_id() or secrets.token_hex(16),
-                body.time
-                if body.time is not None
-                else time.time() / state.model.artifact.config.data.time_unit_s,
-                body.user_id,
-                body.context,
+        if app.state.service_logs is not None:
+            _log_exposure(
+                app.state.service_logs,
+                body,
+                state,
                 r.video_ids,
                 r.scores,
                 r.predictions,
-                state.model.version,
-                state.formula.version,
                 header["degraded"],
                 variant=None,
             )
@@ -387,5 +434,6 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     install_docs(app)
     install_admin(app, settings)  # /admin/* only with RANKER_ADMIN_TOKEN
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_overload(app, settings)  # in-flight bound, deadlines: service/overload.py
     install_observability(app)  # last: its middleware is the outermost, /metrics is added
     return app

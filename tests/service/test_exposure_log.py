@@ -162,6 +162,15 @@ def test_events_are_logged_once_and_the_404_stays_without_a_log(
         r = httpx.post(f"{url}/v1/events", json={"events": bad})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "request_id"
         after = time.time()
+        # Past its deadline (a wait of 0 s: the ranking never ran) the request order is shown,
+        # and logged as shown: no scores, no predictions, degraded.
+        body = {"user_id": 1, "candidates": [{"video_id": v} for v in (5, 3, 9)], "top_k": 2}
+        late = httpx.post(f"{url}/v1/rank", json=body, headers={"X-Request-Deadline-Ms": "1e-6"})
+        assert late.status_code == 200 and late.json()["degraded"] is True
+    shown = read_log(tmp_path / "exposures", EXPOSURE_SCHEMA).to_pylist()
+    assert [(r["video_id"], r["position"]) for r in shown] == [(5, 0), (3, 1)]
+    assert all(np.isnan(r["score"]) and r["predictions"] == [] and r["degraded"] for r in shown)
+    assert {r["request_id"] for r in shown} == {late.headers["x-request-id"]}
     table = read_log(tmp_path / "events", EVENT_SCHEMA)
     rows = sorted(table.to_pylist(), key=lambda r: int(r["event_id"][1:]))
     assert [r["event_id"] for r in rows] == [e["event_id"] for e in events]
