@@ -5,8 +5,11 @@ Nothing is loaded at import time, so tests build apps with their own settings.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -22,12 +25,13 @@ from starlette.requests import ClientDisconnect
 import ranker
 from ranker.allocator import apply_glibc_malloc
 from ranker.errors import ArtifactError, ConfigError, RankerError, RequestError
-from service.decode import decode_events_request, decode_rank_request
+from service.decode import RankInput, decode_events_request, decode_rank_request
 from service.docs_page import install_docs
 from service.engine import engine_line, rank
+from service.exposure_log import LogCounters, Rotation, ServiceLogs
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.live_state import EventBatch
-from service.observability import install_observability, note_ranked
+from service.observability import current_request_id, install_observability, note_ranked
 from service.overload import (
     DEADLINE_PARAMETER,
     fallback_json,
@@ -92,6 +96,57 @@ def _loc(field: str) -> list[str | int]:
     return [int(p) if p.isdigit() else p for p in field.split(".")]
 
 
+def _service_logs(app: FastAPI, settings: Settings) -> ServiceLogs | None:
+    """The exposure and event logs when ``RANKER_EXPOSURE_DIR`` is set, counting into the app's
+    metrics."""
+    if settings.exposure_dir is None:
+        return None
+    obs = app.state.observability
+    return ServiceLogs(
+        settings.exposure_dir,
+        Rotation(
+            settings.exposure_rotate_rows,
+            settings.exposure_rotate_bytes,
+            settings.exposure_rotate_s,
+        ),
+        settings.exposure_queue_size,
+        settings.exposure_event_ids,
+        LogCounters(
+            obs.exposure_dropped.labels,
+            obs.exposure_written.labels,
+            obs.exposure_failed.labels,
+        ),
+    )
+
+
+def _log_exposure(
+    logs: ServiceLogs,
+    body: RankInput,
+    state: ServingState,
+    video_ids: np.ndarray,
+    scores: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    degraded: bool,
+    variant: str | None = None,
+) -> None:
+    """Queues what one response showed for the exposure log (a ``put``, never a wait)."""
+    logs.exposed(
+        current_request_id() or secrets.token_hex(16),
+        body.time
+        if body.time is not None
+        else time.time() / state.model.artifact.config.data.time_unit_s,
+        body.user_id,
+        body.context,
+        video_ids,
+        scores,
+        predictions,
+        state.model.version,
+        state.formula.version,
+        degraded,
+        variant=variant,
+    )
+
+
 def create_app(settings: Settings | None = None, preloaded: ServingState | None = None) -> FastAPI:
     """The app for ``settings``. ``preloaded``: the model and formula ``ranker serve`` loaded
     before starting uvicorn (so that a start-up error is one line, not a traceback from inside
@@ -129,11 +184,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         gc.freeze()
         app.state.reloader = Reloader(app, settings)  # polls when reload_interval_s > 0
         app.state.reloader.start()
+        app.state.service_logs = _service_logs(app, settings)
         # The state holds them; this frame stays suspended at the yield and must not, or the
         # first model would outlive every reload.
         del model, formula
         yield
         await app.state.reloader.stop()
+        if app.state.service_logs is not None:  # after the drain: every answered request is in
+            await asyncio.to_thread(app.state.service_logs.close)
         await app.state.serving.model.store.close()  # a Redis pool is shared by every reload
 
     app = FastAPI(
@@ -146,6 +204,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     )
     app.state.settings = settings
     app.state.degraded_responses = 0  # responses ranked on defaults because of a store fault
+    app.state.service_logs = None  # the exposure and event logs (RANKER_EXPOSURE_DIR)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -225,6 +284,12 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 "ranking_version": state.formula.version,
             }
             content = fallback_json(ids, body.top_k, versions, r)
+            if app.state.service_logs is not None:  # shown too: request order, no scores
+                shown = ids if body.top_k is None else ids[: body.top_k]
+                nan = np.full(len(shown), np.nan, np.float32)
+                _log_exposure(
+                    app.state.service_logs, body, state, shown, nan, {}, True, variant=None
+                )
             return Response(content, media_type="application/json")
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
@@ -241,7 +306,19 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         if state.model.live is not None:
             header["user_has_state"] = r.lookup.user_has_state
         items = items_json(r.video_ids, r.scores, r.predictions)
-        return Response(rank_response_json(header, items), media_type="application/json")
+        response = Response(rank_response_json(header, items), media_type="application/json")
+        if app.state.service_logs is not None:
+            _log_exposure(
+                app.state.service_logs,
+                body,
+                state,
+                r.video_ids,
+                r.scores,
+                r.predictions,
+                header["degraded"],
+                variant=None,
+            )
+        return response
 
     @app.post(
         "/v1/events",
@@ -256,7 +333,11 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         },
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
-            404: {"model": Problem, "description": "the served model has no live counters"},
+            404: {
+                "model": Problem,
+                "description": "the served model has no live counters and no event log is "
+                "written (RANKER_EXPOSURE_DIR)",
+            },
             503: {"model": Problem, "description": "Redis did not take the events; retry"},
             413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
@@ -264,11 +345,19 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     )
     async def events_endpoint(request: Request, state: State) -> EventsResponse:
         """Feedback events (impressions, clicks, likes, watch seconds, ...) that update the live
-        counters; an event id seen before is ignored, so a retried batch counts once."""
+        counters and go to the event log (RANKER_EXPOSURE_DIR); an event id seen before is
+        ignored, so a retried batch counts once (without live counters: within the last
+        RANKER_EXPOSURE_EVENT_IDS events this worker accepted)."""
         raw = await request.body()
         body = decode_events_request(raw, request.headers.get("content-type"))
-        if state.model.live is None:
-            raise HTTPException(404, "the served model has no live counters ([live] in its config)")
+        logs: ServiceLogs | None = app.state.service_logs
+        live = state.model.live
+        if live is None and logs is None:
+            raise HTTPException(
+                404,
+                "the served model has no live counters ([live] in its config) and the event log "
+                "is off (RANKER_EXPOSURE_DIR)",
+            )
         ev = body.events
         batch = EventBatch(
             ids=[e.event_id for e in ev],
@@ -279,17 +368,25 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             values=np.fromiter((e.value for e in ev), np.float64, len(ev)),
             contexts=[e.context for e in ev],
         )
-        live = state.model.live
-        if getattr(live, "remote", False):  # counters in Redis (service/redis_live.py)
+        request_ids = [e.request_id for e in ev]
+        if live is None:
+            assert logs is not None
+            fresh = logs.recent_ids.fresh(batch.ids)
+        elif getattr(live, "remote", False):  # counters in Redis (service/redis_live.py)
             from service.redis_live import CountersUnavailable
 
             try:
-                accepted, duplicates = await live.ingest_async(batch)  # type: ignore[attr-defined]
+                fresh = await live.ingest_fresh_async(batch)  # type: ignore[attr-defined]
             except CountersUnavailable as e:
+                if logs is not None and e.fresh is not None:  # counted: a retry is a duplicate
+                    logs.log_events(batch, request_ids, e.fresh)
                 raise HTTPException(503, str(e)) from None
         else:
-            accepted, duplicates = live.ingest(batch)
-        return EventsResponse(accepted=accepted, duplicates=duplicates)
+            fresh = live.ingest_fresh(batch)
+        if logs is not None:
+            logs.log_events(batch, request_ids, fresh)
+        accepted = int(fresh.sum())
+        return EventsResponse(accepted=accepted, duplicates=len(ev) - accepted)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -85,6 +85,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
         "access_log": False,  # the service's request log replaces uvicorn's
     }
     logging.config.dictConfig(options["log_config"])  # the start-up lines are JSON lines too
+    if settings.exposure_dir is not None:  # a directory it cannot write: one line, not a trace
+        from service.exposure_log import prepare_log_dir
+
+        try:
+            prepare_log_dir(settings.exposure_dir)
+        except RankerError as e:
+            log.error("start-up failed: %s", e)
+            raise
     state = None
     if a.workers == 1:
         from service.state import load_serving_state

@@ -144,6 +144,12 @@ class LiveState:
 
     def ingest(self, batch: EventBatch) -> tuple[int, int]:
         """Adds the events not seen before (by id); returns ``(accepted, duplicates)``."""
+        accepted = int(self.ingest_fresh(batch).sum())
+        return accepted, len(batch.ids) - accepted
+
+    def ingest_fresh(self, batch: EventBatch) -> np.ndarray:
+        """Adds the events not seen before (by id); returns which were (``(n,)`` bool), so the
+        event log keeps exactly the accepted ones."""
         self.check_types(batch)
         fresh = []
         batch_ids: set[str] = set()
@@ -158,7 +164,9 @@ class LiveState:
                 tot.add(ev, idx)
             self._remember([batch.ids[i] for i in fresh])
             self.events += len(keep)
-        return len(keep), len(batch.ids) - len(keep)
+        mask = np.zeros(len(batch.ids), bool)
+        mask[keep] = True
+        return mask
 
     def check_types(self, batch: EventBatch) -> None:
         for i, typ in enumerate(batch.types):

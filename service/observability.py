@@ -193,6 +193,13 @@ def note_ranked(ranked: Ranked, model: ServingModel, formula: RankingFormula) ->
         ex.ranked_at = time.perf_counter()
 
 
+def current_request_id() -> str | None:
+    """The id of the request being served (``X-Request-ID``, the client's or one made up), as
+    the middleware returns it in the response; None outside a request it wraps."""
+    ex = _current.get()
+    return None if ex is None else ex.request_id
+
+
 class Observability:
     """The service's metrics (one set per app) and what updates them.
 
@@ -286,6 +293,26 @@ class Observability:
             "at start-up or reload (refused engines are not timed and not listed)",
             ["version", "engine"],
             multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.exposure_dropped = Counter(
+            "ranker_exposure_dropped_rows",
+            "Rows of the exposure or event log dropped because the writer's queue was full "
+            "(RANKER_EXPOSURE_QUEUE_SIZE) or the log was closing, by log",
+            ["log"],
+            registry=reg,
+        )
+        self.exposure_written = Counter(
+            "ranker_exposure_written_rows",
+            "Rows written to complete files of the exposure or event log, by log",
+            ["log"],
+            registry=reg,
+        )
+        self.exposure_failed = Counter(
+            "ranker_exposure_write_errors",
+            "Batches or files of the exposure or event log that failed to build or write (their "
+            "rows are lost; the service log says why), by log",
+            ["log"],
             registry=reg,
         )
         self._engine_labels: tuple[str, str, str] | None = None

@@ -57,7 +57,11 @@ EVENTS_PER_SCRIPT = 500  # events per atomic script call: bounds how long one ca
 
 class CountersUnavailable(RankerError):
     """Redis did not take the events (down, slow, an error): nothing or part was counted, and a
-    retry of the same batch counts each event once."""
+    retry of the same batch counts each event once. ``fresh``: which events were counted."""
+
+    def __init__(self, message: str, fresh: np.ndarray | None = None) -> None:
+        super().__init__(message)
+        self.fresh = fresh
 
 
 class CounterRequest:
@@ -223,6 +227,14 @@ class RedisLiveState(LiveState):
     async def ingest_async(self, batch: EventBatch) -> tuple[int, int]:
         """Counts the events not seen before (by id, on any worker); ``(accepted, duplicates)``:
         an event is accepted when some record counted it now."""
+        accepted = int((await self.ingest_fresh_async(batch)).sum())
+        return accepted, len(batch.ids) - accepted
+
+    async def ingest_fresh_async(self, batch: EventBatch) -> np.ndarray:
+        """Counts the events not seen before (by id, on any worker); which were (``(n,)``
+        bool). The calls go in one pipeline, so on a failure it is not known which of them a
+        node ran: :class:`CountersUnavailable` then carries no event as counted (the event log
+        keeps none of the batch; a retry counts only what was not counted, by id)."""
         calls = self.script_calls(batch)
         budget = max(self.store.timeout_s, 5.0)
         fresh = np.zeros(len(batch.ids), bool)
@@ -232,14 +244,15 @@ class RedisLiveState(LiveState):
         except TimeoutError:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where} did not take the events within "
-                f"{budget:g} s; retry the batch (ids make it safe)"
+                f"{budget:g} s; retry the batch (ids make it safe)",
+                fresh,
             ) from None
         except (RedisError, RedisClusterException, OSError) as e:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where}: {type(e).__name__}: {e}; "
-                f"retry the batch (ids make it safe)"
+                f"retry the batch (ids make it safe)",
+                fresh,
             ) from None
         for (_, _, events), r in zip(calls, results, strict=True):
             fresh[events] |= np.asarray(r, bool)
-        accepted = int(fresh.sum())
-        return accepted, len(batch.ids) - accepted
+        return fresh

@@ -105,6 +105,13 @@ class FeedbackEvent(BaseModel):
     context: dict[str, ContextValue] = Field(
         default_factory=dict, description="the impression's context (e.g. tab), as in /v1/rank"
     )
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="the X-Request-ID of the /v1/rank response that showed the video: the "
+        "event log keeps it, so ranker build-log joins the event to that exposure",
+    )
 
 
 class EventsRequest(BaseModel):

@@ -141,6 +141,40 @@ class Settings(BaseSettings):
         description="with Redis: how long an event id is remembered (a retry within it counts "
         "once)",
     )
+    exposure_dir: Path | None = Field(
+        default=None,
+        description="write the exposure log (every candidate shown) and the event log (every "
+        "accepted feedback event) as Parquet under DIR/exposures and DIR/events "
+        "(service/exposure_log.py); unset: no logs",
+    )
+    exposure_rotate_rows: int = Field(
+        default=500_000, gt=0, description="a log file is complete at this many rows"
+    )
+    # 64 MiB of Arrow columns: with 10 shown candidates and 4 heads a row takes about 150 bytes
+    # in memory, so 500k rows come first; the bound keeps a worker's pending rows small.
+    exposure_rotate_bytes: int = Field(
+        default=64 << 20,
+        gt=0,
+        description="... or when its pending rows take this many bytes in memory (Arrow)",
+    )
+    exposure_rotate_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="... or this many seconds after its first row (at most this much is lost "
+        "if the process is killed without SIGTERM)",
+    )
+    exposure_queue_size: int = Field(
+        default=10_000,
+        gt=0,
+        description="requests (and event batches) waiting for the log writer; beyond it they "
+        "are dropped and counted (ranker_exposure_dropped_rows_total), never waited for",
+    )
+    exposure_event_ids: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="a model without live counters: event ids each worker remembers, so a "
+        "retried batch is logged once (live counters remember ids themselves)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"

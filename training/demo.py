@@ -7,6 +7,7 @@ Each step runs the same command a user would type (``ranker generate``, ``ranker
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from service.launch import serve
 
 WORLD = Path("data/default")
+EXPOSURE_LOG = Path("runs/demo-exposure-log")  # RANKER_EXPOSURE_DIR: what the service showed
 GENERATE = ["--n-users", "10000", "--n-videos", "5000", "--n-requests", "25000", "--seed", "0"]
 
 
@@ -55,26 +57,44 @@ def sample_request(n_candidates: int = 200) -> dict:
     }
 
 
-def main() -> None:
-    timings: dict[str, float] = {}
-    t = step("1. generate the synthetic world")
-    run(["generate", "--out", str(WORLD), "--quiet", *GENERATE])
-    timings["generate"] = time.perf_counter() - t
+def send_feedback(url: str, user_id: int, items: list[dict], request_id: str) -> None:
+    """What the user did with the shown videos: an impression of each, a click on the first,
+    sent with the response's request id so that the exposure log's rows join them."""
+    now = time.time()  # the default world's time unit is the second
+    shown = [
+        {"type": "impression", "video_id": it["video_id"], "event_id": f"{request_id}:{i}:i"}
+        for i, it in enumerate(items)
+    ]
+    clicked = {"type": "click", "video_id": items[0]["video_id"], "event_id": f"{request_id}:0:c"}
+    events = [
+        e | {"user_id": user_id, "time": now, "request_id": request_id} for e in [*shown, clicked]
+    ]
+    r = httpx.post(f"{url}/v1/events", json={"events": events}, timeout=30)
+    r.raise_for_status()
+    print(f"POST /v1/events: {len(events)} events (request id {request_id}): {r.json()}")
 
-    t = step("2. train MMoE (click, watch_time, like, rating), validate, export")
-    out = run(["train", "--config", "configs/default.toml"])
-    artifact = next(
-        line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("artifact: ")
+
+def show_logs(directory: Path) -> None:
+    """Where the exposure and event logs are, file by file."""
+    print(f"\nexposure and event logs (RANKER_EXPOSURE_DIR={directory}):")
+    for name in ("exposures", "events"):
+        for f in sorted((directory / name).glob("*.parquet")):
+            print(f"  {f}  {pq.read_metadata(f).num_rows} rows")
+
+
+def serve_rank_and_feedback(artifact: str) -> None:
+    """Starts the service with the exposure log on, ranks one request, sends what the user did
+    with it, stops the service (SIGTERM: the logs' pending rows are written)."""
+    shutil.rmtree(EXPOSURE_LOG, ignore_errors=True)  # this run's logs only: one model's
+    env = {
+        "RANKER_ARTIFACT": artifact,
+        "RANKER_LOG_LEVEL": "warning",
+        "RANKER_EXPOSURE_DIR": str(EXPOSURE_LOG.absolute()),
+    }
+    print(
+        f"$ ranker serve  (RANKER_ARTIFACT={artifact} RANKER_EXPOSURE_DIR={EXPOSURE_LOG})",
+        flush=True,
     )
-    timings["train + export"] = time.perf_counter() - t
-
-    t = step("3. evaluate the exported artifact on the validation days")
-    run(["evaluate", "--artifact", artifact, "--quiet"])
-    timings["evaluate"] = time.perf_counter() - t
-
-    t = step("4. start the service, rank a request, stop")
-    env = {"RANKER_ARTIFACT": artifact, "RANKER_LOG_LEVEL": "warning"}
-    print("$ ranker serve  (RANKER_ARTIFACT=" + artifact + ")", flush=True)
     with serve(env, timeout=120.0) as running:
         url = running.url
         body = sample_request()
@@ -101,6 +121,29 @@ def main() -> None:
                 f"{i:>2} {item['video_id']:>7} {item['score']:>8.4f} {p['click']:>7.3f} "
                 f"{p['watch_time']:>8.1f} {p['like']:>7.3f} {p['rating']:>7.2f}"
             )
+        send_feedback(url, body["user_id"], res["items"], r.headers["x-request-id"])
+
+
+def main() -> None:
+    timings: dict[str, float] = {}
+    t = step("1. generate the synthetic world")
+    run(["generate", "--out", str(WORLD), "--quiet", *GENERATE])
+    timings["generate"] = time.perf_counter() - t
+
+    t = step("2. train MMoE (click, watch_time, like, rating), validate, export")
+    out = run(["train", "--config", "configs/default.toml"])
+    artifact = next(
+        line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("artifact: ")
+    )
+    timings["train + export"] = time.perf_counter() - t
+
+    t = step("3. evaluate the exported artifact on the validation days")
+    run(["evaluate", "--artifact", artifact, "--quiet"])
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = step("4. start the service, rank a request, send feedback, stop")
+    serve_rank_and_feedback(artifact)
+    show_logs(EXPOSURE_LOG)  # complete now: the service wrote what was pending on SIGTERM
     timings["serve + rank"] = time.perf_counter() - t
 
     print("\n=== timings ===")

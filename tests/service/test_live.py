@@ -267,3 +267,32 @@ def test_hostile_event_bodies_are_4xx(live_url: str, body: bytes, status: int) -
         timeout=30,
     )
     assert r.status_code == status, r.text
+
+
+def test_accepted_events_go_to_the_event_log_and_refused_ones_do_not(
+    live_artifact: Path, tmp_path: Path
+) -> None:
+    """In-process live counters decide what is fresh: the event log holds exactly the events
+    they accepted, once; a body refused for an unknown type (422) logs nothing."""
+    from ranker.exposure import EVENT_SCHEMA
+    from tests.service.test_exposure_log import read_log
+
+    base = {"user_id": 1, "video_id": 2, "time": 10.0}
+    events = [
+        base | {"event_id": f"l{i}", "type": ["impression", "click"][i % 2]} for i in range(6)
+    ]
+    env = {
+        "RANKER_ARTIFACT": str(live_artifact),
+        "RANKER_RANKING_CONFIG": str(RANKING_CONFIG),
+        "RANKER_EXPOSURE_DIR": str(tmp_path),
+    }
+    with run_service(env) as url:
+        r = httpx.post(f"{url}/v1/events", json={"events": [*events[:4], events[0]]}, timeout=30)
+        assert r.json() == {"accepted": 4, "duplicates": 1}
+        r = httpx.post(f"{url}/v1/events", json={"events": events}, timeout=30)
+        assert r.json() == {"accepted": 2, "duplicates": 4}
+        unknown = [base | {"event_id": "u", "type": "teleport"}]
+        r = httpx.post(f"{url}/v1/events", json={"events": unknown}, timeout=30)
+        assert r.status_code == 422
+    logged = read_log(tmp_path / "events", EVENT_SCHEMA)["event_id"].to_pylist()
+    assert sorted(logged) == [f"l{i}" for i in range(6)]

@@ -117,7 +117,11 @@ def compare_random_events(
         for k in range(batches):
             t = t_end + k * rng.choice([1.0, 30.0, 3600.0])
             batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k, batch)
-            assert await remote.ingest_async(batch) == local.ingest(batch)
+            if k % 2:  # which events were fresh, as the event log keeps them
+                fresh = await remote.ingest_fresh_async(batch)
+                np.testing.assert_array_equal(fresh, local.ingest_fresh(batch))
+            else:
+                assert await remote.ingest_async(batch) == local.ingest(batch)
             user = int(rng.choice(np.r_[users[:20], [10**12]]))
             cand = rng.choice(np.r_[videos[:30], [10**12]], int(rng.integers(1, 12)))
             ctx = {"hour": int(rng.integers(0, 24))}
@@ -301,6 +305,48 @@ def test_redis_down_ranks_degraded_and_refuses_events_with_503(
             r = httpx.post(f"{url}/v1/events", json={"events": [ev]}, timeout=30)
             assert r.status_code == 503, r.text
             assert "retry" in r.json()["detail"]
+
+
+def test_two_processes_log_each_event_once_and_a_down_redis_logs_degraded_exposures(
+    live_artifact: Path,
+    tiny_world: Path,
+    split_world: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """Two service processes share one Redis and one log directory: an event accepted by one
+    and retried on the other is logged once (Redis remembers the ids); with Redis down, the
+    exposures are logged as degraded and the refused events (503) are not logged."""
+    from ranker.exposure import EVENT_SCHEMA, EXPOSURE_SCHEMA
+    from tests.service.test_exposure_log import read_log
+
+    logs = tmp_path / "logs"
+    row = ds.dataset(split_world[1]).to_table().slice(0, 1).to_pylist()[0]
+    body = _rank_body([row], 4e9)
+    ev = {"user_id": row["user_id"], "video_id": row["video_id"], "time": 3.9e9}
+    batch = [ev | {"event_id": f"log{i}", "type": "click", "request_id": "r"} for i in range(6)]
+    with redis_server(tmp_path / "redis") as server:
+        _push_all(server, tiny_world, live_artifact)
+        env = _env(live_artifact, server) | {"RANKER_EXPOSURE_DIR": str(logs)}
+        with run_service(env) as a, run_service(env) as b:
+            shown = httpx.post(f"{a}/v1/rank", json=body, timeout=30).json()
+            assert shown["degraded"] is False
+            r = httpx.post(f"{a}/v1/events", json={"events": batch[:4]}, timeout=30)
+            assert r.json() == {"accepted": 4, "duplicates": 0}
+            r = httpx.post(f"{b}/v1/events", json={"events": batch}, timeout=30)
+            assert r.json() == {"accepted": 2, "duplicates": 4}
+            server.stop()
+            down = httpx.post(f"{b}/v1/rank", json=body, timeout=30).json()
+            assert down["degraded"] is True
+            refused = [ev | {"event_id": "refused", "type": "click"}]
+            r = httpx.post(f"{b}/v1/events", json={"events": refused}, timeout=30)
+            assert r.status_code == 503
+    events = read_log(logs / "events", EVENT_SCHEMA)
+    assert sorted(events["event_id"].to_pylist()) == [f"log{i}" for i in range(6)]
+    assert set(events["request_id"].to_pylist()) == {"r"}
+    exposures = read_log(logs / "exposures", EXPOSURE_SCHEMA)
+    assert sorted(exposures["degraded"].to_pylist()) == [False, True]
+    pids = {f.name.split("-p")[1].split("-")[0] for f in (logs / "exposures").iterdir()}
+    assert len(pids) == 2  # one file per process, names apart by pid
 
 
 def test_a_push_of_tables_keeps_the_counter_state(
