@@ -25,8 +25,9 @@ own world), ``timestamp`` (the exposure's time), the labels, and where it came f
 from the service's own positions.
 
 Everything is vectorised (Arrow joins, NumPy sorts and ``searchsorted``); the exposures and
-events are held in memory (about 100 bytes an exposure), which bounds a run to a few tens of
-millions of impressions per machine.
+events are held in memory. ``bench/build_log.py``: 1,000,000 exposures and 272,708 events
+joined in 10.5 s, peak RSS 648 MiB for the whole process (world generation included), on a
+2-core AMD EPYC shared with other work (load average 11).
 """
 
 from __future__ import annotations
@@ -212,9 +213,12 @@ def _by_request(exp: pa.Table, ev: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 def _pair_codes(
     users_a: np.ndarray, videos_a: np.ndarray, users_b: np.ndarray, videos_b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dense codes of (user, video) pairs over both sides."""
-    pairs = np.stack([np.concatenate([users_a, users_b]), np.concatenate([videos_a, videos_b])], 1)
-    _, inv = np.unique(pairs, axis=0, return_inverse=True)
+    """Dense codes of (user, video) pairs over both sides: each id factorised on its own, the
+    two codes combined into one int64 and that factorised (three 1-d sorts; ``np.unique`` with
+    ``axis=0`` on the pairs took half of the whole join)."""
+    _, u = np.unique(np.concatenate([users_a, users_b]), return_inverse=True)
+    vids, v = np.unique(np.concatenate([videos_a, videos_b]), return_inverse=True)
+    _, inv = np.unique(u.astype(np.int64) * len(vids) + v, return_inverse=True)
     inv = inv.ravel()
     return inv[: len(users_a)], inv[len(users_a) :]
 
