@@ -304,15 +304,10 @@ def _context(exp: pa.Table, reserved: set[str], origin: str) -> dict[str, pa.Arr
     return {name: parsed.column(name).combine_chunks().take(idx) for name in parsed.column_names}
 
 
-def join(
-    exp: pa.Table, ev: pa.Table, config: BuildLogConfig, origin: str = "exposures"
-) -> tuple[pa.Table, BuildLogResult]:
-    """The joined log (rows in time, request and position order) and the counts."""
-    ev, duplicates = _dedup_events(ev)
-    types = ev.column("type").to_numpy(zero_copy_only=False).astype(str)
+def _attribute(exp: pa.Table, ev: pa.Table, window: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each event's exposure row (-1: none) and, for those without, the reason."""
     ev_time = ev.column("time").to_numpy()
     exp_time = exp.column("time").to_numpy()
-
     row = np.full(ev.num_rows, -1, np.int64)
     reason = np.full(ev.num_rows, "", dtype=object)
     named = ev.column("request_id").is_valid().to_numpy(zero_copy_only=False)
@@ -336,39 +331,50 @@ def join(
     # The window, for both kinds: the event at or after the exposure, at most `window` later.
     has = row >= 0
     lag = np.where(has, ev_time - exp_time[np.maximum(row, 0)], 0.0)
-    late = has & ((lag < 0) | (lag > config.window))
+    late = has & ((lag < 0) | (lag > window))
     reason[late] = "outside the attribution window"
     row[late] = -1
+    return row, reason
 
-    is_label = np.isin(types, list(config.labels))
-    is_impression = types == IMPRESSION
-    attributed_rows = row >= 0
-    label_rows = np.where(is_label, row, -1)
-    labels = _labels(
-        exp.num_rows,
-        label_rows,
-        types,
-        ev.column("value").to_numpy(),
-        ev_time,
-        config.labels,
-    )
 
-    # Request ids as the trainer's int64 keys: dense, in order of the request's time.
-    req = exp.column("request_id").combine_chunks()
-    enc = pc.dictionary_encode(req)
+def _request_keys(exp: pa.Table) -> tuple[np.ndarray, int]:
+    """The trainer's int64 request keys: dense, in order of the request's time (ties by id)."""
+    enc = pc.dictionary_encode(exp.column("request_id").combine_chunks())
     codes = enc.indices.to_numpy(zero_copy_only=False)
     first_time = np.full(len(enc.dictionary), np.inf)
-    np.minimum.at(first_time, codes, exp_time)
+    np.minimum.at(first_time, codes, exp.column("time").to_numpy())
     names = np.asarray(enc.dictionary.to_pylist(), dtype=object)
     rank = np.empty(len(names), np.int64)
     rank[np.lexsort((names, first_time))] = np.arange(len(names))
-    request_id = rank[codes]
+    return rank[codes], len(names)
+
+
+def join(
+    exp: pa.Table, ev: pa.Table, config: BuildLogConfig, origin: str = "exposures"
+) -> tuple[pa.Table, BuildLogResult]:
+    """The joined log (rows in time, request and position order) and the counts."""
+    ev, duplicates = _dedup_events(ev)
+    types = ev.column("type").to_numpy(zero_copy_only=False).astype(str)
+    row, reason = _attribute(exp, ev, config.window)
+    is_label = np.isin(types, list(config.labels))
+    is_impression = types == IMPRESSION
+    attributed_rows = row >= 0
+    labels = _labels(
+        exp.num_rows,
+        np.where(is_label, row, -1),
+        types,
+        ev.column("value").to_numpy(),
+        ev.column("time").to_numpy(),
+        config.labels,
+    )
+    request_id, n_requests = _request_keys(exp)
+    exp_time = exp.column("time").to_numpy()
 
     reserved = set(OUTPUT_FIXED) | {config.time_column} | {r.column for r in config.labels.values()}
     context = _context(exp, reserved, origin)
     cols: dict[str, pa.Array] = {
         "request_id": pa.array(request_id),
-        "request_uid": req,
+        "request_uid": exp.column("request_id").combine_chunks(),
         "user_id": exp.column("user_id").combine_chunks(),
         "video_id": exp.column("video_id").combine_chunks(),
         "position": exp.column("position").combine_chunks().cast(pa.int64()),
@@ -393,7 +399,7 @@ def join(
     reasons, counts = np.unique(reason[lost].astype(str), return_counts=True)
     result = BuildLogResult(
         exposures=exp.num_rows,
-        requests=len(names),
+        requests=n_requests,
         events=ev.num_rows,
         attributed=count(attributed_rows & is_label),
         unattributed={str(r): int(c) for r, c in zip(reasons, counts, strict=True)},
