@@ -48,16 +48,17 @@ UNNAMED_SHARE = 0.3  # events sent without their request id
 
 # How much worse than the generator-log model the loop model may be, from the seed spread:
 # `PYTHONPATH=. python bench/loop_spread.py --seeds 5` runs this loop with world and training
-# seeds 0-4 (2-core AMD EPYC, 2026-12-06) and printed, for loop minus generator on log C,
-#   ranking_score.ndcg@10      mean +0.0015  std 0.0072  (min -0.0055, max +0.0124)
-#   click.auc_true_sampled     mean -0.0076  std 0.0203  (min -0.0304, max +0.0245)
+# seeds 0-4 (2-core AMD EPYC, 2026-12-06, configs/default.toml with FAMO weighting) and printed,
+# for loop minus generator on log C,
+#   ranking_score.ndcg@10      mean +0.0105  std 0.0105  (min +0.0037, max +0.0287)
+#   click.auc_true_sampled     mean -0.0172  std 0.0153  (min -0.0352, max +0.0062)
 # so the loop is as good within the noise; the tolerance is 3 std of that difference. (The
-# per-head correlations of like and watch time are too noisy at this size to test: std 0.14
-# and 0.19.) A join that attributes labels to the wrong impressions lands far outside it (the
-# click AUC falls to chance, ~0.5, against the generator model's ~0.6).
+# per-head correlations vary too much at this size to test: like std 0.08; watch time's is
+# lower from the loop log, mean -0.49, std 0.30: docs/experiments.md, "Exploration".) A join
+# that puts labels on the wrong impressions fails the exact label check below first.
 TOLERANCE = {
-    ("ranking_score", "ndcg@10"): 0.022,
-    ("click", "auc_true_sampled"): 0.061,
+    ("ranking_score", "ndcg@10"): 0.032,
+    ("click", "auc_true_sampled"): 0.046,
 }
 
 
