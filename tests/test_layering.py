@@ -90,6 +90,8 @@ JOBS = {
     "export",
     "serve",
     "push-features",
+    "build-log",
+    "ab-report",
     "push-state",
     "tune",
     "report",

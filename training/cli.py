@@ -1,6 +1,7 @@
 """The trainer's subcommands of ``ranker``: generate, train, evaluate, export, push-features,
-tune, report. :func:`register` adds them to the command line :mod:`ranker.cli` builds (found
-through the ``ranker.commands`` entry point); each job imports what it needs when it runs."""
+tune, report, build-log, ab-report. :func:`register` adds them to the command line
+:mod:`ranker.cli` builds (found through the ``ranker.commands`` entry point); each job imports
+what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -226,6 +227,57 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"report: {index}")
 
 
+def cmd_build_log(a: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from training.build_log import DEFAULT_LABELS, BuildLogConfig, LabelRule, build_log
+
+    labels = {} if a.no_default_labels else dict(DEFAULT_LABELS)
+    for spec in a.labels:
+        etype, sep, rest = spec.partition("=")
+        column, _, how = rest.partition(":")
+        if not sep or not etype or not column:
+            raise RankerError(f"--label {spec!r} is not of the form TYPE=COLUMN[:flag|sum|value]")
+        try:
+            labels[etype] = LabelRule(column=column, how=how or "flag")
+        except ValidationError:
+            raise RankerError(f"--label {spec!r}: the kind must be flag, sum or value") from None
+    if not labels:
+        raise RankerError("no label rules: give --label TYPE=COLUMN[:KIND]")
+    try:
+        config = BuildLogConfig(window=a.window, labels=labels, time_column=a.time_column)
+    except ValidationError as e:
+        raise RankerError(f"invalid build-log settings: {e.errors()[0]['msg']}") from None
+    r = build_log(
+        Path(a.exposures),
+        Path(a.events),
+        Path(a.out),
+        config,
+        progress=not a.quiet and sys.stderr.isatty(),
+    )
+    attributed = ", ".join(f"{n:,} {t}" for t, n in r.attributed.items()) or "none"
+    print(
+        f"wrote {a.out}: {r.exposures:,} impressions of {r.requests:,} requests in "
+        f"{len(r.files)} files in {r.seconds:.1f}s; events {r.events:,}, as labels: {attributed}"
+    )
+    lost = sum(r.unattributed.values())
+    if lost:
+        why = "; ".join(f"{n:,} {reason}" for reason, n in r.unattributed.items())
+        print(f"unattributed events: {lost:,} ({why})")
+    if r.unmapped:
+        types = ", ".join(f"{n:,} {t}" for t, n in r.unmapped.items())
+        print(f"events of types without a label rule (not used): {types}")
+    if r.duplicate_events:
+        print(f"duplicate event ids (kept once): {r.duplicate_events:,}")
+
+
+def cmd_ab_report(a: argparse.Namespace) -> None:
+    from training.ab_report import ab_report, format_report
+
+    report = ab_report(Path(a.log), by=a.by, control=a.control, user_key=a.user_key)
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds the trainer's subcommands to ``ranker``'s subparsers."""
     g = sub.add_parser("generate", help="write the synthetic world (log, users, videos, truth)")
@@ -369,3 +421,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--tune", help="include a `ranker tune` output folder")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser(
+        "build-log",
+        help="join the service's exposures with its feedback events into a training log",
+    )
+    b.add_argument("--exposures", required=True, help="folder (or file) of exposure Parquet")
+    b.add_argument("--events", required=True, help="folder (or file) of event Parquet")
+    b.add_argument("--out", required=True, help="output folder (part-*.parquet, _build-log.json)")
+    b.add_argument(
+        "--window",
+        type=float,
+        default=86400.0,
+        help="attribution window after the exposure, in the log's time unit (default 86400)",
+    )
+    b.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="TYPE=COLUMN[:KIND]",
+        help="event type to label column; KIND flag (0/1, default), sum or value (the latest); "
+        "adds to or replaces the defaults click, like, long_view, watch_seconds->watch_time:sum, "
+        "rating:value",
+    )
+    b.add_argument("--no-default-labels", action="store_true", help="only the --label rules")
+    b.add_argument("--time-column", default="timestamp", help="name of the time column written")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_build_log)
+
+    ab = sub.add_parser(
+        "ab-report", help="per-variant engagement of a joined log, with confidence intervals"
+    )
+    ab.add_argument("--log", required=True, help="the joined log (ranker build-log --out)")
+    ab.add_argument("--by", default="variant", help="the column that splits the log")
+    ab.add_argument("--control", help="the baseline group; default 'control', else the first")
+    ab.add_argument("--user-key", default="user_id", help="the unit of assignment")
+    ab.add_argument("--json", action="store_true", help="JSON instead of the table")
+    ab.set_defaults(func=cmd_ab_report)

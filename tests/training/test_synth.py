@@ -386,3 +386,76 @@ def test_invalid_config_rejected(bad: dict) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(ValidationError):
         WorldConfig().seed = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# The response model on its own: what the loop test draws feedback from
+
+
+def test_simulated_feedback_follows_the_generators_truth(moderate: tuple) -> None:
+    """Feedback drawn by ``simulate_feedback`` for the log's own impressions (same users,
+    videos, context and positions) has the log's truth and, up to sampling noise, its label
+    rates per position: the loop test's events and the generator's log come from one world."""
+    from training.world import build_world, simulate_feedback
+
+    _, log = moderate
+    cfg = WorldConfig(**MODERATE)
+    k = cfg.candidates_per_request
+    shape = (-1, k)
+    users = log["user_id"].reshape(shape)[:, 0]
+    device = np.array([DEVICES.index(d) for d in log["device"].reshape(shape)[:, 0]])
+    hour = log["hour"].reshape(shape)[:, 0]
+    vids = log["video_id"].reshape(shape)
+    position = log["position"].reshape(shape)
+    world = build_world(cfg)
+
+    noiseless = cfg.model_copy(update={"label_noise": 0.0})
+    _, r = simulate_feedback(
+        noiseless, world, users, vids, device, hour, position, np.random.default_rng(0)
+    )
+    # With label noise the log's truth is one draw of it; its mean over impressions is not.
+    truth = r.truth()
+    assert np.corrcoef(truth["true_click"].ravel(), log["true_click"])[0, 1] > 0.95
+
+    fb, r = simulate_feedback(
+        cfg, world, users, vids, device, hour, position, np.random.default_rng(1)
+    )
+    n = len(log["click"])
+    for name, sim, logged in (
+        ("click", fb.click.ravel(), log["click"]),
+        ("like", fb.like.ravel(), log["like"]),
+        ("rated", fb.rated.ravel(), ~np.isnan(log["rating"])),
+    ):
+        p = logged.mean()
+        assert abs(sim.mean() - p) < 4 * np.sqrt(2 * p * (1 - p) / n), name
+    # Per position: position 0 and the last slot differ in click rate by the examination bias.
+    sim_pos = fb.click.mean(axis=0)
+    log_pos = log["click"].reshape(shape).mean(axis=0)
+    assert np.abs(sim_pos - log_pos).max() < 0.03
+    watch = log["watch_time"][log["click"] == 1].mean()
+    assert fb.watch_time[fb.click].mean() == pytest.approx(watch, rel=0.1)
+    assert np.all(fb.watch_time <= r.duration) and np.all(fb.watch_time[~fb.click] == 0)
+
+
+def test_simulated_feedback_is_exactly_the_generators_without_noise(tmp_path: Path) -> None:
+    """Without label noise the truth is a function of (user, video, context) alone: the same
+    numbers as the log's ``true_*`` columns."""
+    from training.world import build_world, simulate_feedback
+
+    cfg = WorldConfig.small(label_noise=0.0, n_requests=200)
+    log = _log(generate(cfg, tmp_path, progress=False))
+    k = cfg.candidates_per_request
+    users = log["user_id"].reshape(-1, k)[:, 0]
+    device = np.array([DEVICES.index(d) for d in log["device"].reshape(-1, k)[:, 0]])
+    _, r = simulate_feedback(
+        cfg,
+        build_world(cfg),
+        users,
+        log["video_id"].reshape(-1, k),
+        device,
+        log["hour"].reshape(-1, k)[:, 0],
+        log["position"].reshape(-1, k),
+        np.random.default_rng(0),
+    )
+    for c, v in r.truth().items():
+        np.testing.assert_allclose(v.ravel(), log[c], rtol=1e-12, err_msg=c)
