@@ -333,3 +333,48 @@ class GateBank(nn.Module):
 
     def flops_per_row(self) -> int:
         return 2 * self.weight.numel()
+
+
+class HistoryPooling(nn.Module):
+    """The user's recent videos pooled into one vector per candidate (``[live.history]``).
+
+    ``attention``: the target attention of Zhou et al., "Deep Interest Network for
+    Click-Through Rate Prediction" (KDD 2018, section 4.3): an activation unit (an MLP on
+    ``[h, t, h - t, h * t]``, the paper's out product replaced by the element-wise one as in its
+    public code) scores each history video ``h`` against the candidate ``t``; the vector is
+    ``sum_j w_j h_j`` over the non-padded videos, without softmax (the paper keeps the sum of
+    weights as the intensity of the user's interest). ``mean``: the average of the videos.
+
+    Padding (code ``0``: no video, or one outside the vocabulary) is masked with ``where``, so
+    neither its embedding nor its score can reach the output; a row whose history is all
+    padding gets ``empty``, a learned vector of its own (not the zero a masked sum gives, which
+    the model could not tell from a history whose weights cancel).
+    """
+
+    def __init__(self, dim: int, pooling: str, hidden: list[int]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.pooling = pooling
+        self.empty = nn.Parameter(torch.randn(dim) * 0.05)
+        self.unit = mlp(4 * dim, hidden, 1) if pooling == "attention" else None
+
+    def forward(self, h: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+        """``h (B, L, D)`` history embeddings, ``mask (B, L)`` bool (True: a real video),
+        ``target (B, D)`` the candidate's video embedding -> ``(B, D)``."""
+        m = mask.unsqueeze(-1)  # (B, L, 1)
+        if self.unit is not None:
+            t = target.unsqueeze(1).expand_as(h)  # (B, L, D)
+            w = self.unit(torch.cat([h, t, h - t, h * t], dim=-1))  # (B, L, 1)
+        else:
+            count = mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)  # (B, 1)
+            w = (1.0 / count).unsqueeze(-1).expand_as(m)  # (B, L, 1)
+        pooled = torch.where(m, w * h, torch.zeros_like(h)).sum(1)  # (B, D)
+        return torch.where(mask.any(1, keepdim=True), pooled, self.empty.expand_as(pooled))
+
+    def flops_per_row(self, length: int) -> int:
+        """Multiply-adds x2 per candidate: the activation unit on every slot, and the sum."""
+        unit = 0
+        if self.unit is not None:
+            unit = sum(2 * m.in_features * m.out_features for m in self.unit.modules()
+                       if isinstance(m, nn.Linear))  # fmt: skip
+        return length * (unit + 2 * self.dim)
