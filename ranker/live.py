@@ -583,10 +583,16 @@ class OfflineCounters:
         return self.history.before(ev.keys["user"], self._at(ev))
 
 
-def history_index(live: LiveConfig, events: Events) -> HistoryIndex:
-    """The history's index over event rows (the engaged event's value above 0 counts)."""
+def engaged(live: LiveConfig, events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(users, times, videos)`` of the events that enter histories: the history's engaged
+    event with a value above 0 (a log row whose column is positive, or such a feedback event)."""
     assert live.history is not None
     j = [e.name for e in live.events].index(live.history.engaged)
-    return HistoryIndex.of_events(
-        live.history, events.keys["user"], events.times, events.keys["video"], events.values[:, j]
-    )
+    m = events.values[:, j] > 0
+    return events.keys["user"][m], events.times[m], events.keys["video"][m]
+
+
+def history_index(live: LiveConfig, events: Events) -> HistoryIndex:
+    """The history's index over every engaged event of some logs."""
+    assert live.history is not None
+    return HistoryIndex(live.history.length, *engaged(live, events))

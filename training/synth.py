@@ -169,6 +169,15 @@ class WorldConfig(BaseModel):
     interest_share: float = Field(
         0.7, ge=0, le=1, description="Share of candidates drawn from the user's interests."
     )
+    interest_drift: float = Field(
+        0.0,
+        ge=0,
+        description="Opt-in: strength of each user's current topic, a category that changes "
+        "every drift_period_days (0: interests never move; the default world).",
+    )
+    drift_period_days: float = Field(
+        2.0, gt=0, description="How long a user's current topic lasts (with interest_drift > 0)."
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Self:
@@ -498,18 +507,54 @@ def _timestamps(cfg: WorldConfig, first: int, n: int, rng: np.random.Generator) 
     return cfg.start_time + np.minimum(np.floor(seconds), span_s - 1).astype(np.int64)
 
 
+def _hash64(*parts: np.ndarray) -> np.ndarray:
+    """splitmix64 over integer columns: a deterministic draw per (seed, user, phase) that any
+    chunk computes alone, without a random stream shared across chunks."""
+    m1, m2, g = (
+        np.uint64(0xBF58476D1CE4E5B9),
+        np.uint64(0x94D049BB133111EB),
+        np.uint64(0x9E3779B97F4A7C15),
+    )
+    h = np.zeros(np.broadcast(*parts).shape, np.uint64)
+    with np.errstate(over="ignore"):
+        for p in parts:
+            x = h ^ (np.asarray(p, np.int64).view(np.uint64) + g)
+            x = (x ^ (x >> np.uint64(30))) * m1
+            x = (x ^ (x >> np.uint64(27))) * m2
+            h = x ^ (x >> np.uint64(31))
+    return h
+
+
+def _current_interest(
+    cfg: WorldConfig, w: _World, users: np.ndarray, timestamp: np.ndarray
+) -> np.ndarray:
+    """Each request's interest vector ``(n, d)``. With ``interest_drift`` the user's lasting
+    interest plus ``interest_drift`` times the topic of the category the user is into *now*: a
+    category drawn per (user, period), periods of ``drift_period_days`` starting at a per-user
+    offset. No feature says which; only what the user just engaged with shows it."""
+    base = w.interest[users]
+    if cfg.interest_drift <= 0:
+        return base
+    period = cfg.drift_period_days * 86400.0
+    offset = (_hash64(np.full_like(users, cfg.seed), users) % np.uint64(1 << 20)) / float(1 << 20)
+    phase = np.floor((timestamp - cfg.start_time) / period + offset).astype(np.int64)
+    present = np.flatnonzero(w.category_present)
+    pick = _hash64(np.full_like(users, cfg.seed + 1), users, phase) % np.uint64(len(present))
+    return base + cfg.interest_drift * w.category_topic[present[pick.astype(np.int64)]]
+
+
 def _candidates(
-    cfg: WorldConfig, w: _World, users: np.ndarray, rng: np.random.Generator
+    cfg: WorldConfig, w: _World, interest: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """K distinct candidates per request: a mix of the popularity-weighted global pool and
     popularity-weighted videos of categories the user is interested in. Oversamples 3K draws and
     keeps the first K distinct ones; the rare request with fewer falls back to a Gumbel top-K over
     the whole catalogue."""
     k = cfg.candidates_per_request
-    n_req = users.shape[0]
+    n_req = interest.shape[0]
     m = 3 * k
     # Interest draws: category ~ softmax(3 * <interest, category topic>), then a video of it.
-    cat_logits = 3.0 * (w.interest[users] @ w.category_topic.T)
+    cat_logits = 3.0 * (interest @ w.category_topic.T)
     cat_logits = np.where(w.category_present[None, :], cat_logits, -np.inf)
     cats = _sample_rows(_softmax_rows(cat_logits), rng.random((n_req, m)))
     u_within = np.minimum(rng.random((n_req, m)), 1.0 - 1e-9)
@@ -559,11 +604,12 @@ def _chunk(cfg: WorldConfig, w: _World, index: int) -> pa.Table:
     device = np.where(
         rng.random(n) < 0.85, w.main_device[users], rng.integers(0, len(DEVICES), size=n)
     )
-    vids = _candidates(cfg, w, users, rng)  # (n, k)
+    interest = _current_interest(cfg, w, users, timestamp)  # (n, d)
+    vids = _candidates(cfg, w, interest, rng)  # (n, k)
 
     # Per-impression quantities, shape (n, k).
     uu = users[:, None]
-    affinity = np.einsum("rd,rkd->rk", w.interest[users], w.topic[vids])
+    affinity = np.einsum("rd,rkd->rk", interest, w.topic[vids])
     niche = w.niche[vids].astype(np.float64)
     cb = w.clickbait[vids]
     q = w.quality[vids]
