@@ -10,7 +10,7 @@ correlation with the true click probability. The history is computed strictly be
 (``ranker/history.py``), from the training and validation rows alike, as the service would
 have had it. Also prints the attention's MFLOP per candidate beside the model's.
 
-    .venv/bin/python bench/history.py                 # 3 seeds, 3 variants
+    .venv/bin/python bench/history.py --seeds 3 --variants static attention
     .venv/bin/python bench/history.py --seeds 1 --requests 4000   # a quick look
 
 Prints a markdown table (mean ± std over seeds) for ``docs/live-features.md`` and writes the
@@ -46,8 +46,8 @@ from training.truth import truth_columns, truth_metrics  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "static": None,
-    "history (mean)": {"engaged": "click", "length": 20, "pooling": "mean"},
-    "history (attention)": {"engaged": "click", "length": 20, "pooling": "attention"},
+    "mean": {"engaged": "click", "length": 20, "pooling": "mean"},
+    "attention": {"engaged": "click", "length": 20, "pooling": "attention"},
 }
 
 
@@ -65,6 +65,9 @@ def config(
         "training.lr=0.002",
         f'training.run_dir="{run}"',
         "export.sample_requests=0",
+        "model.expert_hidden=[64]",  # a small model: the comparison is the history's, and
+        "model.num_experts=4",  # six runs share a 2-core machine
+        "model.tower_hidden=[16]",
     ]:
         _apply_override(d, o)
     if history is not None:
@@ -84,13 +87,14 @@ def against_truth(cfg: Config, r: TrainResult, seed: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=20_000)
-    ap.add_argument("--users", type=int, default=1_000)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--drift", type=float, default=1.5)
-    ap.add_argument("--period-days", type=float, default=2.0)
+    ap.add_argument("--requests", type=int, default=4_000)
+    ap.add_argument("--users", type=int, default=250)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--drift", type=float, default=2.0)
+    ap.add_argument("--period-days", type=float, default=3.0)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     a = ap.parse_args()
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in a.variants}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp:
         world = Path(tmp) / "world"
@@ -102,9 +106,10 @@ def main() -> None:
             drift_period_days=a.period_days,
         )
         summary = generate(wc, world, progress=False)
-        print(f"world: {summary.n_rows} rows, click rate {summary.click_rate:.3f}")
+        print(f"world: {summary.n_rows} rows, click rate {summary.click_rate:.3f}", flush=True)
         for seed in range(a.seeds):
-            for name, hist in VARIANTS.items():
+            for name in a.variants:
+                hist = VARIANTS[name]
                 cfg = config(
                     world, Path(tmp) / f"run-{seed}-{len(results[name])}", seed, a.epochs, hist
                 )
