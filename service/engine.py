@@ -286,6 +286,10 @@ async def rank(
     if getattr(model.live, "remote", False):  # counters in Redis: read in the features' MGET
         counters = model.live.request(user_id, video_ids, context, now)  # type: ignore[union-attr]
         lookup = await model.store.lookup(user_id, video_ids, counters)  # type: ignore[call-arg]
+        if counters.recent is not None:  # decoded from the MGET (None when degraded)
+            a = model.artifact
+            lookup.history = encode_history(a.config, a.encoder, counters.recent)
+            lookup.user_has_history = bool(counters.recent.ok.any())
     else:
         lookup = await model.store.lookup(user_id, video_ids)
     if model.live is not None and not getattr(model.live, "remote", False):

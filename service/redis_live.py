@@ -29,20 +29,26 @@ from redis.exceptions import RedisError
 
 from ranker.config import Config
 from ranker.errors import RankerError
+from ranker.history import Recent
 from ranker.live import (
     Counts,
     Events,
     VideoAttributes,
     decay_tau,
+    engaged,
     video_attribute_columns,
 )
 from ranker.live_store import (
     EVENT_ID_TTL_S,
+    HISTORY_LUA,
     STATE_TTL_S,
     UPDATE_LUA,
     counter_prefix,
     event_id_prefix,
+    history_key,
     unpack,
+    unpack_history,
+    video_bytes,
 )
 from service.live_state import ContextValue, EventBatch, LiveState
 
@@ -70,10 +76,16 @@ class CounterRequest:
             start = len(self.keys)
             self.keys += [prefix + s for s in map(str, uniq.tolist())]
             self.parts.append((start, len(self.keys), inverse, ok))
+        self.user = int(ev.keys["user"][0]) if len(ev) else None
+        self.recent: Recent | None = None  # the user's history, once decoded
+        if state.live.history is not None and self.user is not None:
+            self.keys.append(state.history_key(self.user))  # last: decode() reads it there
 
     def decode(self, values: list[bytes | None]) -> tuple[np.ndarray, bool]:
         """Standardised counter columns for the candidates, and whether the user has state."""
         n, now = len(self.ev), self.ev.times
+        if self.state.live.history is not None and self.user is not None:
+            self.recent = unpack_history(values[-1], self.state.live.history.length, "history")
         counts = []
         for spec, tau, (a, b, inverse, ok) in zip(
             self.state.live.counters, self.state.taus, self.parts, strict=True
@@ -116,6 +128,31 @@ class RedisLiveState(LiveState):
         self.taus = [decay_tau(c, unit) for c in config.live.counters]
         self.ids = event_id_prefix(prefix)
         self.script = store.client.register_script(UPDATE_LUA)
+        self.history_script = store.client.register_script(HISTORY_LUA)
+        self.history = None  # the history lives in Redis too: history_key()
+
+    def history_key(self, user: int) -> str:
+        return history_key(self.store.keys.prefix, self.live, self.config.data.time_unit_s, user)
+
+    def recent(self, user_id: int) -> Recent | None:
+        raise NotImplementedError("a Redis history is read with the features (request())")
+
+    def history_calls(self, batch: EventBatch, fresh: np.ndarray) -> list[tuple[list, list]]:
+        """The fresh engaged events of a batch as :data:`HISTORY_LUA` calls."""
+        if self.live.history is None:
+            return []
+        ev = self.batch_events(batch, np.flatnonzero(fresh))
+        users, times, videos = engaged(self.live, ev)
+        vb = video_bytes(videos)
+        calls = []
+        for start in range(0, len(users), EVENTS_PER_SCRIPT):
+            stop = min(start + EVENTS_PER_SCRIPT, len(users))
+            keys = [self.history_key(u) for u in users[start:stop].tolist()]
+            args: list[Any] = [self.state_ttl_s, self.live.history.length]
+            for i in range(start, stop):
+                args += [repr(float(times[i])), vb[i].tobytes()]
+            calls.append((keys, args))
+        return calls
 
     @property
     def nbytes(self) -> int:
@@ -179,10 +216,16 @@ class RedisLiveState(LiveState):
         calls = self.script_calls(batch)
         budget = max(self.store.timeout_s, 5.0)
         accepted = 0
+        flags: list[int] = []
         try:
             async with asyncio.timeout(budget):
                 for keys, args in calls:
-                    accepted += sum(await self.script(keys=keys, args=args))
+                    flags += await self.script(keys=keys, args=args)
+                    accepted = sum(flags)
+                # Histories after the counters, for the events whose ids were fresh: a fault in
+                # between loses those events' history entries (their ids are taken), not counts.
+                for keys, args in self.history_calls(batch, np.asarray(flags, bool)):
+                    await self.history_script(keys=keys, args=args)
         except TimeoutError:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where} did not take the events within "
