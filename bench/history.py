@@ -87,6 +87,7 @@ def against_truth(cfg: Config, r: TrainResult, seed: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="to split the seeds over runs")
     ap.add_argument("--requests", type=int, default=4_000)
     ap.add_argument("--users", type=int, default=250)
     ap.add_argument("--epochs", type=int, default=2)
@@ -107,7 +108,7 @@ def main() -> None:
         )
         summary = generate(wc, world, progress=False)
         print(f"world: {summary.n_rows} rows, click rate {summary.click_rate:.3f}", flush=True)
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             for name in a.variants:
                 hist = VARIANTS[name]
                 cfg = config(

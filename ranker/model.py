@@ -436,9 +436,14 @@ class RankingModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 total += 2 * m.in_features * m.out_features
-        if self.history is not None:  # its unit runs once per history slot, not once
-            unit = self.history.flops_per_row(1) - 2 * self.history.dim
-            total += self.history.flops_per_row(self.history_length) - unit
+        if self.history is not None:  # its unit runs per history slot: counted there
+            if self.history.unit is not None:
+                total -= sum(
+                    2 * m.in_features * m.out_features
+                    for m in self.history.unit.modules()
+                    if isinstance(m, nn.Linear)
+                )
+            total += self.history.flops_per_row(self.history_length)
         if self.experts is not None:
             total += self.experts.flops_per_row()
             if self.n_gates:

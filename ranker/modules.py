@@ -363,18 +363,33 @@ class HistoryPooling(nn.Module):
         ``target (B, D)`` the candidate's video embedding -> ``(B, D)``."""
         m = mask.unsqueeze(-1)  # (B, L, 1)
         if self.unit is not None:
-            t = target.unsqueeze(1).expand_as(h)  # (B, L, D)
-            w = self.unit(torch.cat([h, t, h - t, h * t], dim=-1))  # (B, L, 1)
+            w = self._attention(h, target)  # (B, L, 1)
         else:
             count = mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)  # (B, 1)
             w = (1.0 / count).unsqueeze(-1).expand_as(m)  # (B, L, 1)
         pooled = torch.where(m, w * h, torch.zeros_like(h)).sum(1)  # (B, D)
         return torch.where(mask.any(1, keepdim=True), pooled, self.empty.expand_as(pooled))
 
+    def _attention(self, h: Tensor, target: Tensor) -> Tensor:
+        """The activation unit's scores ``(B, L, 1)``. Its first layer on ``[h, t, h - t, h * t]``
+        is computed as ``h @ (W_h + W_d) + t @ (W_t - W_d) + (h * t) @ W_p``: the same linear
+        map, without building the ``(B, L, 4D)`` concatenation, and the target's share once per
+        row instead of once per slot (half the first layer's multiply-adds)."""
+        assert self.unit is not None
+        first = self.unit[0]
+        assert isinstance(first, nn.Linear)
+        wh, wt, wd, wp = first.weight.split(self.dim, dim=1)  # (H, D) each
+        per_row = torch.addmm(first.bias, target, (wt - wd).T)  # (B, H)
+        x = h @ (wh + wd).T + (h * target.unsqueeze(1)) @ wp.T + per_row.unsqueeze(1)
+        return self.unit[1:](x)  # (B, L, 1)
+
     def flops_per_row(self, length: int) -> int:
-        """Multiply-adds x2 per candidate: the activation unit on every slot, and the sum."""
-        unit = 0
+        """Multiply-adds x2 per candidate: the activation unit on every slot (its first layer
+        as :meth:`_attention` computes it), and the sum."""
+        total = 2 * length * self.dim
         if self.unit is not None:
-            unit = sum(2 * m.in_features * m.out_features for m in self.unit.modules()
-                       if isinstance(m, nn.Linear))  # fmt: skip
-        return length * (unit + 2 * self.dim)
+            layers = [m for m in self.unit.modules() if isinstance(m, nn.Linear)]
+            d, h = self.dim, layers[0].out_features
+            total += 2 * d * h * (2 * length + 1) + 2 * length * d
+            total += length * sum(2 * m.in_features * m.out_features for m in layers[1:])
+        return total

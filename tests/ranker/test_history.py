@@ -220,3 +220,19 @@ def test_history_config_is_checked() -> None:
     _apply_override(d, "live.history.length=0")
     with pytest.raises(ConfigError, match="live.history.length"):
         parse_config(d)
+
+
+def test_the_attention_unit_is_dins_mlp_on_the_concatenation() -> None:
+    """The unit's first layer is computed without the concatenation: it must be the same map."""
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        torch.manual_seed(int(rng.integers(1 << 30)))
+        d, length, b = int(rng.integers(1, 9)), int(rng.integers(1, 12)), int(rng.integers(1, 50))
+        pool = HistoryPooling(d, "attention", [int(rng.integers(1, 17)), 4]).eval()
+        scale = float(10.0 ** rng.uniform(-2, 2))
+        h, t = torch.randn(b, length, d) * scale, torch.randn(b, d) * scale
+        te = t.unsqueeze(1).expand_as(h)
+        assert pool.unit is not None
+        want = pool.unit(torch.cat([h, te, h - te, h * te], dim=-1))
+        got = pool._attention(h, t)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
