@@ -1,12 +1,14 @@
-"""What live counters add to a ranking request: the same world, a static model and one with
-counters (user, user x hour, video, channel), the service's in-process ``rank()`` on the same
-requests, interleaved, in one run.
+"""What live counters and the history add to a ranking request: the same world, a static
+model, one with counters (user, user x hour, video, channel) and one with the counters and the
+user's last 20 clicks pooled by target attention (``[live.history]``), the service's in-process
+``rank()`` on the same requests, interleaved, in one run.
 
     .venv/bin/python bench/live_cost.py                    # 500 candidates, 300 requests each
     .venv/bin/python bench/live_cost.py --candidates 200
 
-Prints the median and p90 milliseconds per request of each model, their ratio, the live
-features' own share and the CPU; nothing is timed in a test.
+Prints the median and p90 milliseconds per request of each model, their ratios to the static
+one, MFLOP per candidate as served, the live features' own share and the CPU; nothing is timed
+in a test.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ LIVE = {
 }
 
 
+HISTORY = {"engaged": "click", "length": 20, "pooling": "attention"}
+NAMES = ("static", "live", "history")
+
+
 def serving_model(path: Path) -> ServingModel:
     a = load_artifact(path)
     split = request_split(a.model, a.encoder, a.config.live)
@@ -73,7 +79,7 @@ def main() -> None:
             WorldConfig.small(n_requests=3000, n_users=2000, n_videos=5000), world, progress=False
         )
         models = {}
-        for name in ("static", "live"):
+        for name in NAMES:
             d = tomllib.loads((ROOT / "configs/default.toml").read_text())
             for o in (
                 f'data.log="{world / "log"}"',
@@ -85,8 +91,8 @@ def main() -> None:
                 f'export.name="{name}"',
             ):
                 _apply_override(d, o)
-            if name == "live":
-                d["live"] = LIVE
+            if name != "static":
+                d["live"] = LIVE if name == "live" else LIVE | {"history": HISTORY}
             result = train(parse_config(d), progress=False, export=True)
             assert result.artifact is not None
             models[name] = serving_model(result.artifact)
@@ -104,7 +110,7 @@ def main() -> None:
                 user = int(rng.integers(0, 2000))
                 ids = rng.choice(n_videos, a.candidates, replace=False).astype(np.int64)
                 ctx = {"device": "ios", "hour": int(rng.integers(0, 24))}
-                for name in ("static", "live") if i % 2 else ("live", "static"):
+                for name in NAMES[i % 3 :] + NAMES[: i % 3]:
                     t0 = time.perf_counter()
                     await rank(models[name], formula, user, ctx, ids, 10)
                     times[name].append((time.perf_counter() - t0) * 1e3)
@@ -119,11 +125,16 @@ def main() -> None:
     for name, ts in times.items():
         q = np.percentile(ts, [50, 90])
         print(f"  {name:7s} median {q[0]:.3f} ms   p90 {q[1]:.3f} ms")
-    ratio = statistics.median(times["live"]) / statistics.median(times["static"])
-    print(
-        f"  live / static (median): {ratio:.2f}x; live features alone: "
-        f"median {statistics.median(feature_ms):.3f} ms"
-    )
+    for name in NAMES[1:]:
+        ratio = statistics.median(times[name]) / statistics.median(times["static"])
+        print(f"  {name} / static (median): {ratio:.2f}x")
+    print(f"  live features alone: median {statistics.median(feature_ms):.3f} ms")
+    for name, m in models.items():
+        split = request_split(m.artifact.model, m.artifact.encoder, m.artifact.config.live)
+        mf = m.artifact.model.flops_per_row(split) / 1e6
+        h = m.artifact.model.history
+        own = h.flops_per_row(m.artifact.model.history_length) / 1e6 if h is not None else 0.0
+        print(f"  {name:7s} {mf:.3f} MFLOP per candidate as served ({own:.3f} the history's)")
     print(f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates}")
 
 

@@ -89,6 +89,11 @@ def code_version() -> str:
 
 def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
     """The model a config and a fitted encoder describe (the same call on both sides)."""
+    history = config.live.history if config.live else None
+    feature = -1
+    if history is not None:
+        name = config.history_feature().name
+        feature = [f.name for f in encoder.categorical].index(name)
     return RankingModel(
         encoder.cardinalities,
         len(encoder.numeric) + (config.live.width if config.live else 0),
@@ -96,6 +101,8 @@ def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
         config.model,
         cat_widths=encoder.cat_widths,
         output_dims={t.name: output_dim(t) for t in config.tasks},
+        history=history,
+        history_feature=feature,
     )
 
 
@@ -268,13 +275,13 @@ def load_artifact(
     for p in model.parameters():
         p.requires_grad_(False)
     if samples is not None and (
-        samples.cat.shape[2] != model.embed.num_columns
+        samples.cat.shape[2] != model.num_cat_columns
         or samples.num.shape[2] != model.embed.num_numeric
     ):
         raise ArtifactError(
             f"{path}: {SAMPLES_FILE} has {samples.cat.shape[2]} categorical and "
             f"{samples.num.shape[2]} numeric columns; the model reads "
-            f"{model.embed.num_columns} and {model.embed.num_numeric}"
+            f"{model.num_cat_columns} and {model.embed.num_numeric}"
         )
     return Artifact(path, manifest["version"], manifest, config, encoder, model, ranking, samples)
 

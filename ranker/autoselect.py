@@ -134,7 +134,7 @@ def _finite(value: object) -> object:
 def default_requests(model: RankingModel, rows: int = 500, count: int = 4) -> SampleRequests:
     """Stand-in requests for an artifact without samples: every code 0 (unknown), numerics 0;
     good for timing exact engines (their speed does not depend on the values), nothing more."""
-    cat = np.zeros((count, rows, model.embed.num_columns), np.int64)
+    cat = np.zeros((count, rows, model.num_cat_columns), np.int64)
     num = np.zeros((count, rows, model.embed.num_numeric), np.float32)
     return SampleRequests(cat, num)
 

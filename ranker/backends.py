@@ -70,7 +70,7 @@ class _TupleOutputs(nn.Module):
 def _example(model: RankingModel, rows: int = _EXAMPLE_ROWS) -> tuple[Tensor, Tensor]:
     """Valid inputs (code 0 = unknown / padding in every categorical column) for tracing."""
     emb = model.embed
-    cat = torch.zeros(rows, emb.num_columns, dtype=torch.long)
+    cat = torch.zeros(rows, model.num_cat_columns, dtype=torch.long)
     num = torch.zeros(rows, emb.num_numeric, dtype=torch.float32)
     return cat, num
 

@@ -480,11 +480,32 @@ class CounterSpec(Strict):
         return names + ([f"{self.name}.log_since_last_s"] if self.since_last else [])
 
 
+class HistorySpec(Strict):
+    """The user's recent history: the last ``length`` videos the user engaged with (an
+    ``engaged`` event, e.g. a click) strictly before each row, most recent first. The videos are
+    looked up in the video id feature's vocabulary and embedding table (shared, not a copy) and
+    pooled into one vector per candidate: ``attention`` is the target attention of Zhou et al.,
+    "Deep Interest Network for Click-Through Rate Prediction" (KDD 2018): an MLP on
+    ``[h, t, h - t, h * t]`` weighs each history video ``h`` against the candidate ``t``,
+    padding masked, no softmax (DIN keeps the weights' sum as the interest's intensity);
+    ``mean`` averages them. A user with no history gets a learned empty-history vector."""
+
+    kind: Literal["history"] = "history"
+    name: str = Field(default="history", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    engaged: str = Field(description="the live.events name whose events (value > 0) count")
+    length: int = Field(default=20, ge=1, le=200, description="videos kept per user")
+    pooling: Literal["attention", "mean"] = "attention"
+    attention_hidden: list[int] = Field(
+        default=[32], description="attention only: hidden layers of the activation unit"
+    )
+
+
 class LiveConfig(Strict):
     """Features that move with time, kept current by events (``docs/live-features.md``)."""
 
     events: list[EventSpec] = Field(min_length=1)
-    counters: list[CounterSpec] = Field(min_length=1)
+    counters: list[CounterSpec] = Field(default=[])
+    history: HistorySpec | None = None
     max_event_ids: int = Field(
         default=1_000_000, gt=0, description="event ids remembered for idempotence (serving)"
     )
@@ -501,6 +522,12 @@ class LiveConfig(Strict):
         cn = [c.name for c in self.counters]
         if len(set(cn)) != len(cn):
             raise ValueError("live.counters: duplicate names")
+        if not self.counters and self.history is None:
+            raise ValueError("live: declares neither counters nor a history")
+        if self.history is not None and self.history.engaged not in names:
+            raise ValueError(
+                f"live.history.engaged: {self.history.engaged!r} is not one of live.events {names}"
+            )
         return self
 
     @property
@@ -565,6 +592,21 @@ class Config(Strict):
             return [*self.features, *self.position.bias_features()]
         return list(self.features)
 
+    def history_feature(self) -> FeatureSpec:
+        """The video id feature whose vocabulary and embedding the history shares."""
+        for f in self.features:
+            if (
+                f.source == "video"
+                and f.kind == "categorical"
+                and f.separator is None
+                and f.source_column == self.data.video_key
+            ):
+                return f
+        raise ValueError(
+            f"live.history: needs a single-valued categorical video feature on column "
+            f"{self.data.video_key!r} (data.video_key) to share its vocabulary and embedding"
+        )
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
@@ -611,6 +653,8 @@ class Config(Strict):
                             f"live.counters: {c.name!r} key {k!r} is not a declared context "
                             "feature (the service reads it from the request's context)"
                         )
+        if self.live is not None and self.live.history is not None:
+            self.history_feature()  # raises when there is no video id feature to share
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")

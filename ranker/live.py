@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from ranker.config import Config, CounterSpec, LiveConfig
 from ranker.errors import DataError
+from ranker.history import HistoryIndex, Recent
 from ranker.metrics import SESSION_GAP_S
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -463,7 +464,7 @@ def raw_features(
         if spec.since_last:
             gap = np.maximum(now - c.last_time, 0.0) * unit_s
             cols.append(np.log1p(gap))
-    return np.stack(cols, axis=1)
+    return np.stack(cols, axis=1) if cols else np.zeros((len(now), 0))
 
 
 def standardise(live: LiveConfig, params: dict[str, Any], raw: np.ndarray) -> np.ndarray:
@@ -540,10 +541,14 @@ class OfflineCounters:
             PointInTime(c, event_index(self.live, c), events, config.data.time_unit_s)
             for c in self.live.counters
         ]
+        self.history: HistoryIndex | None = None
+        if self.live.history is not None:
+            self.history = history_index(self.live, events)
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.counters)
+        h = self.history.nbytes if self.history is not None else 0
+        return sum(c.nbytes for c in self.counters) + h
 
     def fit(self, train: Events) -> dict[str, Any]:
         """Encoder state from the training rows: each event's mean per impression (the prior
@@ -562,7 +567,32 @@ class OfflineCounters:
     ) -> np.ndarray:
         """Standardised counter columns ``(n, width)`` for the log rows in ``table``."""
         ev = events_from_table(self.config, table, self.attrs, origin)
-        at = self.sessions.start(ev.keys["user"], ev.times) if self.frozen else ev.times
+        at = self._at(ev)
         counts = [c.before(*ev.entity(c.spec), at) for c in self.counters]
         raw = raw_features(self.live, params, counts, at, self.config.data.time_unit_s)
         return standardise(self.live, params, raw)
+
+    def _at(self, ev: Events) -> np.ndarray:
+        return self.sessions.start(ev.keys["user"], ev.times) if self.frozen else ev.times
+
+    def recent(self, table: pa.RecordBatch | pa.Table, origin: str) -> Recent:
+        """The history (``[live.history]``) of the log rows in ``table``: each user's last
+        engaged videos strictly before the row (before its session with ``frozen``)."""
+        assert self.history is not None
+        ev = events_from_table(self.config, table, self.attrs, origin)
+        return self.history.before(ev.keys["user"], self._at(ev))
+
+
+def engaged(live: LiveConfig, events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(users, times, videos)`` of the events that enter histories: the history's engaged
+    event with a value above 0 (a log row whose column is positive, or such a feedback event)."""
+    assert live.history is not None
+    j = [e.name for e in live.events].index(live.history.engaged)
+    m = events.values[:, j] > 0
+    return events.keys["user"][m], events.times[m], events.keys["video"][m]
+
+
+def history_index(live: LiveConfig, events: Events) -> HistoryIndex:
+    """The history's index over every engaged event of some logs."""
+    assert live.history is not None
+    return HistoryIndex(live.history.length, *engaged(live, events))

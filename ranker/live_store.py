@@ -39,6 +39,7 @@ import numpy as np
 
 from ranker.config import CounterSpec, LiveConfig
 from ranker.errors import StoreError
+from ranker.history import Recent
 from ranker.live import Totals
 
 STATE_TTL_S = 30 * 86400  # a counted entity not updated for this long is forgotten
@@ -153,4 +154,92 @@ for e = 1, n do
   end
 end
 return out
+"""
+
+
+# The history (``[live.history]``): per user one string of up to N 16-byte entries, most recent
+# first: the time as a little-endian float64, then the video id as 8 big-endian bytes with the
+# sign bit flipped, so that comparing the bytes as strings (Lua) orders ids as int64s do
+# (ranker/history.py's tie order). Key: P:live-hist:<name>.<digest>:{u:<user>}, the user in a
+# hash tag, so one user's keys can share a Redis Cluster slot.
+
+HISTORY_ENTRY = 16
+_SIGN = np.uint64(1 << 63)
+
+
+def history_digest(live: LiveConfig, unit_s: float) -> str:
+    """Eight hex digits naming what a history means (its spec, the engaged event, the unit)."""
+    assert live.history is not None
+    spec = live.history
+    event = next(e for e in live.events if e.name == spec.engaged).model_dump(mode="json")
+    what = {"engaged": spec.engaged, "length": spec.length}  # the pooling is the model's
+    blob = json.dumps([what, event, unit_s], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def history_key(prefix: str, live: LiveConfig, unit_s: float, user: int) -> str:
+    assert live.history is not None
+    return f"{prefix}:live-hist:{live.history.name}.{history_digest(live, unit_s)}:{{u:{user}}}"
+
+
+def video_bytes(videos: np.ndarray) -> np.ndarray:
+    """Video ids as ``(n, 8)`` uint8: big-endian with the sign bit flipped (order-preserving)."""
+    v = (np.asarray(videos, np.int64).view(np.uint64) ^ _SIGN).astype(">u8")
+    return v.view(np.uint8).reshape(-1, 8)
+
+
+def pack_history(recent: Recent) -> list[bytes]:
+    """One record per row of ``recent`` (its ``ok`` entries, most recent first)."""
+    n, k = recent.ok.shape
+    rec = np.zeros((n, k, HISTORY_ENTRY), np.uint8)
+    rec[:, :, :8] = recent.times.astype("<f8").view(np.uint8).reshape(n, k, 8)
+    rec[:, :, 8:] = video_bytes(recent.videos.ravel()).reshape(n, k, 8)
+    counts = recent.ok.sum(1)
+    flat = rec.reshape(n, -1)
+    return [flat[i, : counts[i] * HISTORY_ENTRY].tobytes() for i in range(n)]  # per user
+
+
+def unpack_history(value: bytes | None, length: int, what: str) -> Recent:
+    """A record as a one-row :class:`Recent` (an absent record: the empty history)."""
+    buf = value or b""
+    if len(buf) % HISTORY_ENTRY or len(buf) > length * HISTORY_ENTRY:
+        raise StoreError(f"{what}: a history record of {len(buf)} bytes: another layout")
+    m = len(buf) // HISTORY_ENTRY
+    rec = np.frombuffer(buf, np.uint8).reshape(m, HISTORY_ENTRY)
+    times = np.full((1, length), np.nan)
+    videos = np.zeros((1, length), np.int64)
+    ok = np.zeros((1, length), bool)
+    times[0, :m] = rec[:, :8].copy().view("<f8").ravel()
+    videos[0, :m] = (rec[:, 8:].copy().view(">u8").ravel().astype(np.uint64) ^ _SIGN).view(np.int64)
+    ok[0, :m] = True
+    return Recent(videos, times, ok)
+
+
+HISTORY_LUA = """
+-- Adds engaged events to users' histories: per user a string of 16-byte entries, most recent
+-- first (time '<d', then the video's order-preserving 8 bytes), at most ARGV[2] of them.
+-- ARGV: ttl, length, then per event: time, video bytes. KEYS: per event its user's history key.
+-- The order is ranker.history's: (time, video) descending; the oldest falls off the end.
+-- Video bytes are compared as two big-endian unsigned 32-bit halves (not as Lua strings, whose
+-- comparison follows the locale).
+local function vge(a, b)
+  local ah, al = struct.unpack('>I4>I4', a)
+  local bh, bl = struct.unpack('>I4>I4', b)
+  return ah > bh or (ah == bh and al >= bl)
+end
+local ttl, len = tonumber(ARGV[1]), tonumber(ARGV[2])
+for e = 1, #KEYS do
+  local t, vb = tonumber(ARGV[1 + 2 * e]), ARGV[2 + 2 * e]
+  local rec = redis.call('GET', KEYS[e]) or ''
+  local n = #rec / 16
+  local at = n
+  for i = 0, n - 1 do
+    local ti = struct.unpack('<d', string.sub(rec, 16 * i + 1, 16 * i + 8))
+    local vi = string.sub(rec, 16 * i + 9, 16 * i + 16)
+    if t > ti or (t == ti and vge(vb, vi)) then at = i break end
+  end
+  local out = string.sub(rec, 1, 16 * at) .. struct.pack('<d', t) .. vb .. string.sub(rec, 16 * at + 1)
+  redis.call('SET', KEYS[e], string.sub(out, 1, 16 * len), 'EX', ttl)
+end
+return #KEYS
 """

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ranker.config import ModelConfig
+from ranker.config import HistorySpec, ModelConfig
 from ranker.cross_stitch import CrossStitchColumns
 from ranker.dselect import DSelectGateBank
 from ranker.modules import (
@@ -40,6 +40,7 @@ from ranker.modules import (
     ExpertBank,
     FeatureEmbedding,
     GateBank,
+    HistoryPooling,
     SplitInput,
     first_linear,
     gate_softmax,
@@ -184,6 +185,10 @@ class RankingModel(nn.Module):
         the cumulative logits of an ordinal head).
     cat_widths: ``cat`` columns per categorical feature (default 1 each; ``max_values`` for a
         multi-valued feature, whose embeddings are mean-pooled).
+    history: the user's recent history (``[live.history]``): its ``length`` codes are the last
+        ``cat`` columns, in the vocabulary of categorical feature ``history_feature`` (the video
+        id), whose embedding rows they share; the pooled vector (:class:`HistoryPooling`)
+        follows the numeric columns in the embedded input, so every architecture reads it.
     """
 
     def __init__(
@@ -194,6 +199,8 @@ class RankingModel(nn.Module):
         config: ModelConfig,
         output_dims: dict[str, int] | None = None,
         cat_widths: list[int] | None = None,
+        history: HistorySpec | None = None,
+        history_feature: int = -1,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -203,6 +210,23 @@ class RankingModel(nn.Module):
         self.arch = config.architecture
         self.embed = FeatureEmbedding(cardinalities, num_numeric, config.embedding_dim, cat_widths)
         d_in = self.embed.out_dim
+        self.history: HistoryPooling | None = None
+        self.history_length = 0
+        if history is not None:
+            widths = self.embed.widths
+            if not 0 <= history_feature < len(widths) or widths[history_feature] != 1:
+                raise ValueError(
+                    f"history_feature {history_feature} is not a single-valued categorical feature"
+                )
+            self.history = HistoryPooling(
+                config.embedding_dim, history.pooling, history.attention_hidden
+            )
+            self.history_length = history.length
+            self.history_feature = history_feature
+            column = sum(widths[:history_feature])  # its one cat column
+            self.history_column = column
+            d_in += config.embedding_dim
+        self.in_dim = d_in
         self.experts: ExpertBank | None = None
         self.gate: nn.Linear | None = None  # softmax gates of mmoe / omoe
         self.dselect: DSelectGateBank | None = None  # their DSelect-k gates instead
@@ -312,12 +336,31 @@ class RankingModel(nn.Module):
         (by index among the categorical features) and numeric columns (for :meth:`forward`)."""
         d, f = self.embed.dim, self.embed.num_cat
         cols = [i * d + k for i in categorical for k in range(d)] + [f * d + j for j in numeric]
-        return ColumnSplit.of(self.embed.out_dim, cols)
+        return ColumnSplit.of(self.in_dim, cols)
+
+    @property
+    def num_cat_columns(self) -> int:
+        """``cat`` columns the input must have: the features' and the history's."""
+        return self.embed.num_columns + self.history_length
+
+    def embed_input(self, cat: Tensor, num: Tensor) -> Tensor:
+        """The embedded input ``(B, In)``: the features' embeddings and numeric columns, then
+        the pooled history (when the model has one)."""
+        if self.history is None:
+            return self.embed(cat, num)
+        n = self.embed.num_columns
+        feats, hist = cat[:, :n], cat[:, n:]  # (B, C), (B, L)
+        emb = self.embed(feats, num)
+        d, f = self.embed.dim, self.history_feature
+        target = emb[:, f * d : (f + 1) * d]  # (B, D): the candidate's video id embedding
+        offset = self.embed.offsets[self.history_column]
+        h = self.embed.table(hist + offset)  # (B, L, D), the video id's own rows
+        return torch.cat([emb, self.history(h, hist != 0, target)], dim=1)
 
     def _run(
         self, cat: Tensor, num: Tensor, with_gates: bool, split: ColumnSplit | None = None
     ) -> ModelOutput:
-        emb = self.embed(cat, num)  # (B, In)
+        emb = self.embed_input(cat, num)  # (B, In)
         x = emb if split is None else split.apply(emb)
         b = emb.shape[0]
         t = len(self.tasks)
@@ -393,6 +436,14 @@ class RankingModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 total += 2 * m.in_features * m.out_features
+        if self.history is not None:  # its unit runs per history slot: counted there
+            if self.history.unit is not None:
+                total -= sum(
+                    2 * m.in_features * m.out_features
+                    for m in self.history.unit.modules()
+                    if isinstance(m, nn.Linear)
+                )
+            total += self.history.flops_per_row(self.history_length)
         if self.experts is not None:
             total += self.experts.flops_per_row()
             if self.n_gates:

@@ -333,3 +333,63 @@ class GateBank(nn.Module):
 
     def flops_per_row(self) -> int:
         return 2 * self.weight.numel()
+
+
+class HistoryPooling(nn.Module):
+    """The user's recent videos pooled into one vector per candidate (``[live.history]``).
+
+    ``attention``: the target attention of Zhou et al., "Deep Interest Network for
+    Click-Through Rate Prediction" (KDD 2018, section 4.3): an activation unit (an MLP on
+    ``[h, t, h - t, h * t]``, the paper's out product replaced by the element-wise one as in its
+    public code) scores each history video ``h`` against the candidate ``t``; the vector is
+    ``sum_j w_j h_j`` over the non-padded videos, without softmax (the paper keeps the sum of
+    weights as the intensity of the user's interest). ``mean``: the average of the videos.
+
+    Padding (code ``0``: no video, or one outside the vocabulary) is masked with ``where``, so
+    neither its embedding nor its score can reach the output; a row whose history is all
+    padding gets ``empty``, a learned vector of its own (not the zero a masked sum gives, which
+    the model could not tell from a history whose weights cancel).
+    """
+
+    def __init__(self, dim: int, pooling: str, hidden: list[int]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.pooling = pooling
+        self.empty = nn.Parameter(torch.randn(dim) * 0.05)
+        self.unit = mlp(4 * dim, hidden, 1) if pooling == "attention" else None
+
+    def forward(self, h: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+        """``h (B, L, D)`` history embeddings, ``mask (B, L)`` bool (True: a real video),
+        ``target (B, D)`` the candidate's video embedding -> ``(B, D)``."""
+        m = mask.unsqueeze(-1)  # (B, L, 1)
+        if self.unit is not None:
+            w = self._attention(h, target)  # (B, L, 1)
+        else:
+            count = mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)  # (B, 1)
+            w = (1.0 / count).unsqueeze(-1).expand_as(m)  # (B, L, 1)
+        pooled = torch.where(m, w * h, torch.zeros_like(h)).sum(1)  # (B, D)
+        return torch.where(mask.any(1, keepdim=True), pooled, self.empty.expand_as(pooled))
+
+    def _attention(self, h: Tensor, target: Tensor) -> Tensor:
+        """The activation unit's scores ``(B, L, 1)``. Its first layer on ``[h, t, h - t, h * t]``
+        is computed as ``h @ (W_h + W_d) + t @ (W_t - W_d) + (h * t) @ W_p``: the same linear
+        map, without building the ``(B, L, 4D)`` concatenation, and the target's share once per
+        row instead of once per slot (half the first layer's multiply-adds)."""
+        assert self.unit is not None
+        first = self.unit[0]
+        assert isinstance(first, nn.Linear)
+        wh, wt, wd, wp = first.weight.split(self.dim, dim=1)  # (H, D) each
+        per_row = torch.addmm(first.bias, target, (wt - wd).T)  # (B, H)
+        x = h @ (wh + wd).T + (h * target.unsqueeze(1)) @ wp.T + per_row.unsqueeze(1)
+        return self.unit[1:](x)  # (B, L, 1)
+
+    def flops_per_row(self, length: int) -> int:
+        """Multiply-adds x2 per candidate: the activation unit on every slot (its first layer
+        as :meth:`_attention` computes it), and the sum."""
+        total = 2 * length * self.dim
+        if self.unit is not None:
+            layers = [m for m in self.unit.modules() if isinstance(m, nn.Linear)]
+            d, h = self.dim, layers[0].out_features
+            total += 2 * d * h * (2 * length + 1) + 2 * length * d
+            total += length * sum(2 * m.in_features * m.out_features for m in layers[1:])
+        return total

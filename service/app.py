@@ -305,6 +305,8 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         }
         if state.model.live is not None:
             header["user_has_state"] = r.lookup.user_has_state
+            if state.model.artifact.config.live.history is not None:  # type: ignore[union-attr]
+                header["user_has_history"] = r.lookup.user_has_history
         items = items_json(r.video_ids, r.scores, r.predictions)
         response = Response(rank_response_json(header, items), media_type="application/json")
         if app.state.service_logs is not None:

@@ -20,6 +20,7 @@ from ranker.artifact import Artifact, load_artifact
 from ranker.autoselect import auto_predictor
 from ranker.errors import RequestError
 from ranker.features import Encoded, FeatureEncoder
+from ranker.history import encode_history
 from ranker.predictor import Predictor, request_split
 from ranker.scoring import RankingFormula, load_ranking_config
 from service.live_state import LiveState
@@ -231,6 +232,11 @@ def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[
     if live is not None:
         num = lookup.live if lookup.live is not None else np.zeros((n, live.width), np.float32)
         parts.append(Encoded(np.zeros((n, 0), np.int64), num))
+        if live.history is not None:  # the user's history codes, the same on every row
+            hist = lookup.history
+            if hist is None:  # no state (a store fault): the empty history
+                hist = np.zeros((1, live.history.length), np.int64)
+            parts.append(Encoded(np.repeat(hist, n, axis=0), np.zeros((n, 0), np.float32)))
     rows = Encoded.concat_columns(parts)
     return model.predictor.predict(rows)
 
@@ -280,10 +286,19 @@ async def rank(
     if getattr(model.live, "remote", False):  # counters in Redis: read in the features' MGET
         counters = model.live.request(user_id, video_ids, context, now)  # type: ignore[union-attr]
         lookup = await model.store.lookup(user_id, video_ids, counters)  # type: ignore[call-arg]
+        if counters.recent is not None:  # decoded from the MGET (None when degraded)
+            a = model.artifact
+            lookup.history = encode_history(a.config, a.encoder, counters.recent)
+            lookup.user_has_history = bool(counters.recent.ok.any())
     else:
         lookup = await model.store.lookup(user_id, video_ids)
     if model.live is not None and not getattr(model.live, "remote", False):
         lookup.live, lookup.user_has_state = model.live.features(user_id, video_ids, context, now)
+        recent = model.live.recent(user_id)
+        if recent is not None:
+            a = model.artifact
+            lookup.history = encode_history(a.config, a.encoder, recent)
+            lookup.user_has_history = bool(recent.ok.any())
     t1 = time.perf_counter()
     if forward_thread:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ import numpy as np
 
 from ranker.config import Config
 from ranker.errors import RequestError
+from ranker.history import HistoryState, Recent
 from ranker.live import (
     _NULL,
     Counts,
@@ -28,6 +29,7 @@ from ranker.live import (
     OfflineCounters,
     Totals,
     VideoAttributes,
+    engaged,
     event_index,
     make_events,
     raw_features,
@@ -57,6 +59,11 @@ class LiveState:
         offline = OfflineCounters(config, logs)
         self._setup(config, params, offline.attrs)
         self.totals: list[Totals] = [c.totals() for c in offline.counters]
+        self.history: HistoryState | None = None
+        """``[live.history]``: every user's last engaged videos (raw ids: the serving model's
+        vocabulary encodes them per request, so a reload to a new vocabulary keeps them)."""
+        if offline.history is not None:
+            self.history = HistoryState.from_index(offline.history)
 
     def _setup(self, config: Config, params: dict[str, Any], attrs: VideoAttributes) -> None:
         """What encoding requests and decoding events needs, wherever the totals live."""
@@ -77,13 +84,20 @@ class LiveState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.totals)
+        h = self.history.nbytes if self.history is not None else 0
+        return sum(t.nbytes for t in self.totals) + h
 
     def describe(self) -> str:
-        sizes = ", ".join(
-            f"{c.name} {len(t)}" for c, t in zip(self.live.counters, self.totals, strict=True)
-        )
-        return f"live counters ({sizes} entities, {self.nbytes / 1e6:.1f} MB)"
+        sizes = [f"{c.name} {len(t)}" for c, t in zip(self.live.counters, self.totals, strict=True)]
+        if self.history is not None:
+            sizes.append(f"history {len(self.history)}")
+        return f"live state ({', '.join(sizes)} entities, {self.nbytes / 1e6:.1f} MB)"
+
+    def recent(self, user_id: int) -> Recent | None:
+        """The user's history as it stands (``None``: the model has none)."""
+        if self.history is None:
+            return None
+        return self.history.current(np.asarray([user_id], np.int64))
 
     def _context_column(self, key: str, contexts: list[dict[str, ContextValue]]) -> np.ndarray:
         """A ``context:<feature>`` key's int64 value per row; missing or non-integer is null
@@ -162,6 +176,8 @@ class LiveState:
             ev = self.batch_events(batch, keep)
             for tot, idx in zip(self.totals, self.index, strict=True):
                 tot.add(ev, idx)
+            if self.history is not None:
+                self.history.add(*engaged(self.live, ev))
             self._remember([batch.ids[i] for i in fresh])
             self.events += len(keep)
         mask = np.zeros(len(batch.ids), bool)

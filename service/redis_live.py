@@ -31,21 +31,27 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ranker.config import Config
 from ranker.errors import RankerError
+from ranker.history import Recent
 from ranker.live import (
     Counts,
     Events,
     VideoAttributes,
     decay_tau,
+    engaged,
     video_attribute_columns,
 )
 from ranker.live_store import (
     EVENT_ID_TTL_S,
+    HISTORY_LUA,
     STATE_TTL_S,
     UPDATE_LUA,
     counter_prefix,
     event_id_key,
+    history_key,
     record_keys,
     unpack,
+    unpack_history,
+    video_bytes,
 )
 from service.live_state import ContextValue, EventBatch, LiveState
 
@@ -77,10 +83,16 @@ class CounterRequest:
             start = len(self.keys)
             self.keys += record_keys(prefix, uniq.tolist())
             self.parts.append((start, len(self.keys), inverse, ok))
+        self.user = int(ev.keys["user"][0]) if len(ev) else None
+        self.recent: Recent | None = None  # the user's history, once decoded
+        if state.live.history is not None and self.user is not None:
+            self.keys.append(state.history_key(self.user))  # last: decode() reads it there
 
     def decode(self, values: list[bytes | None]) -> tuple[np.ndarray, bool]:
         """Standardised counter columns for the candidates, and whether the user has state."""
         n, now = len(self.ev), self.ev.times
+        if self.state.live.history is not None and self.user is not None:
+            self.recent = unpack_history(values[-1], self.state.live.history.length, "history")
         counts = []
         for spec, tau, (a, b, inverse, ok) in zip(
             self.state.live.counters, self.state.taus, self.parts, strict=True
@@ -123,7 +135,37 @@ class RedisLiveState(LiveState):
         self.taus = [decay_tau(c, unit) for c in config.live.counters]
         # An event that updates no record still has its id remembered (under its own tag)
         self.ids = f"{prefix}:live-id:"
-        self.sha: str | None = None
+        self.shas: dict[str, str] = {}  # script source -> its SHA1, once loaded
+        self.history = None  # the history lives in Redis too: history_key()
+
+    def history_key(self, user: int) -> str:
+        return history_key(self.store.keys.prefix, self.live, self.config.data.time_unit_s, user)
+
+    def recent(self, user_id: int) -> Recent | None:
+        raise NotImplementedError("a Redis history is read with the features (request())")
+
+    def history_calls(
+        self, batch: EventBatch, fresh: np.ndarray
+    ) -> list[tuple[list[str], list[Any], list[int]]]:
+        """The fresh engaged events of a batch as :data:`HISTORY_LUA` calls, one user's events
+        per call (one key, so one slot on a cluster)."""
+        if self.live.history is None:
+            return []
+        ev = self.batch_events(batch, np.flatnonzero(fresh))
+        users, times, videos = engaged(self.live, ev)
+        vb = video_bytes(videos)
+        order = np.argsort(users, kind="stable")
+        bounds = np.flatnonzero(np.diff(users[order])) + 1
+        calls: list[tuple[list[str], list[Any], list[int]]] = []
+        for group in np.split(order, bounds) if len(order) else []:
+            for a in range(0, len(group), EVENTS_PER_SCRIPT):
+                part = group[a : a + EVENTS_PER_SCRIPT].tolist()
+                key = self.history_key(int(users[part[0]]))
+                args: list[Any] = [self.state_ttl_s, self.live.history.length]
+                for i in part:
+                    args += [repr(float(times[i])), vb[i].tobytes()]
+                calls.append(([key] * len(part), args, []))
+        return calls
 
     @property
     def nbytes(self) -> int:
@@ -195,20 +237,23 @@ class RedisLiveState(LiveState):
             )
         return calls
 
-    async def _run(self, calls: list[tuple[list[str], list[Any], list[int]]]) -> list[Any]:
-        """Every call in one pipeline (per node on a cluster, nodes in parallel), by EVALSHA;
-        calls a node answers NOSCRIPT (a fresh or failed-over master) are sent again after
-        loading the script there. Safe: a repeated call counts nothing twice."""
+    async def _run(
+        self, calls: list[tuple[list[str], list[Any], list[int]]], script: str = UPDATE_LUA
+    ) -> list[Any]:
+        """Every call of ``script`` in one pipeline (per node on a cluster, nodes in parallel),
+        by EVALSHA; calls a node answers NOSCRIPT (a fresh or failed-over master) are sent again
+        after loading the script there. Safe: a repeated call counts nothing twice."""
         client = self.store.client
-        if self.sha is None:
-            self.sha = await client.script_load(UPDATE_LUA)
+        if script not in self.shas:
+            self.shas[script] = await client.script_load(script)
+        sha = self.shas[script]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
             for c in todo:
                 keys, args, _ = calls[c]
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
+                pipe.evalsha(sha, len(keys), *keys, *args)
             out = await pipe.execute(raise_on_error=False)
             missing = []
             for c, r in zip(todo, out, strict=True):
@@ -220,7 +265,7 @@ class RedisLiveState(LiveState):
                     results[c] = r
             if not missing:
                 break
-            await client.script_load(UPDATE_LUA)
+            await client.script_load(script)
             todo = missing
         return results
 
@@ -241,6 +286,13 @@ class RedisLiveState(LiveState):
         try:
             async with asyncio.timeout(budget):
                 results = await self._run(calls)
+                for (_, _, events), r in zip(calls, results, strict=True):
+                    fresh[events] |= np.asarray(r, bool)
+                # Histories after the counters, for the events whose ids were fresh: a fault in
+                # between loses those events' history entries (their ids are taken), not counts.
+                history = self.history_calls(batch, fresh)
+                if history:
+                    await self._run(history, HISTORY_LUA)
         except TimeoutError:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where} did not take the events within "
@@ -253,6 +305,4 @@ class RedisLiveState(LiveState):
                 f"retry the batch (ids make it safe)",
                 fresh,
             ) from None
-        for (_, _, events), r in zip(calls, results, strict=True):
-            fresh[events] |= np.asarray(r, bool)
         return fresh

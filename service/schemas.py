@@ -84,6 +84,11 @@ class RankResponse(BaseModel):
         default=None,
         description="live counters held impressions of this user (None: the model has none)",
     )
+    user_has_history: bool | None = Field(
+        default=None,
+        description="the user's recent history ([live.history]) held an engaged video "
+        "(None: the model has no history)",
+    )
     items: list[RankedItem]
 
 

@@ -27,6 +27,8 @@ class Lookup:
     degraded: str | None = None  # why defaults were used for a store fault, None when healthy
     live: np.ndarray | None = None  # (n, W) float32 live counter columns; None: the defaults
     user_has_state: bool = False  # the live state held impressions of this user
+    history: np.ndarray | None = None  # (1, N) int64 history codes ([live.history]); None: none
+    user_has_history: bool = False  # the history held a video of this user
 
 
 class FeatureStore(Protocol):

@@ -25,6 +25,7 @@ from ranker import live
 from ranker.config import Config
 from ranker.errors import DataError
 from ranker.features import Encoded, FeatureEncoder
+from ranker.history import encode_history
 from ranker.live import OfflineCounters
 from ranker.tables import FeatureTable, as_int64_ids
 
@@ -346,6 +347,9 @@ class BatchBuilder:
         if self.counters is not None:
             num = self.counters.encode(rb, self.encoder.live, origin)
             parts.append(Encoded(np.zeros((len(num), 0), np.int64), num))
+            if self.counters.history is not None:  # the history's codes: the last cat columns
+                codes = encode_history(self.config, self.encoder, self.counters.recent(rb, origin))
+                parts.append(Encoded(codes, np.zeros((len(codes), 0), np.float32)))
         return Encoded.concat_columns(parts), uid, vid
 
     def _fix_context(self, rb: pa.RecordBatch) -> pa.RecordBatch:

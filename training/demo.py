@@ -22,6 +22,14 @@ from service.launch import serve
 WORLD = Path("data/default")
 EXPOSURE_LOG = Path("runs/demo-exposure-log")  # RANKER_EXPOSURE_DIR: what the service showed
 GENERATE = ["--n-users", "10000", "--n-videos", "5000", "--n-requests", "25000", "--seed", "0"]
+HISTORY = [
+    "--set",
+    'live.events=[{name = "click", column = "click"}]',
+    "--set",
+    'live.history={engaged = "click", length = 20, pooling = "attention"}',
+]
+"""The demo's model also reads the user's last 20 clicked videos (docs/live-features.md), so
+that step 5 can show the list move as clicks arrive."""
 
 
 def step(title: str) -> float:
@@ -57,6 +65,60 @@ def sample_request(n_candidates: int = 200) -> dict:
     }
 
 
+def show(res: dict, category: dict[int, int]) -> None:
+    """The ranked items with each video's category."""
+    print(f"{'#':>2} {'video':>7} {'category':>8} {'score':>8} {'click':>7}")
+    for i, item in enumerate(res["items"], 1):
+        v = item["video_id"]
+        print(
+            f"{i:>2} {v:>7} {category.get(v, -1):>8} {item['score']:>8.4f} "
+            f"{item['predictions']['click']:>7.3f}"
+        )
+
+
+def clicks_then_rank_again(url: str, body: dict) -> None:
+    """Step 5: the same request before and after the user clicks five videos of a category the
+    list leaves out (the events a client would send, POST /v1/events), so the user's history
+    (the model's last-20-clicks feature, kept current by the events) moves the list."""
+    videos = pq.read_table(WORLD / "videos.parquet", columns=["video_id", "category", "popularity"])
+    vid = videos.column("video_id").to_numpy()
+    cat = videos.column("category").to_numpy()
+    category = dict(zip(vid.tolist(), cat.tolist(), strict=True))
+    before = httpx.post(f"{url}/v1/rank", json=body, timeout=30).json()
+    shown = {i["video_id"] for i in before["items"]}
+    asked = np.array([c["video_id"] for c in body["candidates"]])
+    left_out = np.bincount(
+        [category[v] for v in asked.tolist() if v not in shown], minlength=cat.max() + 1
+    )
+    in_top = np.bincount([category[v] for v in shown], minlength=cat.max() + 1)
+    # the category least in the top 10 among those with candidates below it
+    target = int(np.lexsort((-left_out, np.where(left_out >= 3, in_top, 10**6)))[0])
+    pool = np.flatnonzero((cat == target) & ~np.isin(vid, asked))
+    clicked = vid[pool[np.argsort(-videos.column("popularity").to_numpy()[pool])[:5]]]
+    now = time.time()
+    events = [
+        {
+            "event_id": f"demo:{body['user_id']}:{v}",
+            "user_id": body["user_id"],
+            "video_id": int(v),
+            "type": "click",
+            "time": now - 60 + i,
+        }
+        for i, v in enumerate(clicked.tolist())
+    ]
+    print(f"before: user has a history: {before['user_has_history']}")
+    show(before, category)
+    r = httpx.post(f"{url}/v1/events", json={"events": events}, timeout=30)
+    r.raise_for_status()
+    print(f"\nPOST /v1/events: clicks on videos {clicked.tolist()} (category {target}): {r.json()}")
+    after = httpx.post(f"{url}/v1/rank", json=body, timeout=30).json()
+    print(f"after: user has a history: {after['user_has_history']}")
+    show(after, category)
+    n_before = sum(category[i["video_id"]] == target for i in before["items"])
+    n_after = sum(category[i["video_id"]] == target for i in after["items"])
+    print(f"category {target} in the top {len(after['items'])}: {n_before} before, {n_after} after")
+
+
 def send_feedback(url: str, user_id: int, items: list[dict], request_id: str) -> None:
     """What the user did with the shown videos: an impression of each, a click on the first,
     sent with the response's request id so that the exposure log's rows join them."""
@@ -82,9 +144,10 @@ def show_logs(directory: Path) -> None:
             print(f"  {f}  {pq.read_metadata(f).num_rows} rows")
 
 
-def serve_rank_and_feedback(artifact: str) -> None:
+def serve_rank_and_feedback(artifact: str) -> float:
     """Starts the service with the exposure log on, ranks one request, sends what the user did
-    with it, stops the service (SIGTERM: the logs' pending rows are written)."""
+    with it, runs step 5 (clicks, then the same request again), stops the service (SIGTERM: the
+    logs' pending rows are written); returns step 5's seconds."""
     shutil.rmtree(EXPOSURE_LOG, ignore_errors=True)  # this run's logs only: one model's
     env = {
         "RANKER_ARTIFACT": artifact,
@@ -122,6 +185,9 @@ def serve_rank_and_feedback(artifact: str) -> None:
                 f"{p['watch_time']:>8.1f} {p['like']:>7.3f} {p['rating']:>7.2f}"
             )
         send_feedback(url, body["user_id"], res["items"], r.headers["x-request-id"])
+        t5 = step("5. the user clicks a few videos of one category: POST /v1/events, rank again")
+        clicks_then_rank_again(url, body)
+        return time.perf_counter() - t5
 
 
 def main() -> None:
@@ -131,7 +197,7 @@ def main() -> None:
     timings["generate"] = time.perf_counter() - t
 
     t = step("2. train MMoE (click, watch_time, like, rating), validate, export")
-    out = run(["train", "--config", "configs/default.toml"])
+    out = run(["train", "--config", "configs/default.toml", *HISTORY])
     artifact = next(
         line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("artifact: ")
     )
@@ -142,9 +208,10 @@ def main() -> None:
     timings["evaluate"] = time.perf_counter() - t
 
     t = step("4. start the service, rank a request, send feedback, stop")
-    serve_rank_and_feedback(artifact)
+    events_s = serve_rank_and_feedback(artifact)
     show_logs(EXPOSURE_LOG)  # complete now: the service wrote what was pending on SIGTERM
-    timings["serve + rank"] = time.perf_counter() - t
+    timings["serve + rank"] = time.perf_counter() - t - events_s
+    timings["events + rank"] = events_s
 
     print("\n=== timings ===")
     for k, v in timings.items():

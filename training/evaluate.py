@@ -225,7 +225,9 @@ def gauc_note(config: Config) -> str | None:
     states and pooling them per user over days mixes rankings no request ever made."""
     if config.data.request_key != config.data.user_key and not config.live:
         return None
-    if not config.live or not any(c.per_request for c in config.live.counters):
+    if not config.live or not (
+        config.live.history is not None or any(c.per_request for c in config.live.counters)
+    ):
         return None
     return (
         "note: this model's user features move with time; per-user GAUC pools rows scored "

@@ -68,7 +68,9 @@ def evaluate_artifact(
     )
     preds = predict_split(artifact.model, builder, impressions, split, progress=progress)
     metrics = head_metrics(config, preds)
-    per_request = counters is not None and any(c.per_request for c in counters.live.counters)
+    per_request = counters is not None and (
+        counters.history is not None or any(c.per_request for c in counters.live.counters)
+    )
     if counters is not None and per_request and d.request_key == d.user_key:
         # The fair within-session comparison for user state that moves: every row scored with
         # the state at its session's start (docs/live-features.md). A log with request ids

@@ -20,8 +20,16 @@ from tqdm import tqdm
 from ranker.config import Config
 from ranker.errors import StoreError
 from ranker.feature_store import check_prefix, redact
+from ranker.history import HistoryState
 from ranker.live import OfflineCounters
-from ranker.live_store import STATE_TTL_S, counter_prefix, pack_totals, record_keys
+from ranker.live_store import (
+    STATE_TTL_S,
+    counter_prefix,
+    history_key,
+    pack_history,
+    pack_totals,
+    record_keys,
+)
 from training.push import Client, connect, write_many
 
 
@@ -48,8 +56,8 @@ def push_state(
     assert config.live is not None
     check_prefix(prefix)
     t0 = time.perf_counter()
-    counters = OfflineCounters(config, logs).counters
-    totals = [c.totals() for c in counters]
+    offline = OfflineCounters(config, logs)
+    totals = [c.totals() for c in offline.counters]
     unit = config.data.time_unit_s
     written: dict[str, int] = {}
     with tqdm(total=sum(len(t) for t in totals), unit="entities", disable=not progress) as bar:
@@ -65,7 +73,34 @@ def push_state(
                 write_many(client, items, ttl_s)
                 bar.update(stop - start)
             written[tot.spec.name] = len(tot)
+    if offline.history is not None:
+        written["history"] = push_histories(
+            client, config, HistoryState.from_index(offline.history), prefix, ttl_s, batch_size
+        )
     return StateResult(written, time.perf_counter() - t0)
+
+
+def push_histories(
+    client: Client,
+    config: Config,
+    state: HistoryState,
+    prefix: str,
+    ttl_s: int,
+    batch_size: int,
+) -> int:
+    """Every user's last engaged videos (``ranker/live_store.py``'s history records)."""
+    assert config.live is not None
+    unit = config.data.time_unit_s
+    for start in range(0, len(state), batch_size):
+        stop = min(start + batch_size, len(state))
+        users = state.users[start:stop]
+        records = pack_history(state.current(users))
+        items = {
+            history_key(prefix, config.live, unit, u): rec
+            for u, rec in zip(users.tolist(), records, strict=True)
+        }
+        write_many(client, items, ttl_s)  # one slot per user's key: grouped per node
+    return len(state)
 
 
 def push_state_files(

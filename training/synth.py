@@ -53,6 +53,7 @@ from training.world import (
     World,
     WorldConfig,
     build_world,
+    current_interest,
     draw_feedback,
     examination_probability,
     logits,
@@ -191,17 +192,17 @@ def _timestamps(cfg: WorldConfig, first: int, n: int, rng: np.random.Generator) 
 
 
 def _candidates(
-    cfg: WorldConfig, w: World, users: np.ndarray, rng: np.random.Generator
+    cfg: WorldConfig, w: World, interest: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """K distinct candidates per request: a mix of the popularity-weighted global pool and
     popularity-weighted videos of categories the user is interested in. Oversamples 3K draws and
     keeps the first K distinct ones; the rare request with fewer falls back to a Gumbel top-K over
     the whole catalogue."""
     k = cfg.candidates_per_request
-    n_req = users.shape[0]
+    n_req = interest.shape[0]
     m = 3 * k
     # Interest draws: category ~ softmax(3 * <interest, category topic>), then a video of it.
-    cat_logits = 3.0 * (w.interest[users] @ w.category_topic.T)
+    cat_logits = 3.0 * (interest @ w.category_topic.T)
     cat_logits = np.where(w.category_present[None, :], cat_logits, -np.inf)
     cats = sample_rows(softmax_rows(cat_logits), rng.random((n_req, m)))
     u_within = np.minimum(rng.random((n_req, m)), 1.0 - 1e-9)
@@ -251,11 +252,12 @@ def _chunk(cfg: WorldConfig, w: World, index: int) -> pa.Table:
     device = np.where(
         rng.random(n) < 0.85, w.main_device[users], rng.integers(0, len(DEVICES), size=n)
     )
-    vids = _candidates(cfg, w, users, rng)  # (n, k)
+    interest = current_interest(cfg, w, users, timestamp)  # (n, d): drifts where configured
+    vids = _candidates(cfg, w, interest, rng)  # (n, k)
 
     # Label noise first, then the policy's noise: the order of draws defines the data.
     eps = rng.normal(0.0, cfg.label_noise, size=(4, n, k)) if cfg.label_noise > 0 else None
-    z = logits(cfg, w, users, vids, device, hour)
+    z = logits(cfg, w, users, vids, device, hour, interest)
     # The logging policy: a noisy estimate of the click logit (a click-optimised legacy system),
     # so position correlates with relevance and position bias is confounded.
     policy = z[0] + rng.normal(0.0, cfg.policy_noise, size=(n, k))

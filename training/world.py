@@ -90,6 +90,15 @@ class WorldConfig(BaseModel):
     interest_share: float = Field(
         0.7, ge=0, le=1, description="Share of candidates drawn from the user's interests."
     )
+    interest_drift: float = Field(
+        0.0,
+        ge=0,
+        description="Opt-in: strength of each user's current topic, a category that changes "
+        "every drift_period_days (0: interests never move; the default world).",
+    )
+    drift_period_days: float = Field(
+        2.0, gt=0, description="How long a user's current topic lasts (with interest_drift > 0)."
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Self:
@@ -358,6 +367,43 @@ def build_world(cfg: WorldConfig) -> World:
 # --------------------------------------------------------------------------------------------
 # How a user responds to a shown video
 
+
+def _hash64(*parts: np.ndarray) -> np.ndarray:
+    """splitmix64 over integer columns: a deterministic draw per (seed, user, phase) that any
+    chunk computes alone, without a random stream shared across chunks."""
+    m1, m2, g = (
+        np.uint64(0xBF58476D1CE4E5B9),
+        np.uint64(0x94D049BB133111EB),
+        np.uint64(0x9E3779B97F4A7C15),
+    )
+    h = np.zeros(np.broadcast(*parts).shape, np.uint64)
+    with np.errstate(over="ignore"):
+        for p in parts:
+            x = h ^ (np.asarray(p, np.int64).view(np.uint64) + g)
+            x = (x ^ (x >> np.uint64(30))) * m1
+            x = (x ^ (x >> np.uint64(27))) * m2
+            h = x ^ (x >> np.uint64(31))
+    return h
+
+
+def current_interest(
+    cfg: WorldConfig, w: World, users: np.ndarray, timestamp: np.ndarray | None
+) -> np.ndarray:
+    """Each request's interest vector ``(n, d)``. With ``interest_drift`` the user's lasting
+    interest plus ``interest_drift`` times the topic of the category the user is into *now*: a
+    category drawn per (user, period), periods of ``drift_period_days`` starting at a per-user
+    offset. No feature says which; only what the user just engaged with shows it."""
+    base = w.interest[users]
+    if cfg.interest_drift <= 0 or timestamp is None:
+        return base
+    period = cfg.drift_period_days * 86400.0
+    offset = (_hash64(np.full_like(users, cfg.seed), users) % np.uint64(1 << 20)) / float(1 << 20)
+    phase = np.floor((timestamp - cfg.start_time) / period + offset).astype(np.int64)
+    present = np.flatnonzero(w.category_present)
+    pick = _hash64(np.full_like(users, cfg.seed + 1), users, phase) % np.uint64(len(present))
+    return base + cfg.interest_drift * w.category_topic[present[pick.astype(np.int64)]]
+
+
 TRUTH_COLUMNS = ("true_click", "true_watch_time", "true_like", "true_rating")
 _WATCH_KAPPA = 3.0  # Beta concentration of the watched fraction: mass near 0 and near 1
 
@@ -369,12 +415,15 @@ def logits(
     vids: np.ndarray,
     device: np.ndarray,
     hour: np.ndarray,
+    interest: np.ndarray | None = None,
 ) -> np.ndarray:
     """The noise-free logits of click, completion, like and rating, shape ``(4, n, k)``, for
     ``users`` (n,) shown ``vids`` (n, k) on ``device`` (n,; indices into :data:`DEVICES`) at
-    ``hour`` (n,). No randomness: the truth of the world."""
+    ``hour`` (n,), with the users' interest vectors now (:func:`current_interest`; default their
+    lasting ones). No randomness: the truth of the world."""
     uu = users[:, None]
-    affinity = np.einsum("rd,rkd->rk", w.interest[users], w.topic[vids])
+    interest = w.interest[users] if interest is None else interest
+    affinity = np.einsum("rd,rkd->rk", interest, w.topic[vids])
     niche = w.niche[vids].astype(np.float64)
     cb = w.clickbait[vids]
     q = w.quality[vids]
@@ -502,10 +551,13 @@ def simulate_feedback(
     hour: np.ndarray,
     position: np.ndarray,
     rng: np.random.Generator,
+    timestamp: np.ndarray | None = None,
 ) -> tuple[Feedback, Response]:
     """The world's feedback to ``vids`` (n, k) shown at ``position`` (n, k) by any ranker, not
     only the generator's logging policy: the same response model and draws as the generated
-    log, with fresh label noise from ``rng``."""
+    log, with fresh label noise from ``rng``; ``timestamp`` (n,) places the requests in time for
+    a world whose interests drift."""
     eps = rng.normal(0.0, cfg.label_noise, size=(4, *vids.shape)) if cfg.label_noise > 0 else None
-    r = response(cfg, w, vids, logits(cfg, w, users, vids, device, hour), eps)
+    interest = current_interest(cfg, w, users, timestamp)
+    r = response(cfg, w, vids, logits(cfg, w, users, vids, device, hour, interest), eps)
     return draw_feedback(cfg, r, position, rng), r

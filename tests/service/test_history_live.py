@@ -1,0 +1,184 @@
+"""The history feature end to end: a model with counters and ``[live.history]`` trained on the
+first days of a log, served by the real service (uvicorn, HTTP), fed the later days' events,
+scores as the offline path (``evaluate --log``) does for the same rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import RANKING_CONFIG
+from tests.service.conftest import run_service
+from tests.service.test_live import (
+    events_of,
+    live_config,
+    offline_predictions,
+    post_events,
+    split_world,  # noqa: F401  (a fixture)
+)
+
+HISTORY = {"engaged": "click", "length": 5, "pooling": "attention", "attention_hidden": [8]}
+
+
+@pytest.fixture(scope="module")
+def history_artifact(
+    tiny_world: Path,
+    split_world: tuple[Path, Path],  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    from training.loop import train
+
+    cfg = live_config(tiny_world, tmp_path_factory.mktemp("hist_train"), split_world[0])
+    assert cfg.live is not None
+    cfg = cfg.model_copy(
+        update={"live": cfg.live.model_validate(cfg.live.model_dump() | {"history": HISTORY})}
+    )
+    result = train(cfg, progress=False, export=True)
+    assert result.artifact is not None
+    return result.artifact
+
+
+@pytest.fixture(scope="module")
+def history_url(history_artifact: Path) -> Iterator[str]:
+    with run_service(
+        {"RANKER_ARTIFACT": str(history_artifact), "RANKER_RANKING_CONFIG": str(RANKING_CONFIG)},
+        timeout=180.0,
+    ) as url:
+        yield url
+
+
+def test_service_history_after_the_same_events_scores_as_the_offline_path(
+    history_url: str,
+    history_artifact: Path,
+    split_world: tuple[Path, Path],  # noqa: F811
+) -> None:
+    later = ds.dataset(split_world[1]).to_table()
+    times = np.unique(later["timestamp"].to_numpy())
+    checked = with_history = 0
+    with httpx.Client(base_url=history_url, timeout=60) as client:
+        sent = 0
+        for t_star in times[[len(times) // 5, len(times) // 2, len(times) * 3 // 4, -1]]:
+            ts = later["timestamp"]
+            new = later.filter(pc.and_(pc.greater_equal(ts, sent), pc.less(ts, t_star)))
+            post_events(client, events_of(new))
+            sent = int(t_star)
+            target = later.filter(pc.equal(ts, t_star))
+            req = target.to_pylist()
+            body = {
+                "user_id": req[0]["user_id"],
+                "context": {"hour": req[0]["hour"], "device": req[0]["device"]},
+                "candidates": [{"video_id": r["video_id"]} for r in req],
+                "time": int(t_star),
+            }
+            r = client.post("/v1/rank", json=body)
+            assert r.status_code == 200, r.text
+            with_history += r.json()["user_has_history"]
+            got = {it["video_id"]: it["predictions"] for it in r.json()["items"]}
+            want = offline_predictions(history_artifact, split_world[1], target)
+            for i, row in enumerate(req):
+                for task, p in want.items():
+                    assert got[row["video_id"]][task] == pytest.approx(p[i], rel=1e-5, abs=1e-6)
+            checked += len(req)
+    assert checked >= 4
+    assert with_history >= 1  # some of the checked users had a history that the scores used
+
+
+def test_clicks_change_the_history_and_the_list_once(history_url: str) -> None:
+    body = {
+        "user_id": 987654321,  # a user no log holds: no history yet
+        "context": {"hour": 20},
+        "candidates": [{"video_id": v} for v in range(1, 40)],
+        "time": 4e9,
+    }
+    clicks = [
+        {
+            "event_id": f"h{v}",
+            "user_id": 987654321,
+            "video_id": v,
+            "type": "click",
+            "time": 3.9e9 + v,
+        }
+        for v in (3, 5, 7)
+    ]
+    with httpx.Client(base_url=history_url, timeout=60) as client:
+        before = client.post("/v1/rank", json=body).json()
+        assert before["user_has_history"] is False
+        assert client.post("/v1/events", json={"events": clicks}).json() == {
+            "accepted": 3,
+            "duplicates": 0,
+        }
+        after = client.post("/v1/rank", json=body).json()
+        assert after["user_has_history"] is True
+        assert [i["score"] for i in after["items"]] != [i["score"] for i in before["items"]]
+        again = client.post("/v1/events", json={"events": clicks}).json()
+        assert again == {"accepted": 0, "duplicates": 3}
+        assert client.post("/v1/rank", json=body).json()["items"] == after["items"]
+
+
+def test_redis_history_equals_the_in_process_one_over_random_events(
+    tiny_world: Path,
+    split_world: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """push-state's histories, then random event batches (out of order, ties, duplicate ids,
+    unknown users and videos, negative ids) into Redis (the Lua script) and the in-process
+    state: every user's history read in the request's MGET equals the in-process one."""
+    import asyncio
+
+    import redis
+    from redis.asyncio import Redis
+
+    from ranker.live import OfflineCounters, read_log_events
+    from service.live_state import LiveState
+    from service.redis_live import RedisLiveState
+    from service.redis_store import RedisStore
+    from tests.conftest import redis_server
+    from tests.service.test_live_redis import _random_batch
+    from training.push_state import push_state
+
+    cfg = live_config(tiny_world, tmp_path, split_world[0])
+    assert cfg.live is not None
+    cfg = cfg.model_copy(
+        update={"live": cfg.live.model_validate(cfg.live.model_dump() | {"history": HISTORY})}
+    )
+    offline = OfflineCounters(cfg, [split_world[0]])
+    params = offline.fit(read_log_events(cfg, [split_world[0]], offline.attrs))
+    local = LiveState(cfg, params, [split_world[0]])
+    log = ds.dataset(split_world[0]).to_table()
+    users = np.unique(log["user_id"].to_numpy())
+    videos = np.r_[np.unique(log["video_id"].to_numpy()), [-(2**62), -7]]
+    t_end = float(pc.max(log["timestamp"]).as_py())
+    rng = np.random.default_rng(11)
+    with redis_server(tmp_path / "redis") as server:
+        sync = redis.Redis(port=server.port)
+        res = push_state(sync, cfg, [split_world[0]], "t", progress=False)
+        assert res.entities["history"] == len(local.history)  # type: ignore[arg-type]
+
+        async def run() -> int:
+            store = RedisStore(Redis(port=server.port), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
+            remote = RedisLiveState(cfg, params, store)
+            seen = 0
+            for k in range(200):
+                t = t_end + k * rng.choice([0.0, 1.0, 3600.0])
+                batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k)
+                assert await remote.ingest_async(batch) == local.ingest(batch)
+                for user in rng.choice(np.r_[users[:20], [10**12]], 3).tolist():
+                    req = remote.request(int(user), np.asarray([1]), {}, t)
+                    req.decode(await store.client.mget(req.keys))
+                    got, want = req.recent, local.recent(int(user))
+                    assert got is not None and want is not None
+                    np.testing.assert_array_equal(got.ok, want.ok)
+                    np.testing.assert_array_equal(got.videos, want.videos)
+                    np.testing.assert_array_equal(got.times[got.ok], want.times[want.ok])
+                    seen += int(got.ok.sum())
+            await store.close()
+            return seen
+
+        assert asyncio.run(run()) > 100
+        sync.close()
