@@ -113,6 +113,20 @@ class Settings(BaseSettings):
         description="with Redis: how long an event id is remembered (a retry within it counts "
         "once)",
     )
+    shadow_artifact: Path | None = Field(
+        default=None,
+        description="a second artifact (version directory) scored on a sample of requests after "
+        "they are answered, for its agreement with the served model (service/shadow.py); it "
+        "never affects the responses; unset: no shadow",
+    )
+    shadow_sample: float = Field(
+        default=0.1, ge=0, le=1, description="share of rank requests the shadow scores"
+    )
+    shadow_queue: int = Field(
+        default=4,
+        ge=1,
+        description="requests waiting for the shadow at most; more are dropped and counted",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
