@@ -74,6 +74,9 @@ def main() -> None:
                         f'data.users="{data / "users.parquet"}"',
                         f'data.videos="{data / "videos.parquet"}"',
                         f"training.seed={seed}",
+                        # evaluated on 04-30, so no refit on all six days: the model of the
+                        # epoch that selection on 04-30 keeps
+                        "training.refit=false",
                         f'training.run_dir="{tmp}/{name}{seed}"',
                         f'export.artifact_root="{tmp}/artifacts"',
                         f'export.name="{name}{seed}"',
