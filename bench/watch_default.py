@@ -13,6 +13,7 @@ checks them against the mse_log1p default they replace, on fresh worlds.
 
     .venv/bin/python bench/watch_default.py                  # tune seed 100, check seeds 0,1,2
     .venv/bin/python bench/watch_default.py --requests 3000 --seeds 0   # quick look
+    .venv/bin/python bench/watch_default.py --weighting equal,famo      # two task weightings
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ OLD = RankingConfig(
 
 
 def predictions(
-    world: Path, run: Path, seed: int, loss: str, epochs: int, cache: Path
+    world: Path, run: Path, seed: int, loss: str, epochs: int, cache: Path, weighting: str
 ) -> Predictions:
-    """Validation predictions of the default config with watch loss ``loss`` (cached)."""
+    """Validation predictions of the default config with watch loss ``loss`` and task
+    weighting ``weighting`` (cached)."""
     if cache.exists():
         return pickle.loads(cache.read_bytes())
 
     def edit(d: dict) -> None:
         tasks = {t["name"]: t for t in d["tasks"]}
         tasks["watch_time"]["loss"] = loss
+        d["weighting"] = {"name": weighting}
 
     cfg = world_config(world, run, [f"training.seed={seed}", f"training.epochs={epochs}"], edit)
     r = train(cfg, progress=False, export=False)
@@ -158,39 +161,56 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=1500)
     ap.add_argument("--refine", type=int, default=400)
+    ap.add_argument(
+        "--weighting",
+        default="equal",
+        help="task weightings of the weighted-logistic models, comma-separated: each is tuned "
+        "on --tune-seed and checked on --seeds (the mse_log1p baseline keeps equal)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/watch_default"), help="cache folder")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     started = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
 
-    def preds(seed: int, loss: str) -> Predictions:
-        world = a.work / f"world{seed}-{a.requests}"
-        if not (world / "videos.parquet").exists():
-            world_for(seed, a.requests, world)
-        cache = a.work / f"preds-{seed}-{a.requests}-{a.epochs}-{loss}.pkl"
-        return predictions(world, a.work / "run", seed, loss, a.epochs, cache)
+    def world(seed: int) -> Path:
+        path = a.work / f"world{seed}-{a.requests}"
+        if not (path / "videos.parquet").exists():
+            world_for(seed, a.requests, path)
+        return path
 
-    p = preds(a.tune_seed, "weighted_logistic")
-    tasks = world_config(a.work / f"world{a.tune_seed}-{a.requests}", a.work / "run", []).tasks
-    chosen, info = tune(p, tasks, a.samples, a.refine)
-    print(f"tuned on seed {a.tune_seed}: {info}")
-    print(
-        "chosen: " + ", ".join(f"{h} {w.weight} ({w.transform})" for h, w in chosen.heads.items())
-    )
+    def preds(seed: int, loss: str, weighting: str = "equal") -> Predictions:
+        cache = a.work / f"preds-{seed}-{a.requests}-{a.epochs}-{loss}-{weighting}.pkl"
+        return predictions(world(seed), a.work / "run", seed, loss, a.epochs, cache, weighting)
 
-    rows: dict[str, dict[str, list[float]]] = {
-        "mse_log1p, old weights (today)": {},
-        "weighted logistic, old weights": {},
-        "weighted logistic, tuned weights": {},
-    }
+    tasks = world_config(world(a.tune_seed), a.work / "run", []).tasks
+    variants: list[tuple[str, str, str, RankingConfig]] = [
+        ("mse_log1p, old weights (before)", "mse_log1p", "equal", OLD),
+    ]
+    tuned: dict[str, tuple[RankingConfig, dict]] = {}
+    for weighting in a.weighting.split(","):
+        p = preds(a.tune_seed, "weighted_logistic", weighting)
+        chosen, info = tune(p, tasks, a.samples, a.refine)
+        tuned[weighting] = chosen, info
+        print(f"{weighting}: tuned on seed {a.tune_seed}: {info}")
+        print(
+            f"{weighting}: chosen: "
+            + ", ".join(f"{h} {w.weight} ({w.transform})" for h, w in chosen.heads.items())
+        )
+        variants += [
+            (f"weighted logistic, {weighting}, old weights", "weighted_logistic", weighting, OLD),
+            (
+                f"weighted logistic, {weighting}, tuned weights",
+                "weighted_logistic",
+                weighting,
+                chosen,
+            ),
+        ]
+
+    rows: dict[str, dict[str, list[float]]] = {name: {} for name, *_ in variants}
     for seed in [int(s) for s in a.seeds.split(",")]:
-        for name, loss, config in [
-            ("mse_log1p, old weights (today)", "mse_log1p", OLD),
-            ("weighted logistic, old weights", "weighted_logistic", OLD),
-            ("weighted logistic, tuned weights", "weighted_logistic", chosen),
-        ]:
-            q = preds(seed, loss)
+        for name, loss, weighting, config in variants:
+            q = preds(seed, loss, weighting)
             w = q.preds["watch_time"]
             cells = {
                 "ranking score NDCG@10 (truth: old utility)": truth_ndcg(q, config),
@@ -210,11 +230,16 @@ def main() -> None:
                 rows[name].setdefault(k, []).append(v)
     table = markdown_table(rows)
     cmd = ("python bench/watch_default.py " + " ".join(sys.argv[1:])).strip()
-    weights = ", ".join(f"{h} {w.weight} ({w.transform})" for h, w in chosen.heads.items())
+    weights = "\n".join(
+        f"- {weighting}: "
+        + ", ".join(f"{h} {w.weight} ({w.transform})" for h, w in chosen.heads.items())
+        + f"; tuning split: {info}"
+        for weighting, (chosen, info) in tuned.items()
+    )
     text = (
         f"Generated by `{cmd}` ({a.requests} requests x 20 rows per world, tuned on seed "
         f"{a.tune_seed}'s validation split, checked on seeds {a.seeds}, {a.epochs} epochs).\n\n"
-        f"Tuned weights: {weights}; tuning split: {info}.\n\n{table}\n"
+        f"Tuned weights, per task weighting:\n{weights}\n\n{table}\n"
     )
     print(f"\n{text}\nrerun: {cmd}\ntook {time.perf_counter() - started:.0f}s")
     out = ROOT / "bench" / "results" / "watch_default.md"

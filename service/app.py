@@ -29,6 +29,12 @@ from service.engine import engine_line, rank
 from service.limits import BodyLimitMiddleware, check_rank_limits
 from service.live_state import EventBatch
 from service.observability import install_observability, note_ranked
+from service.overload import (
+    DEADLINE_PARAMETER,
+    fallback_json,
+    install_overload,
+    rank_by_deadline,
+)
 from service.reload import Reloader, install_admin
 from service.respond import items_json, rank_response_json
 from service.schemas import (
@@ -187,12 +193,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}
                 },
-            }
+            },
+            "parameters": [DEADLINE_PARAMETER],
         },
         responses={
             400: {"model": Problem, "description": "a body that is not text (not UTF-8)"},
             413: {"model": Problem, "description": "body over RANKER_MAX_BODY_BYTES"},
             422: {"model": ValidationProblem, "description": "a field is wrong; loc names it"},
+            503: {"model": Problem, "description": "RANKER_MAX_IN_FLIGHT reached; Retry-After"},
         },
     )
     async def rank_endpoint(request: Request, state: State) -> Response:
@@ -204,17 +212,29 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
         variant = state.formula.assign(body.user_id)  # None: the config declares no variants
-        r = await rank(
-            state.model,
-            state.formula,
-            body.user_id,
-            body.context,
-            ids,
-            body.top_k,
-            settings.forward_thread,
-            body.time,
-            variant,
+        r = await rank_by_deadline(
+            request.scope,
+            rank(
+                state.model,
+                state.formula,
+                body.user_id,
+                body.context,
+                ids,
+                body.top_k,
+                settings.forward_thread,
+                body.time,
+                variant,
+            ),
         )
+        if isinstance(r, str):  # the deadline passed first: answer now, unranked
+            request.app.state.overload.fallbacks.inc()
+            versions = {
+                "model_version": state.model.version,
+                "ranking_version": state.formula.version,
+                "variant": variant,
+            }
+            content = fallback_json(ids, body.top_k, versions, r)
+            return Response(content, media_type="application/json")
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
         if r.lookup.degraded is not None:
             app.state.degraded_responses += 1
@@ -336,5 +356,6 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
     install_docs(app)
     install_admin(app, settings)  # /admin/* only with RANKER_ADMIN_TOKEN
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_overload(app, settings)  # in-flight bound, deadlines: service/overload.py
     install_observability(app)  # last: its middleware is the outermost, /metrics is added
     return app

@@ -58,14 +58,16 @@ class RankRequest(BaseModel):
 
 class RankedItem(BaseModel):
     video_id: int
-    score: float
-    predictions: dict[str, float]
+    score: float | None = Field(description="null in a deadline fallback: nothing was scored")
+    predictions: dict[str, float] = Field(description="empty in a deadline fallback")
 
 
 class RankResponse(BaseModel):
     model_version: str
     ranking_version: str
-    user_known: bool
+    user_known: bool | None = Field(
+        description="the feature store knows the user; null in a deadline fallback (not looked up)"
+    )
     unknown_videos: int
     unknown_context: list[str] = Field(
         default_factory=list,
@@ -73,7 +75,9 @@ class RankResponse(BaseModel):
         "training): ranked as if the request had left them out",
     )
     degraded: bool = Field(
-        default=False, description="ranked on default features because of a feature-store fault"
+        default=False,
+        description="ranked on default features because of a feature-store fault, or not "
+        "ranked at all because the deadline passed first (degraded_reason says which)",
     )
     degraded_reason: str | None = None
     user_has_state: bool | None = Field(

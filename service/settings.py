@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ranker.allocator import GlibcMalloc
 from ranker.feature_store import DEFAULT_PREFIX
+
+log = logging.getLogger("ranker.service")
 
 
 class Settings(BaseSettings):
@@ -43,6 +46,25 @@ class Settings(BaseSettings):
         gt=0,
         description="refuse an artifact whose config describes a larger model, before building it",
     )
+    # 8: one worker ranks requests one at a time on its forward thread, and concurrency 8 is where
+    # it reaches its most requests/s (docs/performance.md): a few requests read bodies and wait
+    # on Redis while one computes. More in flight adds no throughput, only waiting: each request
+    # past the 8th waits one more forward pass (3-13 ms at 500 candidates), and at twice the
+    # sustainable rate an unbounded queue grew to seconds (bench/overload.py).
+    max_in_flight: int = Field(
+        default=8,
+        ge=0,
+        description="rank requests one worker serves at once; one more gets an immediate 503 "
+        "with Retry-After instead of a queue (service/overload.py); 0: no bound",
+    )
+    deadline_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=60_000,
+        description="time budget of every rank request from its arrival; past it the answer is "
+        "the candidates in request order with degraded: true (a request's "
+        "X-Request-Deadline-Ms header may set a shorter one); unset: no deadline",
+    )
     reload_interval_s: float = Field(
         default=0.0,
         ge=0,
@@ -56,8 +78,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None,
         gt=0,
-        description="intra-op threads of torch and ONNX Runtime per worker; default: 1 "
-        "(default_threads)",
+        description="intra-op threads of torch and ONNX Runtime per worker; default: 1; never "
+        "more than the CPUs the process may use (affinity, cgroup quota: default_threads)",
     )
     forward_thread: bool = Field(
         default=True,
@@ -132,14 +154,37 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
 
-def default_threads(settings: Settings) -> int:
-    """Intra-op threads of each worker when ``RANKER_THREADS`` is unset: one.
+def default_threads(settings: Settings, cpus: int | None = None) -> int:
+    """Intra-op threads of each worker: one when ``RANKER_THREADS`` is unset, and never more
+    than the CPUs the process may use (``cpus``, default :func:`ranker.cpu.usable_cpus`: its
+    affinity and cgroup quota, not the host's core count).
 
     Left alone, torch and ONNX Runtime start one thread per core of the host. A forward pass over
     500 candidates is a few milliseconds of small matmuls; splitting it over threads gains little
     (one worker with two threads served 74-89k candidates/s, one thread per worker as much) and
     costs everything when another process takes a core: OpenMP threads spin at their barriers
     waiting for the descheduled one, and throughput fell 5-7x (c=1 p90 7 -> 107 ms,
-    docs/performance.md). Processes, not threads, use more cores: ``--workers`` up to
-    :func:`ranker.cpu.usable_cpus`. An explicit ``RANKER_THREADS`` wins."""
-    return settings.threads or 1
+    docs/performance.md). A start-up measurement cannot show more threads are safe: the
+    neighbour that takes a core comes later. Processes, not threads, use more cores:
+    ``--workers`` up to :func:`ranker.cpu.usable_cpus`. An explicit ``RANKER_THREADS`` wins up
+    to the usable CPUs; past them it is cut to them, with a warning (threads beyond the cores
+    a container may run on only wait for each other)."""
+    wanted = settings.threads or 1
+    if cpus is None:
+        from ranker.cpu import usable_cpus
+
+        cpus = usable_cpus()
+    if wanted > cpus:
+        if (wanted, cpus) not in _warned:
+            _warned.add((wanted, cpus))
+            log.warning(
+                "RANKER_THREADS=%d > %d usable CPUs (affinity, cgroup quota): %d threads",
+                wanted,
+                cpus,
+                cpus,
+            )
+        return cpus
+    return wanted
+
+
+_warned: set[tuple[int, int]] = set()

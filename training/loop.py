@@ -63,7 +63,7 @@ class TrainResult:
     rows_per_second: float = 0.0
     gate_utilisation: dict[str, dict[str, float]] | None = None  # task -> expert -> mean weight
     selection: Selected | None = None  # the kept validation point (None: no validation split)
-    calibration: dict[str, float] = field(default_factory=dict)  # ZILN head -> mean scale factor
+    calibration: dict[str, float] = field(default_factory=dict)  # head -> mean scale factor
     precision: str = "fp32"  # what training.precision resolved to (training_precision)
 
 
@@ -486,13 +486,13 @@ def _fit(
             selected = None
         selected = dctx.broadcast_object(selected)  # every rank decides alike on a refit
     calibration: dict[str, float] = {}
-    if dctx.is_main:  # ZILN heads: the mean right on the training rows (training/calibration.py)
+    if dctx.is_main:  # mean-serving heads: the mean right on the training rows (calibration.py)
         calibration = calibrate_means(config, model, val_builder, log, str(device))
         if calibration and validating:
             preds = predict_split(model, val_builder, log, "validation", device=str(device))
             metrics = head_metrics(config, preds)
         if calibration and progress:
-            print(f"mean calibration of ZILN heads (x factor): {calibration}")
+            print(f"mean calibration of watch-time heads (x factor): {calibration}")
     dctx.broadcast_parameters([model])  # rank 0 restored and calibrated: every rank ends alike
     gates = None
     if dctx.is_main:
