@@ -32,7 +32,7 @@ from machine import cpu_model  # noqa: E402
 
 from ranker.config import _apply_override, parse_config  # noqa: E402
 from ranker.live import OfflineCounters  # noqa: E402
-from ranker.live_store import counter_prefix, event_id_prefix, pack_totals  # noqa: E402
+from ranker.live_store import counter_prefix, event_id_key, pack_totals  # noqa: E402
 from training.push_state import push_state  # noqa: E402
 from training.synth import WorldConfig, generate  # noqa: E402
 
@@ -114,11 +114,13 @@ def main() -> None:
                 _, hashed = mean_usage(client, hpre + "*")
                 print(f"| {tot.spec.name} | {len(tot.spec.events)} | {count:,} | {packed:.0f} "
                       f"| {hashed:.0f} |")  # fmt: skip
-            ids = event_id_prefix("bench")
+            # One id key per counter record an event updates, under the record's hash tag
+            rec_key = f"{pre}4711}}"
             for i in range(10_000):
-                client.set(f"{ids}{1000000 + i}:{2000000 + i}:c", "1", nx=True, ex=86400)
-            _, per_id = mean_usage(client, ids + "*")
-            print(f"event id key (31-byte id, with TTL): {per_id:.0f} bytes")
+                key = event_id_key(rec_key, f"{1000000 + i}:{2000000 + i}:c")
+                client.set(key, "1", nx=True, ex=86400)
+            _, per_id = mean_usage(client, "bench:live-id:*")
+            print(f"event id key (a 17-byte id under a record tag, with TTL): {per_id:.0f} bytes")
             print(f"redis-server {client.info('server')['redis_version']}; CPU: {cpu_model()}")
             print(f"rerun: .venv/bin/python bench/live_store_memory.py --requests {n}")
         finally:

@@ -7,17 +7,23 @@ a fixed-width little-endian record (one field per column in the column's own wid
 an int32 index into the version's string table, then a validity bitmap), so a batch of records
 decodes with one ``np.frombuffer`` over their concatenation.
 
-Keys (``P`` is the prefix, ``N`` a version number: ``P:seq`` plus one, and at least the Unix
+Keys (``P`` is the prefix, ``N`` a version number: ``{P}:seq`` plus one, and at least the Unix
 time in seconds, so numbers stay unique even across a flushed or restored Redis)::
 
-    P:current         the version the service reads (one atomic SET switches it)
-    P:previous        the version before it, kept for rollback
-    P:versions        ZSET of every version written (score = push time), for clean-up
-    P:seq             version counter
-    P:lock            held by the push job while it writes (token, expires unless refreshed)
+    {P}:current       the version the service reads (one atomic SET switches it)
+    {P}:previous      the version before it, kept for rollback
+    {P}:versions      ZSET of every version written (score = push time), for clean-up
+    {P}:seq           version counter
+    {P}:lock          held by the push job while it writes (token, expires unless refreshed)
     P:N:meta          JSON: format, created, per source its key column, rows and record layout
     P:N:u:<user_id>   packed user record
     P:N:v:<video_id>  packed video record
+
+The fixed keys carry the hash tag ``{P}``: on a Redis Cluster they share one hash slot, so the
+switch (``MULTI SET current SET previous EXEC``) and the rollback's ``MGET current previous``
+stay single-slot commands. Records carry no tag: they spread over every slot and node, and a
+reader fetches them per node (``service/redis_store.py``). On a single node the braces are
+just characters.
 """
 
 from __future__ import annotations
@@ -61,24 +67,29 @@ class Keys:
     prefix: str = DEFAULT_PREFIX
 
     @property
+    def tag(self) -> str:
+        """The hash tag of the fixed keys: one Redis Cluster slot holds them all."""
+        return f"{{{self.prefix}}}"
+
+    @property
     def current(self) -> str:
-        return f"{self.prefix}:current"
+        return f"{self.tag}:current"
 
     @property
     def previous(self) -> str:
-        return f"{self.prefix}:previous"
+        return f"{self.tag}:previous"
 
     @property
     def versions(self) -> str:
-        return f"{self.prefix}:versions"
+        return f"{self.tag}:versions"
 
     @property
     def seq(self) -> str:
-        return f"{self.prefix}:seq"
+        return f"{self.tag}:seq"
 
     @property
     def lock(self) -> str:
-        return f"{self.prefix}:lock"
+        return f"{self.tag}:lock"
 
     def meta(self, version: str) -> str:
         return f"{self.prefix}:{version}:meta"
@@ -98,6 +109,22 @@ class Keys:
             return None
         m = VERSIONED.match(key[len(self.prefix) + 1 :])
         return m.group(1) if m else None
+
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(url: str, cluster: bool = False) -> tuple[str, bool]:
+    """``(url for redis-py, whether it names a Redis Cluster)``.
+
+    A cluster is named by the scheme (``redis+cluster://host:port``, ``rediss+cluster://``
+    for TLS; any node, the client discovers the rest) or by ``cluster`` (the setting
+    ``RANKER_REDIS_CLUSTER=1`` with a plain ``redis://`` URL). redis-py's cluster client takes
+    the plain scheme, so the ``+cluster`` is removed."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in CLUSTER_SCHEMES:
+        return f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", True
+    return url, cluster
 
 
 def redact(url: str) -> str:

@@ -12,8 +12,16 @@ than a hash: MGET reads strings only, and a hash of 4-6 small fields costs more 
 
 Keys (``P`` is the feature store's prefix)::
 
-    P:live:<counter>.<digest>:<entity>   a counter's record; TTL refreshed on every write
-    P:live-id:<event_id>                 an event already counted (SET NX, with a TTL)
+    P:live:{<counter>.<digest>:<entity>}              a counter's record; TTL refreshed on write
+    P:live-id:{<counter>.<digest>:<entity>}:<event>   an event this record counted (SET NX, TTL)
+
+The braces are a Redis Cluster hash tag: a record and the ids of the events it counted share
+one slot, so :data:`UPDATE_LUA`, called once per record with that record's events, touches one
+slot (a cluster refuses a script whose keys span slots). The price is one id key per counter an
+event updates instead of one per event; what it buys is that each record counts each event
+exactly once, atomically with its id, on one node or on a cluster. Per-user lists (a user's
+recent history) fit the same way: tag them by the user, ``P:hist:{u:<user>}``, with their event
+ids under the same tag.
 
 ``<entity>`` is :func:`ranker.live.combine_keys` of the counter's key columns, in decimal;
 ``<digest>`` names the counter's definition (its keys, events and their scales, decay, the
@@ -50,12 +58,20 @@ def counter_digest(live: LiveConfig, spec: CounterSpec, unit_s: float) -> str:
 
 
 def counter_prefix(prefix: str, live: LiveConfig, spec: CounterSpec, unit_s: float) -> str:
-    """Key prefix of one counter's records; append the decimal entity key."""
-    return f"{prefix}:live:{spec.name}.{counter_digest(live, spec, unit_s)}:"
+    """Key prefix of one counter's records; :func:`record_keys` appends the entities."""
+    return f"{prefix}:live:{{{spec.name}.{counter_digest(live, spec, unit_s)}:"
 
 
-def event_id_prefix(prefix: str) -> str:
-    return f"{prefix}:live-id:"
+def record_keys(counter: str, entities: list[int]) -> list[str]:
+    """The record keys of ``entities`` (decimal) under a :func:`counter_prefix`."""
+    return [f"{counter}{e}}}" for e in entities]
+
+
+def event_id_key(record_key: str, event_id: str) -> str:
+    """The key marking ``event_id`` as counted by one record: the record's hash tag, so both
+    live in one cluster slot (``P:live:{tag}`` -> ``P:live-id:{tag}:<event_id>``)."""
+    head, _, tag = record_key.partition(":live:")
+    return f"{head}:live-id:{tag}:{event_id}"
 
 
 def pack_totals(totals: Totals) -> np.ndarray:
@@ -86,6 +102,8 @@ UPDATE_LUA = """
 -- ARGV: id_ttl, state_ttl, n_events, then per event: time, impressions, n_keys, and per key:
 -- tau (0: no decay), n_sums, the event's value for each sum.
 -- KEYS: per event its id key, then its counter keys. Returns 1 (counted) or 0 (seen) per event.
+-- On a Redis Cluster every key of one call must share a slot: the service calls it per record,
+-- with the id keys tagged as the record (ranker/live_store.py).
 -- The arithmetic is ranker.live.Totals.add's: sums decayed to a reference time, the newest
 -- event's; the old sums decay to it and the event counts exp(-(ref - t) / tau).
 local id_ttl, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -7,9 +7,11 @@ store's Redis (layout: :mod:`ranker.live_store`) instead of in each process:
   store's; ``service/redis_store.py``), so they cost no round trip of their own, and a slow or
   down Redis degrades them with the features: the counters' columns get their defaults (0, the
   training mean) and the response says ``degraded``;
-* ``POST /v1/events`` runs :data:`ranker.live_store.UPDATE_LUA`: per event one ``SET NX`` of its
-  id (with a TTL) and, only when that succeeds, the update of every counter's record, in one
-  atomic script; a retried batch, on any worker, counts once;
+* ``POST /v1/events`` runs :data:`ranker.live_store.UPDATE_LUA` once per counter record the
+  batch touches: per event one ``SET NX`` of its id under the record's hash tag (with a TTL)
+  and, only when that succeeds, the record's update, atomically; a retried batch, on any
+  worker, counts once in every record. The calls go out in one pipeline (redis-py's cluster
+  pipeline: one round trip per node, nodes in parallel), since every call touches one slot;
 * ``ranker push-state`` fills the state from a log (``training/push_state.py``), what the
   in-process state builds from the training log at start-up.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ranker.config import Config
 from ranker.errors import RankerError
@@ -41,7 +43,8 @@ from ranker.live_store import (
     STATE_TTL_S,
     UPDATE_LUA,
     counter_prefix,
-    event_id_prefix,
+    event_id_key,
+    record_keys,
     unpack,
 )
 from service.live_state import ContextValue, EventBatch, LiveState
@@ -68,7 +71,7 @@ class CounterRequest:
             key, ok = ev.entity(spec)
             uniq, inverse = np.unique(key[ok], return_inverse=True)
             start = len(self.keys)
-            self.keys += [prefix + s for s in map(str, uniq.tolist())]
+            self.keys += record_keys(prefix, uniq.tolist())
             self.parts.append((start, len(self.keys), inverse, ok))
 
     def decode(self, values: list[bytes | None]) -> tuple[np.ndarray, bool]:
@@ -114,8 +117,9 @@ class RedisLiveState(LiveState):
         prefix, unit = store.keys.prefix, d.time_unit_s
         self.prefixes = [counter_prefix(prefix, config.live, c, unit) for c in config.live.counters]
         self.taus = [decay_tau(c, unit) for c in config.live.counters]
-        self.ids = event_id_prefix(prefix)
-        self.script = store.client.register_script(UPDATE_LUA)
+        # An event that updates no record still has its id remembered (under its own tag)
+        self.ids = f"{prefix}:live-id:"
+        self.sha: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -146,51 +150,96 @@ class RedisLiveState(LiveState):
     def ingest(self, batch: EventBatch) -> tuple[int, int]:
         raise NotImplementedError("Redis counters are written with ingest_async()")
 
-    def script_calls(self, batch: EventBatch) -> list[tuple[list[str], list[Any]]]:
-        """The batch as :data:`UPDATE_LUA` calls: ``(keys, args)`` per chunk of events."""
+    def script_calls(self, batch: EventBatch) -> list[tuple[list[str], list[Any], list[int]]]:
+        """The batch as :data:`UPDATE_LUA` calls, one per counter record (chunks of at most
+        ``EVENTS_PER_SCRIPT`` events), every key of a call in the record's slot: ``(keys,
+        args, the batch positions of its events)``. An event no counter takes is one call of
+        its own that only remembers its id."""
         self.check_types(batch)
         n = len(batch.ids)
         ev = self.batch_events(batch, np.arange(n))
-        per_counter = []
+        times, imps = ev.times.tolist(), ev.impressions.tolist()
+        # record key -> [(event position, args of its update)], in event order
+        per_record: dict[str, list[tuple[int, list[Any]]]] = {}
+        touched = np.zeros(n, bool)
         for spec, prefix, idx, tau in zip(
             self.live.counters, self.prefixes, self.index, self.taus, strict=True
         ):
             key, ok = ev.entity(spec)
-            keys = [prefix + s for s in map(str, key.tolist())]
-            per_counter.append((keys, ok.tolist(), ev.values[:, idx].tolist(), float(tau or 0)))
-        times, imps = ev.times.tolist(), ev.impressions.tolist()
-        calls = []
-        for start in range(0, n, EVENTS_PER_SCRIPT):
-            stop = min(start + EVENTS_PER_SCRIPT, n)
-            keys: list[str] = []
-            args: list[Any] = [self.event_id_ttl_s, self.state_ttl_s, stop - start]
-            for i in range(start, stop):  # bounded: a batch holds at most MAX_EVENTS
-                keys.append(self.ids + batch.ids[i])
-                mine = [c for c in per_counter if c[1][i]]
-                args += [repr(times[i]), repr(imps[i]), len(mine)]
-                for ckeys, _, vals, tau in mine:
-                    keys.append(ckeys[i])
-                    args += [repr(tau), len(vals[i]), *map(repr, vals[i])]
-            calls.append((keys, args))
+            touched |= ok
+            rkeys = record_keys(prefix, key[ok].tolist())
+            vals = ev.values[ok][:, idx].tolist()
+            for i, rk, v in zip(np.flatnonzero(ok).tolist(), rkeys, vals, strict=True):
+                entry = [repr(times[i]), repr(imps[i]), 1, repr(float(tau or 0)), len(v)]
+                per_record.setdefault(rk, []).append((i, entry + [repr(x) for x in v]))
+        calls: list[tuple[list[str], list[Any], list[int]]] = []
+        for rk, entries in per_record.items():
+            for a in range(0, len(entries), EVENTS_PER_SCRIPT):
+                chunk = entries[a : a + EVENTS_PER_SCRIPT]
+                keys, args = [], [self.event_id_ttl_s, self.state_ttl_s, len(chunk)]
+                for i, entry in chunk:
+                    keys += [event_id_key(rk, batch.ids[i]), rk]
+                    args += entry
+                calls.append((keys, args, [i for i, _ in chunk]))
+        for i in np.flatnonzero(~touched).tolist():
+            calls.append(
+                (
+                    [f"{self.ids}{{{batch.ids[i]}}}"],
+                    [self.event_id_ttl_s, self.state_ttl_s, 1, 0, 0, 0],
+                    [i],
+                )
+            )
         return calls
 
+    async def _run(self, calls: list[tuple[list[str], list[Any], list[int]]]) -> list[Any]:
+        """Every call in one pipeline (per node on a cluster, nodes in parallel), by EVALSHA;
+        calls a node answers NOSCRIPT (a fresh or failed-over master) are sent again after
+        loading the script there. Safe: a repeated call counts nothing twice."""
+        client = self.store.client
+        if self.sha is None:
+            self.sha = await client.script_load(UPDATE_LUA)
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for c in todo:
+                keys, args, _ = calls[c]
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            out = await pipe.execute(raise_on_error=False)
+            missing = []
+            for c, r in zip(todo, out, strict=True):
+                if isinstance(r, NoScriptError) and attempt == 0:
+                    missing.append(c)
+                elif isinstance(r, Exception):
+                    raise r
+                else:
+                    results[c] = r
+            if not missing:
+                break
+            await client.script_load(UPDATE_LUA)
+            todo = missing
+        return results
+
     async def ingest_async(self, batch: EventBatch) -> tuple[int, int]:
-        """Counts the events not seen before (by id, on any worker); ``(accepted, duplicates)``."""
+        """Counts the events not seen before (by id, on any worker); ``(accepted, duplicates)``:
+        an event is accepted when some record counted it now."""
         calls = self.script_calls(batch)
         budget = max(self.store.timeout_s, 5.0)
-        accepted = 0
+        fresh = np.zeros(len(batch.ids), bool)
         try:
             async with asyncio.timeout(budget):
-                for keys, args in calls:
-                    accepted += sum(await self.script(keys=keys, args=args))
+                results = await self._run(calls)
         except TimeoutError:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where} did not take the events within "
-                f"{budget:g} s; {accepted} counted so far, retry the batch (ids make it safe)"
+                f"{budget:g} s; retry the batch (ids make it safe)"
             ) from None
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             raise CountersUnavailable(
                 f"live counters: Redis {self.store.where}: {type(e).__name__}: {e}; "
-                f"{accepted} counted so far, retry the batch (ids make it safe)"
+                f"retry the batch (ids make it safe)"
             ) from None
+        for (_, _, events), r in zip(calls, results, strict=True):
+            fresh[events] |= np.asarray(r, bool)
+        accepted = int(fresh.sum())
         return accepted, len(batch.ids) - accepted

@@ -9,6 +9,17 @@ record came from version ``N`` at a moment when ``N`` was current. When it says 
 push has switched versions: the store loads the new version's meta and reads again (a rare
 second and third round trip, once per version and process).
 
+On a Redis Cluster (``redis+cluster://`` or ``RANKER_REDIS_CLUSTER=1``) the same lookup runs,
+but one MGET cannot span hash slots: the keys go out grouped per node, one round trip per node,
+the nodes asked in parallel (``service/redis_cluster.py``). The pointer read in that round trip
+is no longer atomic with the records, and nothing needs it to be: a version's records are
+written before the pointer names it and never change, so every record *found* under ``N`` is
+``N``'s. Only a record *missing* is ambiguous (an unknown entity, or version ``N`` removed by
+two later pushes while the request ran); then the store reads ``{P}:current`` and
+``{P}:previous`` once more, and only if ``N`` is still one of them (a removed version never
+comes back) are the missing entities taken as unknown; otherwise it reads again under the new
+version.
+
 Faults never fail a request: when Redis is down, slow (the per-request timeout), empty or holds
 something unreadable, every entity gets the schema defaults, as unknown ids do, and the lookup
 carries the reason (the response is flagged ``degraded``). After a connection failure or timeout
@@ -27,16 +38,25 @@ import hiredis
 import numpy as np
 import pyarrow as pa
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ranker.config import Source
 from ranker.errors import ConfigError, RankerError, StoreError
-from ranker.feature_store import Keys, RecordLayout, VersionMeta, check_prefix, redact
+from ranker.feature_store import (
+    Keys,
+    RecordLayout,
+    VersionMeta,
+    check_prefix,
+    cluster_url,
+    redact,
+)
 from ranker.features import Encoded, FeatureEncoder
 from service.entity_cache import EntityCache
+from service.redis_cluster import ClusterReader, cluster_client
 from service.settings import Settings
 from service.store import Lookup
 
@@ -179,7 +199,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         encoder: FeatureEncoder,
         prefix: str,
         timeout_s: float,
@@ -188,6 +208,8 @@ class RedisStore:
         cache_entries: int = 0,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+        self._cluster = ClusterReader(client) if isinstance(client, RedisCluster) else None
         self.cache_entries = cache_entries
         self.encoder = encoder
         self.keys = Keys(check_prefix(prefix))
@@ -207,10 +229,22 @@ class RedisStore:
         only degrades responses until it is back."""
         assert settings.redis_url is not None
         url = settings.redis_url.get_secret_value()
+        plain, cluster = cluster_url(url, settings.redis_cluster)
         timeout_s = settings.redis_timeout_ms / 1000
+        where = f"{redact(url)}{' (cluster)' if cluster else ''} {settings.redis_prefix}"
+        if cluster:
+            return cls(
+                cluster_client(plain, settings.redis_pool_size, timeout_s),
+                encoder,
+                settings.redis_prefix,
+                timeout_s,
+                settings.redis_retry_ms / 1000,
+                where,
+                settings.feature_cache_entries,
+            )
         try:
             pool = BlockingConnectionPool.from_url(
-                url,
+                plain,
                 max_connections=settings.redis_pool_size,
                 timeout=timeout_s,  # waiting for a free connection counts against the timeout too
                 socket_timeout=max(timeout_s, 1.0),  # the per-request timeout is the real bound
@@ -225,7 +259,7 @@ class RedisStore:
             settings.redis_prefix,
             timeout_s,
             settings.redis_retry_ms / 1000,
-            f"{redact(url)} {settings.redis_prefix}",
+            where,
             settings.feature_cache_entries,
         )
 
@@ -246,7 +280,7 @@ class RedisStore:
             return self._down(n, f"Redis did not answer within {self._ms} ms")
         except (RedisConnectionError, OSError) as e:
             return self._down(n, f"Redis unreachable: {type(e).__name__}: {e}")
-        except RedisError as e:
+        except (RedisError, RedisClusterException) as e:  # the latter: no node for a slot
             return self._down(n, f"Redis error: {type(e).__name__}: {e}")
         except StoreError as e:  # the server answered: no cool-down, the next request retries
             return self._fallback(n, str(e))
@@ -285,13 +319,31 @@ class RedisStore:
             version = await self._load(await self.client.get(self.keys.current))
         for _ in range(3):
             plan = _Plan(version, user_id, video_ids)
-            values = await self._mget([self.keys.current, *plan.keys, *extra])
+            values = await self.read([self.keys.current, *plan.keys, *extra])
             if values[0] == version.id_bytes:
-                self._version = version
                 split = 1 + len(plan.keys)
-                return plan, values[1:split], values[split:]
+                records = values[1:split]
+                if self.cluster and None in records and not await self._still_held(version):
+                    version = await self._load(await self.client.get(self.keys.current))
+                    continue
+                self._version = version
+                return plan, records, values[split:]
             version = await self._load(values[0])
         raise StoreError("the current feature version changed three times during one request")
+
+    async def read(self, keys: list[str]) -> list[bytes | None]:
+        """The values of ``keys`` in one round trip: one MGET on a single node (atomic); on a
+        cluster one round trip per node, the nodes in parallel (``service/redis_cluster.py``)."""
+        if self._cluster is not None:
+            return await self._cluster.read(keys)
+        return await self._mget(keys)
+
+    async def _still_held(self, version: _Version) -> bool:
+        """Whether ``version`` is still current or previous, hence not removed (the clean-up
+        removes only versions that are neither, and such a version never becomes either
+        again): its records missing from a read just made are unknown entities."""
+        current, previous = await self.client.mget(self.keys.current, self.keys.previous)
+        return version.id_bytes in (current, previous)
 
     async def _mget(self, keys: list[str]) -> list[bytes | None]:
         """MGET on a pooled connection, the command packed by hiredis in C: redis-py's asyncio
@@ -359,7 +411,7 @@ class RedisStore:
                 version = await self._load(await self.client.get(self.keys.current))
         except TimeoutError:
             return False, f"{self.where}: no answer within {max(self.timeout_s, 1.0):g} s"
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             return False, f"{self.where}: unreachable: {type(e).__name__}: {e}"
         except StoreError as e:
             return False, f"{self.where}: {e}"
@@ -372,4 +424,7 @@ class RedisStore:
         return True, detail
 
     async def close(self) -> None:
-        await self.client.aclose(close_connection_pool=True)
+        if self.cluster:
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)

@@ -103,7 +103,13 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None,
         description="feature store: redis://[:password@]host:port/db (rediss:// for TLS); "
+        "redis+cluster://host:port (rediss+cluster://) for a Redis Cluster; "
         "unset: the in-process tables",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names a node of a Redis Cluster (as the redis+cluster:// scheme "
+        "does); the same store code, keys fetched per node (docs/feature-store.md)",
     )
     redis_prefix: str = Field(default=DEFAULT_PREFIX, description="key prefix the push job used")
     # 50 ms: one MGET of 501 packed records takes about 2 ms (p99, asyncio + hiredis), but the

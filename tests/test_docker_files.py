@@ -310,3 +310,44 @@ def test_compose_volumes_are_declared_and_connect_the_jobs() -> None:
     artifact = environment(doc["services"]["ranker"])["RANKER_ARTIFACT"]
     served = [v for t, v in mounts["ranker"].items() if artifact.startswith(t.rstrip("/") + "/")]
     assert served == [mounts["train"]["/app/artifacts"]], "the service reads another volume"
+
+
+def test_compose_cluster_profile_joins_six_nodes_and_serves_from_them() -> None:
+    """`--profile cluster`: six cluster-mode nodes with their own volumes, a one-shot job that
+    joins them once all are healthy (3 masters + 3 replicas, idempotent on a rerun), the push
+    and the service pointed at the cluster; the default services stay out of the profile."""
+    services = compose()["services"]
+    nodes = [f"redis-node-{i}" for i in range(1, 7)]
+    in_profile = {n for n, s in services.items() if "cluster" in s.get("profiles", [])}
+    assert in_profile == {*nodes, "redis-cluster-create", "push-features-cluster", "ranker-cluster"}
+    volumes = set()
+    for n in nodes:
+        argv = services[n]["command"]
+        assert argv[0] == "redis-server"
+        assert argv[argv.index("--cluster-enabled") + 1] == "yes", n
+        assert services[n]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+        volumes |= {str(v).split(":")[0] for v in services[n]["volumes"]}
+    assert len(volumes) == 6  # one nodes.conf per node
+    create = services["redis-cluster-create"]
+    assert all(create["depends_on"][n]["condition"] == "service_healthy" for n in nodes)
+    script = create["command"][0]
+    assert "--cluster create" in script and "--cluster-replicas 1" in script
+    assert "--cluster-yes" in script and "cluster_state:ok" in script
+    assert "redis-node-$$n" in script and "for n in 1 2 3 4 5 6" in script
+    url = "redis+cluster://redis-node-1:6379/0"
+    push, ranker = services["push-features-cluster"], services["ranker-cluster"]
+    assert environment(push)["RANKER_REDIS_URL"] == url
+    assert environment(ranker)["RANKER_REDIS_URL"] == url
+    assert push["depends_on"]["redis-cluster-create"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert ranker["depends_on"]["push-features-cluster"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert service_dockerfile("ranker-cluster", ranker) == DOCKERFILES["service"].resolve()
+    values = {k[len("RANKER_") :].lower(): v for k, v in environment(ranker).items()}
+    settings = Settings(**values)
+    assert settings.redis_url is not None
+    from ranker.feature_store import cluster_url
+
+    assert cluster_url(settings.redis_url.get_secret_value())[1] is True

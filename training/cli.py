@@ -141,6 +141,7 @@ def cmd_push_features(a: argparse.Namespace) -> None:
         prefix,
         a.batch_size,
         progress=not a.quiet,
+        writers=a.writers,
     )
     rows = ", ".join(f"{n:,} {s}s" for s, n in r.rows.items())
     print(
@@ -290,9 +291,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--config", default="configs/default.toml", help="table paths and keys")
     f.add_argument("--users", help="users table; default: the config's data.users")
     f.add_argument("--videos", help="videos table; default: the config's data.videos")
-    f.add_argument("--redis-url", help="default: RANKER_REDIS_URL, else redis://127.0.0.1:6379/0")
+    f.add_argument(
+        "--redis-url",
+        help="default: RANKER_REDIS_URL, else redis://127.0.0.1:6379/0; redis+cluster://host:port "
+        "(or RANKER_REDIS_CLUSTER=1) for a Redis Cluster",
+    )
     f.add_argument("--prefix", help="key prefix; default: RANKER_REDIS_PREFIX, else ranker:fs")
     f.add_argument("--batch-size", type=int, default=5000, help="rows per pipelined round trip")
+    f.add_argument(
+        "--writers", type=int, default=1, help="batches written at once (threads; a cluster)"
+    )
     f.add_argument("--rollback", action="store_true", help="make the previous version current")
     f.add_argument("--quiet", action="store_true")
     add_overrides(f)

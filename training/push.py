@@ -7,6 +7,12 @@ A reader therefore sees either the old version or the new one, whole. A push tha
 leaves an unreferenced version that the next push removes, so rerunning is always safe; a lock
 key keeps two pushes from interleaving (one's clean-up would delete the other's new version).
 Layout: :mod:`ranker.feature_store` and ``docs/feature-store.md``.
+
+The same code writes to one Redis node or to a Redis Cluster (:func:`connect` picks the client):
+records go out in one pipeline per node and batch (``MSET`` on one node; one ``SET`` per key
+on a cluster, where keys of different slots cannot share a command; :func:`write_many`);
+the fixed keys share one hash slot, so the switch stays one ``MULTI``; clean-up scans every
+master.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from tqdm import tqdm
 
 from ranker.config import Source
 from ranker.errors import DataError, StoreError
-from ranker.feature_store import Keys, RecordLayout, VersionMeta, check_prefix, redact
+from ranker.feature_store import Keys, RecordLayout, VersionMeta, check_prefix, cluster_url, redact
 
 LOCK_TTL_MS = 60_000  # a crashed push blocks the next one at most this long
 MSET_KEYS = 1_000  # keys per MSET command inside one pipelined batch
@@ -53,19 +62,77 @@ class PushResult:
         return sum(self.rows.values()) / max(self.seconds, 1e-9)
 
 
-def connect(url: str, timeout_s: float = 30.0) -> redis.Redis:
+Client = redis.Redis | RedisCluster
+
+
+def connect(url: str, timeout_s: float = 30.0, cluster: bool | None = None) -> Client:
     """A synchronous client for the push job (``redis://``, ``rediss://``, password and db index
-    come from the URL); generous timeouts: a push moves megabytes per round trip."""
+    come from the URL); generous timeouts: a push moves megabytes per round trip.
+
+    A Redis Cluster client for ``redis+cluster://`` URLs, or when ``cluster`` (default: the
+    environment's ``RANKER_REDIS_CLUSTER=1``, the service's setting) says so."""
+    if cluster is None:
+        cluster = os.environ.get("RANKER_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    plain, is_cluster = cluster_url(url, cluster)
+    kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": 5.0}
     try:
-        return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=5.0)
+        if is_cluster:
+            return RedisCluster.from_url(plain, **kwargs)
+        return redis.Redis.from_url(plain, **kwargs)
     except ValueError as e:
         raise StoreError(f"invalid Redis URL {redact(url)}: {e}") from None
+    except redis.RedisError as e:
+        raise StoreError(f"Redis Cluster at {redact(url)}: {type(e).__name__}: {e}") from None
+
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def primaries(client: Client) -> list[redis.Redis]:
+    """One plain client per master: the node itself, or every master of a cluster (SCAN and
+    memory figures are per node)."""
+    if is_cluster(client):
+        return [client.get_redis_connection(n) for n in client.get_primaries()]
+    return [client]
+
+
+def write_many(client: Client, items: dict[str, bytes], ex: int | None = None) -> None:
+    """Writes ``items`` in one round trip per node: on one node a pipeline of ``MSET`` chunks
+    (``SET ... EX`` per key with ``ex``); on a cluster the keys grouped by the node serving
+    their slot (redis-py's slot map) and one plain pipeline of ``SET``s per node, rather than
+    redis-py's cluster pipeline, which routes each command through its policy machinery in
+    Python. A slot that moved during the push answers MOVED and fails the push, which is safe
+    to rerun."""
+    if is_cluster(client):
+        nodes: dict[str, tuple[redis.Redis, dict[str, bytes]]] = {}
+        for k, v in items.items():
+            node = client.nodes_manager.get_node_from_slot(key_slot(k.encode()))
+            if node.name not in nodes:
+                nodes[node.name] = (client.get_redis_connection(node), {})
+            nodes[node.name][1][k] = v
+        for conn, part in nodes.values():
+            _pipeline(conn, part, ex, mset=False)
+        return
+    _pipeline(client, items, ex, mset=ex is None)
+
+
+def _pipeline(client: redis.Redis, items: dict[str, bytes], ex: int | None, mset: bool) -> None:
+    pipe = client.pipeline(transaction=False)
+    if mset:
+        keys = list(items)
+        for k0 in range(0, len(keys), MSET_KEYS):
+            pipe.mset({k: items[k] for k in keys[k0 : k0 + MSET_KEYS]})
+    else:
+        for k, v in items.items():
+            pipe.set(k, v, ex=ex)
+    pipe.execute()
 
 
 class _Lock:
-    """``P:lock`` with a random token: refreshed every batch, released only by its holder."""
+    """``{P}:lock`` with a random token: refreshed every batch, released only by its holder."""
 
-    def __init__(self, client: redis.Redis, key: str) -> None:
+    def __init__(self, client: Client, key: str) -> None:
         self.client, self.key, self.token = client, key, os.urandom(8).hex()
 
     def __enter__(self) -> _Lock:
@@ -90,46 +157,70 @@ def _decode(v: bytes | None) -> str | None:
     return v.decode() if v is not None else None
 
 
+def _write_batch(client: Client, prefix: str, ids: np.ndarray, records: np.ndarray) -> int:
+    """One batch of records in one pipeline (one round trip per node); returns its rows."""
+    size = records.dtype.itemsize
+    buf = records.tobytes()
+    keys = [prefix + s for s in map(str, ids.tolist())]
+    write_many(client, {k: buf[j * size : (j + 1) * size] for j, k in enumerate(keys)})
+    return len(keys)
+
+
 def _write_source(
-    client: redis.Redis,
+    client: Client,
     lock: _Lock,
     prefix: str,
     ids: np.ndarray,
     records: np.ndarray,
     batch_size: int,
     bar: tqdm,
+    writers: int = 1,
 ) -> None:
-    """Writes one source's records: one pipeline of MSETs per batch (one round trip each)."""
-    size = records.dtype.itemsize
-    for start in range(0, len(ids), batch_size):
-        stop = min(start + batch_size, len(ids))
-        buf = records[start:stop].tobytes()
-        keys = [prefix + s for s in map(str, ids[start:stop].tolist())]
-        pipe = client.pipeline(transaction=False)
-        for k0 in range(0, len(keys), MSET_KEYS):
-            chunk = keys[k0 : k0 + MSET_KEYS]
-            pipe.mset({k: buf[(k0 + j) * size : (k0 + j + 1) * size] for j, k in enumerate(chunk)})
-        pipe.execute()
-        lock.refresh()
-        bar.update(stop - start)
+    """Writes one source's records in batches, ``writers`` batches in flight at once (threads:
+    the work is packing in redis-py and waiting on sockets); the lock is refreshed after every
+    batch that completes."""
+    spans = [(a, min(a + batch_size, len(ids))) for a in range(0, len(ids), batch_size)]
+    with ThreadPoolExecutor(max(1, writers)) as pool:
+        done = pool.map(
+            lambda s: _write_batch(client, prefix, ids[s[0] : s[1]], records[s[0] : s[1]]), spans
+        )
+        for n in done:
+            lock.refresh()
+            bar.update(n)
 
 
-def remove_versions(client: redis.Redis, keys: Keys, keep: set[str]) -> list[str]:
+def _unlink(node: redis.Redis, keys: list[bytes], cluster: bool) -> None:
+    """UNLINKs keys a node holds: one multi-key UNLINK on a single node; on a cluster node,
+    where a multi-key command must stay in one slot, one UNLINK per key in one pipeline."""
+    if not cluster:
+        node.unlink(*keys)
+        return
+    pipe = node.pipeline(transaction=False)
+    for k in keys:
+        pipe.unlink(k)
+    pipe.execute()
+
+
+def remove_versions(client: Client, keys: Keys, keep: set[str]) -> list[str]:
     """Deletes every registered version not in ``keep`` (records, meta, registry entry), and
-    unregistered leftovers of a crashed push too; returns the versions removed."""
+    unregistered leftovers of a crashed push too; returns the versions removed. On a cluster
+    every master is scanned (a SCAN walks one node's keys)."""
     registered = {v.decode() for v in client.zrange(keys.versions, 0, -1)}
     doomed: set[str] = set()
     batch: list[bytes] = []
-    for key in client.scan_iter(match=keys.scan_pattern(), count=10_000):
-        v = keys.version_of(key.decode(errors="replace"))
-        if v is not None and v not in keep:
-            doomed.add(v)
-            batch.append(key)
-            if len(batch) >= 10_000:
-                client.unlink(*batch)
-                batch.clear()
-    if batch:
-        client.unlink(*batch)
+    cluster = is_cluster(client)
+    for node in primaries(client):
+        for key in node.scan_iter(match=keys.scan_pattern(), count=10_000):
+            v = keys.version_of(key.decode(errors="replace"))
+            if v is not None and v not in keep:
+                doomed.add(v)
+                batch.append(key)
+                if len(batch) >= 10_000:
+                    _unlink(node, batch, cluster)
+                    batch.clear()
+        if batch:
+            _unlink(node, batch, cluster)
+            batch.clear()
     doomed |= registered - keep
     if doomed:
         client.zrem(keys.versions, *doomed)
@@ -137,19 +228,23 @@ def remove_versions(client: redis.Redis, keys: Keys, keep: set[str]) -> list[str
 
 
 def push_tables(
-    client: redis.Redis,
+    client: Client,
     tables: dict[Source, tuple[pa.Table, str]],
     prefix: str,
     batch_size: int = 5_000,
     progress: bool = True,
     origins: dict[Source, str] | None = None,
+    writers: int = 1,
 ) -> PushResult:
     """Pushes ``source -> (table, key column)`` as a new version and makes it current.
 
     Every table is packed before the first write, so bad data fails without touching Redis.
+    ``writers`` batches are written at once (useful on a cluster: more nodes to fill).
     """
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size}")
+    if writers <= 0:
+        raise DataError(f"writers must be positive, got {writers}")
     keys = Keys(check_prefix(prefix))
     origins = origins or {}
     packed = {
@@ -163,7 +258,8 @@ def push_tables(
         total = sum(len(ids) for _, ids, _ in packed.values())
         with tqdm(total=total, unit="rows", disable=not progress, desc=f"version {version}") as bar:
             for s, (_, ids, records) in packed.items():
-                _write_source(client, lock, keys.entity(version, s), ids, records, batch_size, bar)
+                prefix_s = keys.entity(version, s)
+                _write_source(client, lock, prefix_s, ids, records, batch_size, bar, writers)
         meta = VersionMeta(
             version, datetime.now(UTC).isoformat(), {s: lay for s, (lay, _, _) in packed.items()}
         )
@@ -196,6 +292,7 @@ def push_files(
     prefix: str = "ranker:fs",
     batch_size: int = 5_000,
     progress: bool = True,
+    writers: int = 1,
 ) -> PushResult:
     """Reads the two Parquet tables and pushes them (what ``ranker push-features`` runs)."""
     tables: dict[Source, tuple[pa.Table, str]] = {}
@@ -213,6 +310,7 @@ def push_files(
             batch_size,
             progress,
             origins={"user": str(users), "video": str(videos)},
+            writers=writers,
         )
     except redis.RedisError as e:
         raise StoreError(f"Redis at {redact(url)}: {type(e).__name__}: {e}") from None

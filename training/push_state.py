@@ -3,7 +3,8 @@
 What the in-process service builds from the training log at start-up, written once for every
 worker and replica: per counter, every entity's totals after the whole log (the offline
 engine's, :class:`ranker.live.PointInTime`), one ``SET ... EX`` per entity, pipelined in
-batches (one round trip each). Records are overwritten: push before the service takes events
+batches (one round trip per node each; the same code on one node and on a Redis Cluster).
+Records are overwritten: push before the service takes events
 that the log does not hold, or events sent meanwhile are lost for the entities the log has.
 """
 
@@ -20,8 +21,8 @@ from ranker.config import Config
 from ranker.errors import StoreError
 from ranker.feature_store import check_prefix, redact
 from ranker.live import OfflineCounters
-from ranker.live_store import STATE_TTL_S, counter_prefix, pack_totals
-from training.push import connect
+from ranker.live_store import STATE_TTL_S, counter_prefix, pack_totals, record_keys
+from training.push import Client, connect, write_many
 
 
 @dataclass
@@ -35,7 +36,7 @@ class StateResult:
 
 
 def push_state(
-    client: redis.Redis,
+    client: Client,
     config: Config,
     logs: list[Path],
     prefix: str = "ranker:fs",
@@ -59,11 +60,9 @@ def push_state(
             for start in range(0, len(tot), batch_size):
                 stop = min(start + batch_size, len(tot))
                 buf = records[start:stop].tobytes()
-                keys = [key_prefix + s for s in map(str, tot.keys[start:stop].tolist())]
-                pipe = client.pipeline(transaction=False)
-                for j, k in enumerate(keys):
-                    pipe.set(k, buf[j * width : (j + 1) * width], ex=ttl_s)
-                pipe.execute()
+                keys = record_keys(key_prefix, tot.keys[start:stop].tolist())
+                items = {k: buf[j * width : (j + 1) * width] for j, k in enumerate(keys)}
+                write_many(client, items, ttl_s)
                 bar.update(stop - start)
             written[tot.spec.name] = len(tot)
     return StateResult(written, time.perf_counter() - t0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +63,75 @@ def _decayed_config(world: Path, tmp: Path, log: Path) -> Config:
 
 
 def _random_batch(rng: np.random.Generator, n: int, users: np.ndarray, videos: np.ndarray,
-                  t0: float, k: int) -> EventBatch:  # fmt: skip
-    """Random events: out of order, repeated times, gaps from none to weeks, duplicate ids
-    within and across batches, unknown users and videos, missing contexts."""
+                  t0: float, k: int, previous: EventBatch | None = None) -> EventBatch:  # fmt: skip
+    """Random events: out of order, repeated times, gaps from none to weeks, retried events
+    (an earlier event of this batch or of ``previous`` sent again, id and all) within and
+    across batches, unknown users and videos, missing contexts."""
     span = rng.choice([1.0, 600.0, 86400.0 * 14])
     times = t0 + np.round(rng.uniform(-span, span, n), rng.integers(0, 3))
-    types = rng.choice(["impression", "click", "like", "watch_seconds"], n).tolist()
-    ids = [f"e{k}.{i}" if rng.random() > 0.1 else f"e{max(k - 1, 0)}.{i}" for i in range(n)]
-    ctx = [{"hour": int(h)} if h >= 0 else {} for h in rng.integers(-3, 24, n)]
-    return EventBatch(
-        ids=ids,
+    batch = EventBatch(
+        ids=[f"e{k}.{i}" for i in range(n)],
         users=rng.choice(np.r_[users[:20], [10**12]], n),
         videos=rng.choice(np.r_[videos[:30], [10**12]], n),
-        types=types,
+        types=rng.choice(["impression", "click", "like", "watch_seconds"], n).tolist(),
         times=times,
         values=np.round(rng.exponential(30.0, n), 3),
-        contexts=ctx,
+        contexts=[{"hour": int(h)} if h >= 0 else {} for h in rng.integers(-3, 24, n)],
     )
+    for i in range(n):
+        if rng.random() > 0.1:
+            continue
+        src, j = (previous, int(rng.integers(len(previous.ids)))) if previous and rng.random() < 0.5 else (batch, int(rng.integers(i + 1)))  # fmt: skip
+        batch.ids[i], batch.types[i], batch.contexts[i] = src.ids[j], src.types[j], src.contexts[j]
+        batch.users[i], batch.videos[i] = src.users[j], src.videos[j]
+        batch.times[i], batch.values[i] = src.times[j], src.values[j]
+    return batch
+
+
+def compare_random_events(
+    cfg: Config,
+    log_path: Path,
+    sync: Any,
+    client: Callable[[], Any],
+    batches: int,
+    seed: int = 7,
+) -> int:
+    """Pushes the log's state with ``sync`` (one node or a cluster), then feeds random event
+    batches to the Redis state (an asyncio ``client()``) and to the in-process one, asserting
+    the same accepted/duplicate counts and the same features after each; returns the
+    candidates checked."""
+    offline = OfflineCounters(cfg, [log_path])
+    params = offline.fit(read_log_events(cfg, [log_path], offline.attrs))
+    local = LiveState(cfg, params, [log_path])
+    log = ds.dataset(log_path).to_table()
+    users = np.unique(log["user_id"].to_numpy())
+    videos = np.unique(log["video_id"].to_numpy())
+    t_end = float(pc.max(log["timestamp"]).as_py())
+    rng = np.random.default_rng(seed)
+    push_state(sync, cfg, [log_path], "t", progress=False)
+
+    async def run() -> int:
+        store = RedisStore(client(), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
+        remote = RedisLiveState(cfg, params, store)
+        checked, batch = 0, None
+        for k in range(batches):
+            t = t_end + k * rng.choice([1.0, 30.0, 3600.0])
+            batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k, batch)
+            assert await remote.ingest_async(batch) == local.ingest(batch)
+            user = int(rng.choice(np.r_[users[:20], [10**12]]))
+            cand = rng.choice(np.r_[videos[:30], [10**12]], int(rng.integers(1, 12)))
+            ctx = {"hour": int(rng.integers(0, 24))}
+            now = t + rng.choice([0.0, 1.0, 86400.0 * 30])
+            req = remote.request(user, cand, ctx, now)
+            got, got_seen = req.decode(await store.read(req.keys) if req.keys else [])
+            want, want_seen = local.features(user, cand, ctx, now)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert got_seen == want_seen
+            checked += len(cand)
+        await store.close()
+        return checked
+
+    return asyncio.run(run())
 
 
 # Requests weeks before a 60 s half-life counter's reference time overflow exp() in both
@@ -91,42 +143,14 @@ def test_redis_state_gives_the_in_process_features_over_random_events(
     tmp_path: Path,
 ) -> None:
     cfg = _decayed_config(tiny_world, tmp_path, split_world[0])
-    offline = OfflineCounters(cfg, [split_world[0]])
-    params = offline.fit(read_log_events(cfg, [split_world[0]], offline.attrs))
-    local = LiveState(cfg, params, [split_world[0]])
-    log = ds.dataset(split_world[0]).to_table()
-    users = np.unique(log["user_id"].to_numpy())
-    videos = np.unique(log["video_id"].to_numpy())
-    t_end = float(pc.max(log["timestamp"]).as_py())
-    rng = np.random.default_rng(7)
     with redis_server(tmp_path / "redis") as server:
         import redis
 
         sync = redis.Redis(port=server.port)
-        push_state(sync, cfg, [split_world[0]], "t", progress=False)
-
-        async def run() -> int:
-            store = RedisStore(Redis(port=server.port), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
-            remote = RedisLiveState(cfg, params, store)
-            checked = 0
-            for k in range(300):
-                t = t_end + k * rng.choice([1.0, 30.0, 3600.0])
-                batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k)
-                assert await remote.ingest_async(batch) == local.ingest(batch)
-                user = int(rng.choice(np.r_[users[:20], [10**12]]))
-                cand = rng.choice(np.r_[videos[:30], [10**12]], int(rng.integers(1, 12)))
-                ctx = {"hour": int(rng.integers(0, 24))}
-                now = t + rng.choice([0.0, 1.0, 86400.0 * 30])
-                req = remote.request(user, cand, ctx, now)
-                got, got_seen = req.decode(await store.client.mget(req.keys) if req.keys else [])
-                want, want_seen = local.features(user, cand, ctx, now)
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-                assert got_seen == want_seen
-                checked += len(cand)
-            await store.close()
-            return checked
-
-        assert asyncio.run(run()) > 300
+        checked = compare_random_events(
+            cfg, split_world[0], sync, lambda: Redis(port=server.port), 300
+        )
+        assert checked > 300
         sync.close()
 
 

@@ -223,7 +223,7 @@ def test_push_while_serving_never_mixes_versions(
         _push(redis_module, users_a, videos_a)
         served(2)
         client = redis.Redis(port=redis_module.port)
-        version = client.get(f"{PREFIX}:current").decode()
+        version = client.get(Keys(PREFIX).current).decode()
         _, ids, records = RecordLayout.pack(videos_b, "video_id", "video", "b")
         prefix = Keys(PREFIX).entity(version, "video")
         size = records.dtype.itemsize
