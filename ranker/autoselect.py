@@ -139,6 +139,20 @@ def default_requests(model: RankingModel, rows: int = 500, count: int = 4) -> Sa
     return SampleRequests(cat, num)
 
 
+def score_agreement(s_ref: np.ndarray, s_out: np.ndarray, k: int) -> tuple[float, float]:
+    """How alike two rankings of the same candidates are: the Spearman correlation of their
+    scores (1.0 for identical constant scores, which have no rank correlation at all), and the
+    share of ``s_ref``'s top ``k`` in ``s_out``'s (ties broken by position, as served)."""
+    rho = spearmanr(s_ref, s_out).statistic if len(s_ref) > 1 else 1.0
+    rho = 1.0 if math.isnan(rho) and np.array_equal(s_ref, s_out) else float(rho)
+    k = min(k, len(s_ref))
+    if k == 0:
+        return rho, 1.0
+    top_ref = set(np.argsort(-s_ref, kind="stable")[:k].tolist())
+    top_out = set(np.argsort(-s_out, kind="stable")[:k].tolist())
+    return rho, len(top_ref & top_out) / k
+
+
 def _accuracy(
     trial: EngineTrial,
     outputs: list[dict[str, np.ndarray]],
@@ -162,12 +176,9 @@ def _accuracy(
         if not np.isfinite(s_out).all():
             trial.reason = "ranking score: non-finite values"
             return
-        rho = spearmanr(s_ref, s_out).statistic if len(s_ref) > 1 else 1.0
-        spearman.append(1.0 if math.isnan(rho) and np.array_equal(s_ref, s_out) else float(rho))
-        k = min(guard.top_k, len(s_ref))
-        top_ref = set(np.argsort(-s_ref, kind="stable")[:k].tolist())
-        top_out = set(np.argsort(-s_out, kind="stable")[:k].tolist())
-        overlap.append(len(top_ref & top_out) / k)
+        rho, top = score_agreement(s_ref, s_out, guard.top_k)
+        spearman.append(rho)
+        overlap.append(top)
     trial.max_error = errors
     trial.spearman = min(spearman) if spearman else 1.0
     trial.topk_overlap = float(np.mean(overlap)) if overlap else 1.0

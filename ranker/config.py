@@ -664,11 +664,17 @@ class Config(Strict):
                     "set; a feature read from the log itself has source 'context'"
                 )
         if self.ranking is not None:
-            unknown = sorted(set(self.ranking.heads) - set(self.task_names))
-            if unknown:
-                raise ValueError(
-                    f"ranking.heads: unknown head(s) {unknown}; tasks are {self.task_names}"
-                )
+            parts = [("ranking.heads", self.ranking.heads)]
+            parts += [
+                (f"ranking.variants.{i}.heads", v.heads)
+                for i, v in enumerate(self.ranking.variants)
+            ]
+            for where, heads in parts:
+                unknown = sorted(set(heads) - set(self.task_names))
+                if unknown:
+                    raise ValueError(
+                        f"{where}: unknown head(s) {unknown}; tasks are {self.task_names}"
+                    )
         try:
             self.weighting.check_tasks(self.task_names)
         except ValueError as e:

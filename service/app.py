@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 import ranker
@@ -51,6 +52,7 @@ from service.schemas import (
     ValidationProblem,
 )
 from service.settings import Settings, default_threads
+from service.shadow import Shadow
 from service.state import ServingState, load_serving_state
 
 log = logging.getLogger("ranker.service")
@@ -185,11 +187,15 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         app.state.reloader = Reloader(app, settings)  # polls when reload_interval_s > 0
         app.state.reloader.start()
         app.state.service_logs = _service_logs(app, settings)
+        # Loads in its own thread once serving; never in the way (service/shadow.py).
+        app.state.shadow = Shadow(settings, app.state.observability.registry)
+        app.state.shadow.start(lambda: app.state.serving.model)
         # The state holds them; this frame stays suspended at the yield and must not, or the
         # first model would outlive every reload.
         del model, formula
         yield
         await app.state.reloader.stop()
+        app.state.shadow.stop()
         if app.state.service_logs is not None:  # after the drain: every answered request is in
             await asyncio.to_thread(app.state.service_logs.close)
         await app.state.serving.model.store.close()  # a Redis pool is shared by every reload
@@ -264,6 +270,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
         uniq, counts = np.unique(ids, return_counts=True)
         if len(uniq) != len(ids):
             raise RequestError(f"candidates: duplicate video_id {int(uniq[counts > 1][0])}")
+        variant = state.formula.assign(body.user_id)  # None: the config declares no variants
         r = await rank_by_deadline(
             request.scope,
             rank(
@@ -275,6 +282,7 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 body.top_k,
                 settings.forward_thread,
                 body.time,
+                variant,
             ),
         )
         if isinstance(r, str):  # the deadline passed first: answer now, unranked
@@ -282,13 +290,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             versions = {
                 "model_version": state.model.version,
                 "ranking_version": state.formula.version,
+                "variant": variant,
             }
             content = fallback_json(ids, body.top_k, versions, r)
             if app.state.service_logs is not None:  # shown too: request order, no scores
                 shown = ids if body.top_k is None else ids[: body.top_k]
                 nan = np.full(len(shown), np.nan, np.float32)
                 _log_exposure(
-                    app.state.service_logs, body, state, shown, nan, {}, True, variant=None
+                    app.state.service_logs, body, state, shown, nan, {}, True, variant=variant
                 )
             return Response(content, media_type="application/json")
         note_ranked(r, state.model, state.formula)  # metrics and the log line, after the reply
@@ -302,13 +311,13 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             "unknown_context": list(r.unknown_context),
             "degraded": r.lookup.degraded is not None,
             "degraded_reason": r.lookup.degraded,
+            "variant": variant,
         }
         if state.model.live is not None:
             header["user_has_state"] = r.lookup.user_has_state
             if state.model.artifact.config.live.history is not None:  # type: ignore[union-attr]
                 header["user_has_history"] = r.lookup.user_has_history
         items = items_json(r.video_ids, r.scores, r.predictions)
-        response = Response(rank_response_json(header, items), media_type="application/json")
         if app.state.service_logs is not None:
             _log_exposure(
                 app.state.service_logs,
@@ -318,9 +327,14 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
                 r.scores,
                 r.predictions,
                 header["degraded"],
-                variant=None,
+                variant=variant,
             )
-        return response
+        shadow: Shadow | None = getattr(app.state, "shadow", None)
+        after = None  # the shadow is offered the request once the response has been sent
+        if shadow is not None and shadow.sampled():
+            after = BackgroundTask(shadow.offer, r, state.model, state.formula)
+        payload = rank_response_json(header, items)
+        return Response(payload, media_type="application/json", background=after)
 
     @app.post(
         "/v1/events",
@@ -424,7 +438,11 @@ def create_app(settings: Settings | None = None, preloaded: ServingState | None 
             engine=state.model.predictor.backend,
             engine_ms=sel.ms if (sel := state.model.predictor.selection) is not None else None,
             engine_selection=sel.as_json() if sel is not None else None,
+            variants=list(state.formula.variant_names),
         )
+        shadow: Shadow | None = getattr(request.app.state, "shadow", None)
+        if shadow is not None:
+            body = body.model_copy(update=shadow.describe())
         reloader: Reloader | None = getattr(request.app.state, "reloader", None)
         if reloader is not None:
             body.reloads = reloader.reloads

@@ -218,6 +218,8 @@ class Ranked:
     all_scores: np.ndarray | None = None  # (n,) every candidate, request order (for metrics)
     all_predictions: dict[str, np.ndarray] | None = None  # task -> (n,), request order
     unknown_context: tuple[str, ...] = ()  # context features given a value the model lacks
+    variant: str | None = None  # the ranking config's variant scored with (None: none declared)
+    context_row: Encoded | None = None  # the encoded context, for the shadow model
 
 
 def forward_rows(model: ServingModel, lookup: Lookup, context: Encoded) -> dict[str, np.ndarray]:
@@ -276,11 +278,13 @@ async def rank(
     top_k: int | None,
     forward_thread: bool = False,
     now: float | None = None,
+    variant: str | None = None,
 ) -> Ranked:
     """Scores every candidate and returns them best first (ties keep the request's order).
     ``forward_thread``: the forward pass runs on the process's forward thread
     (:func:`_forward_executor`) while the event loop serves other requests. ``now``: the
-    request's time in the log's unit, for live counters (default: the clock)."""
+    request's time in the log's unit, for live counters (default: the clock). ``variant``:
+    which of the formula's variants scores (:meth:`RankingFormula.assign`; None: the base)."""
     t0 = time.perf_counter()
     ctx, unknown = model.context(context)
     if getattr(model.live, "remote", False):  # counters in Redis: read in the features' MGET
@@ -306,7 +310,7 @@ async def rank(
     else:
         preds = forward_rows(model, lookup, ctx)
     t2 = time.perf_counter()
-    scores = formula.score(preds)
+    scores = formula.score(preds, variant)
     order = np.argsort(-scores, kind="stable")
     if top_k is not None:
         order = order[:top_k]
@@ -322,4 +326,6 @@ async def rank(
         all_scores=scores,
         all_predictions=preds,
         unknown_context=unknown,
+        variant=variant,
+        context_row=ctx,
     )

@@ -165,6 +165,7 @@ class _Outcome:
     unknown_context: tuple[str, ...]
     scores: np.ndarray  # (n,) every scored candidate
     predictions: dict[str, np.ndarray]  # task -> (n,)
+    variant: str | None = None  # the ranking config's variant (None: none declared)
 
 
 @dataclass(slots=True)
@@ -258,6 +259,13 @@ class Observability:
             "Rank requests whose context gave a value the model does not know, by feature "
             "(ranked as if the feature were absent)",
             ["feature"],
+            registry=reg,
+        )
+        self.variant_requests = Counter(
+            "ranker_variant_requests",
+            "Rank responses by the ranking config's variant they were scored with (control: "
+            "the base weights); only configs that declare variants count here",
+            ["variant"],
             registry=reg,
         )
         self.degraded = Counter(
@@ -403,6 +411,8 @@ class Observability:
         self.candidates.observe(out.candidates)
         for stage, seconds in out.stages.items():
             self._stage(stage).observe(seconds)
+        if out.variant is not None:  # names from the config: as many labels as declared arms
+            self.variant_requests.labels(out.variant).inc()
         if out.degraded:
             self.degraded.inc()
         else:
@@ -491,6 +501,7 @@ def _outcome(ex: _Exchange) -> _Outcome | None:
         user_known=not r.lookup.user_missing,
         unknown_videos=int(r.lookup.videos_missing.sum()),
         unknown_context=r.unknown_context,
+        variant=r.variant,
         scores=scores,
         predictions=preds,
     )
@@ -580,6 +591,7 @@ def _log_fields(
         "candidates": None,
         "model_version": None if model is None else model.version,
         "ranking_version": None if ex.formula is None else ex.formula.version,
+        "variant": None if out is None else out.variant,
         "degraded": None,
         "user_known": None,
         "unknown_videos": None,

@@ -89,6 +89,11 @@ class RankResponse(BaseModel):
         description="the user's recent history ([live.history]) held an engaged video "
         "(None: the model has no history)",
     )
+    variant: str | None = Field(
+        default=None,
+        description="the ranking config's variant this user is in (control: the base weights); "
+        "None when the config declares no variants",
+    )
     items: list[RankedItem]
 
 
@@ -165,6 +170,16 @@ class Readiness(BaseModel):
         default=None,
         description="RANKER_BACKEND=auto: every engine tried, its time, accuracy and verdict",
     )
+    variants: list[str] = Field(
+        default_factory=list, description="the ranking config's variants, control first"
+    )
+    shadow_state: str = Field(
+        default="off",
+        description="the shadow model (RANKER_SHADOW_ARTIFACT): off, loading, ready or failed; "
+        "never affects readiness",
+    )
+    shadow_version: str | None = None
+    shadow_error: str | None = Field(default=None, description="why the shadow failed")
 
 
 class ProblemItem(BaseModel):

@@ -174,6 +174,19 @@ class Settings(BaseSettings):
         gt=0,
         description="a model without live counters: event ids each worker remembers, so a "
         "retried batch is logged once (live counters remember ids themselves)",
+    shadow_artifact: Path | None = Field(
+        default=None,
+        description="a second artifact (version directory) scored on a sample of requests after "
+        "they are answered, for its agreement with the served model (service/shadow.py); it "
+        "never affects the responses; unset: no shadow",
+    )
+    shadow_sample: float = Field(
+        default=0.1, ge=0, le=1, description="share of rank requests the shadow scores"
+    )
+    shadow_queue: int = Field(
+        default=4,
+        ge=1,
+        description="requests waiting for the shadow at most; more are dropped and counted",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -207,6 +207,9 @@ def cmd_tune(a: argparse.Namespace) -> None:
         x=a.x,
         y=a.y,
         progress=not a.quiet,
+        as_variant=a.as_variant,
+        share=a.share,
+        into=Path(a.into) if a.into else None,
     )
     print_summary(result, paths)
 
@@ -406,6 +409,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--x", help="engagement axis of the plot; default watch_time@k")
     u.add_argument("--y", help="satisfaction axis of the plot; default likes@k")
+    u.add_argument(
+        "--as-variant",
+        metavar="NAME",
+        help="also append the chosen weights to --into as an A/B variant (docs/tuning.md)",
+    )
+    u.add_argument("--share", type=float, help="the variant's share of users, e.g. 0.1")
+    u.add_argument("--into", help="the ranking config TOML the variant is added to")
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=cmd_tune)
 

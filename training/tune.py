@@ -883,13 +883,22 @@ def run_tune(
     x: str | None = None,
     y: str | None = None,
     progress: bool = True,
+    as_variant: str | None = None,
+    share: float | None = None,
+    into: Path | None = None,
 ) -> tuple[TuneResult, dict[str, Path]]:
     """The ``ranker tune`` job: predict the held-out split once, search, write the outputs.
 
     With neither ``maximize`` nor ``minimize``: maximise ``x`` (default ``watch_time@k``) while
     keeping ``y`` (default ``likes@k``) at least at its current value.
+
+    ``as_variant``: also append the chosen weights to the ranking config ``into`` as a variant
+    of that name with ``share`` of the users (:func:`ranker.variants.add_variant`); the
+    current weights are then ``into``'s base weights unless ``ranking`` names others. The
+    variant is checked (name, share, the file) before anything runs.
     """
     from ranker.scoring import load_ranking_config
+    from ranker.variants import add_variant
     from training.heldout import load_heldout
 
     if k < 1:
@@ -902,6 +911,12 @@ def run_tune(
     parse_goal(maximize, minimize, list(constraints or []), k)
     axes = [parse_metric(m, k, where=f"plot axis {m!r}") for m in (x, y)]
     tf = parse_transforms(list(transforms or []))
+    if as_variant is not None or share is not None or into is not None:
+        if as_variant is None or share is None or into is None:
+            raise TuneError("--as-variant, --share and --into go together")
+        ranking = ranking or into
+        base = load_ranking_config(into)
+        add_variant(into, as_variant, share, base, list(base.heads), dry_run=True)
     current = load_ranking_config(ranking) if ranking is not None else None
     held = load_heldout(artifact, log, split, with_truth=True, progress=progress)
     if current is None:  # the weights the artifact carries are the ones in use
@@ -934,6 +949,13 @@ def run_tune(
     aliases = metric_aliases(result.metrics)
     xm, ym = (str(parse_metric(m, k, aliases, f"plot axis {m!r}")) for m in (x, y))
     paths = write_outputs(result, out, xm, ym, source)
+    if as_variant is not None and into is not None and share is not None:
+        note = [
+            f"Variant {as_variant!r} chosen by `ranker tune` (goal: {result.goal}); see "
+            f"{out / 'summary.md'}.",
+        ]
+        add_variant(into, as_variant, share, result.chosen, held.config.task_names, note)
+        paths["variant"] = into
     return result, paths
 
 

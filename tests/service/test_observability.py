@@ -40,7 +40,7 @@ STAGES = ("decode", "features", "forward", "combine", "encode")
 LOG_FIELDS = {
     "ts", "level", "logger", "pid", "msg", "request_id", "method", "path", "status",
     "latency_ms", "candidates", "model_version", "ranking_version", "degraded", "user_known",
-    "unknown_videos", "unknown_context", "stages_ms",
+    "unknown_videos", "unknown_context", "stages_ms", "variant",
 }  # fmt: skip
 
 
@@ -120,6 +120,7 @@ def _fake_exchange(  # noqa: ANN202
         timings={"features": 0.001, "forward": 0.002, "combine": 0.0001},
         started=10.001,
         unknown_context=unknown_context,
+        variant=None,
     )
     ex = _Exchange("id", 10.0, status=200, responded=10.01, ranked=ranked, ranked_at=10.005)  # type: ignore[arg-type]
     ex.model, ex.formula = model, SimpleNamespace(version="r1")  # type: ignore[assignment]

@@ -10,6 +10,7 @@ from ranker.cli import main
 from ranker.config import TaskSpec
 from ranker.scoring import HeadWeight, RankingConfig, RankingFormula, load_ranking_config
 from service.engine import load_formula
+from tests.conftest import RANKING_CONFIG
 from training.evaluate import Predictions
 from training.listwise import RequestGroups, topk_sums, topk_sums_linear
 from training.tune import (
@@ -255,3 +256,34 @@ def test_ranker_tune_names_a_bad_constraint_before_loading_anything(
     )
     assert code == 2
     assert "bound '-2x' is not a number or a percentage" in capsys.readouterr().err
+
+
+def test_ranker_tune_writes_its_result_as_a_variant(
+    tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    into = tmp_path / "ranking.toml"
+    into.write_text(RANKING_CONFIG.read_text())
+    out = tmp_path / "tune"
+    args = ["tune", "--artifact", str(tiny_artifact), "--out", str(out), "--quiet"]
+    args += ["--samples", "30", "--refine", "5"]
+    code = main([*args, "--as-variant", "tuned", "--share", "0.1", "--into", str(into)])
+    assert code == 0
+    written = load_ranking_config(into)
+    assert into.read_text().startswith(RANKING_CONFIG.read_text().rstrip("\n"))  # comments kept
+    assert written.heads == load_ranking_config(RANKING_CONFIG).heads  # control unchanged
+    assert [(v.name, v.share) for v in written.variants] == [("tuned", 0.1)]
+    assert written.arm("tuned") == load_ranking_config(out / "ranking.toml")
+    RankingFormula(written, ["click", "watch_time", "like", "rating"])
+    # A second run with the same name, or a share that does not fit, stops before any work
+    # (the artifact path does not exist) with one line naming the problem; the file stays.
+    before = into.read_text()
+    bad = ["tune", "--artifact", "/nonexistent", "--out", str(out), "--into", str(into)]
+    assert main([*bad, "--as-variant", "tuned", "--share", "0.1"]) == 2
+    assert "'tuned' is already declared" in capsys.readouterr().err
+    assert main([*bad, "--as-variant", "big", "--share", "0.95"]) == 2
+    assert (
+        "variants: shares sum to 1.05 (tuned 0.1, big 0.95); at most 1" in capsys.readouterr().err
+    )
+    assert main([*bad, "--as-variant", "x"]) == 2
+    assert "--as-variant, --share and --into go together" in capsys.readouterr().err
+    assert into.read_text() == before
