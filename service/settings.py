@@ -174,6 +174,7 @@ class Settings(BaseSettings):
         gt=0,
         description="a model without live counters: event ids each worker remembers, so a "
         "retried batch is logged once (live counters remember ids themselves)",
+    )
     shadow_artifact: Path | None = Field(
         default=None,
         description="a second artifact (version directory) scored on a sample of requests after "

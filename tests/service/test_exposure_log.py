@@ -297,3 +297,26 @@ def test_a_bad_setting_is_one_error_line(tiny_artifact: Path, tmp_path: Path) ->
     env = {"RANKER_ARTIFACT": str(tiny_artifact), "RANKER_EXPOSURE_DIR": str(blocked / "logs")}
     assert_one_line_error(serve_once(env), "RANKER_EXPOSURE_DIR", str(blocked))
     assert not os.path.exists(blocked / "logs")
+
+
+def test_each_exposure_carries_its_response_variant(
+    tiny_artifact: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    """With variants declared, every exposure row says the variant its response named (the
+    A/B report groups the joined log by it)."""
+    from tests.service.test_variants_http import _config
+
+    ranking = _config(tmp_path)
+    env = env_for(tiny_artifact, tmp_path / "logs") | {"RANKER_RANKING_CONFIG": str(ranking)}
+    bodies = rank_bodies(tiny_world, 30, seed=3)
+    variants: dict[str, str | None] = {}
+    with serve(env) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        for i, body in enumerate(bodies):
+            r = client.post("/v1/rank", json=body, headers={"X-Request-ID": f"v-{i}"})
+            assert r.status_code == 200, r.text
+            variants[f"v-{i}"] = r.json()["variant"]
+    assert len(set(variants.values())) > 1  # more than one arm among 30 users
+    rows = read_log(tmp_path / "logs" / "exposures", EXPOSURE_SCHEMA).to_pylist()
+    assert rows and {r["request_id"] for r in rows} == set(variants)
+    for r in rows:
+        assert r["variant"] == variants[r["request_id"]]
