@@ -30,7 +30,6 @@ import pytest
 
 from ranker.artifact import load_artifact
 from ranker.config import load_config
-from service.schemas import FeedbackEvent
 from tests.conftest import DEFAULT_CONFIG, RANKING_CONFIG, ROOT, tiny_overrides
 from tests.service.conftest import run_service
 from training.loop import train
@@ -39,8 +38,6 @@ from training.synth import DEVICES, WorldConfig, generate
 from training.world import Feedback, build_world, simulate_feedback
 
 pytestmark = pytest.mark.slow
-if "request_id" not in FeedbackEvent.model_fields:  # the exposure branch: not on main yet
-    pytest.skip("POST /v1/events takes no request_id yet", allow_module_level=True)
 
 N_REQUESTS = 600  # per log; x 20 candidates = 12,000 impressions
 WORLD = WorldConfig.small(n_requests=3 * N_REQUESTS, rows_per_file=20 * N_REQUESTS)
