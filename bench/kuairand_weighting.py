@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
-from selection import CONFIG, select, table  # noqa: E402
+from selection import CONFIG, data_overrides, select, table  # noqa: E402
 
 from ranker.config import SelectionConfig, load_config  # noqa: E402
 from ranker.cpu import describe  # noqa: E402
@@ -117,9 +117,7 @@ def main() -> None:
     if args.from_json:
         report(json.loads(args.json.read_text()), args.criterion)
         return
-    sets = []
-    if args.data:
-        sets = [f'data.{k}="{args.data / (k + ".parquet")}"' for k in ("log", "users", "videos")]
+    sets = data_overrides(args.data)
     if not Path(load_config(CONFIG, sets).data.log).exists():
         print("the KuaiRand sample is not there (pass --data); nothing to do.")
         return

@@ -64,6 +64,13 @@ def table(rows: dict[str, list[dict[str, dict[str, float]]]], extra: str = "") -
     return "\n".join(lines)
 
 
+def data_overrides(data: Path | None) -> list[str]:
+    """``--set`` overrides that point the KuaiRand config at a ``kuairand-pure-val`` folder."""
+    if data is None:
+        return []
+    return [f'data.{k}="{data / (k + ".parquet")}"' for k in ("log", "users", "videos")]
+
+
 def select(epochs: dict[str, dict[str, dict[str, float]]], criterion: str) -> int:
     """The epoch ``training/selection.py`` keeps under ``criterion`` (no patience), replayed
     from a run's stored per-epoch validation metrics."""
@@ -109,9 +116,7 @@ def main() -> None:
     if args.from_json:
         report(json.loads(args.json.read_text()), args.criterion)
         return
-    sets = []
-    if args.data:
-        sets = [f'data.{k}="{args.data / (k + ".parquet")}"' for k in ("log", "users", "videos")]
+    sets = data_overrides(args.data)
     cfg = load_config(CONFIG, sets)
     if not Path(cfg.data.log).exists():
         print(f"{cfg.data.log} does not exist (pass --data); nothing to do.")
