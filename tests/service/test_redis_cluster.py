@@ -27,7 +27,7 @@ from tests.conftest import RANKING_CONFIG, RedisClusterNodes, redis_cluster
 from tests.service.conftest import run_service
 from tests.service.test_live import split_world  # noqa: F401 - fixture
 from tests.service.test_live_redis import _decayed_config, compare_random_events
-from tests.service.test_redis_store import _changed, _post, _request, _same, _scores, _until
+from tests.service.test_redis_store import _post, _request, _until, two_versions
 from training.push import connect, primaries, push_files, push_tables, rollback
 
 pytestmark = pytest.mark.slow
@@ -182,44 +182,15 @@ def test_a_version_removed_while_a_request_ran_is_read_again(
 def test_pushes_while_serving_never_mix_versions(
     cluster_service: str, cluster: RedisClusterNodes, tiny_world: Path
 ) -> None:
-    users_a = pq.read_table(tiny_world / "users.parquet")
-    videos_a = pq.read_table(tiny_world / "videos.parquet")
-    users_b, videos_b = _changed(users_a, videos_a)
-    body = _request(tiny_world, n=300, unknown=0)
-
-    def rank() -> np.ndarray:
-        out = _post(cluster_service, body)
-        assert out["degraded"] is False, out["degraded_reason"]
-        return _scores(out, body)
-
-    _push(cluster, users_a, videos_a)
-    ref_a = rank()
-    _push(cluster, users_b, videos_b)
-    ref_b = rank()
-    assert np.all(np.abs(ref_a - ref_b) > 1e-9)
-    for users, videos in ((users_a, videos_b), (users_b, videos_a)):
-        _push(cluster, users, videos)
-        crossed = rank()
-        assert not _same(crossed, ref_a) and not _same(crossed, ref_b)
-
-    _push(cluster, users_a, videos_a)  # whole again, before the load starts
+    v = two_versions(cluster_service, tiny_world, lambda u, vi: _push(cluster, u, vi))
+    _push(cluster, v.users_a, v.videos_a)  # whole again, before the load starts
     seen: list[str] = []
     stop = threading.Event()
 
     def fire() -> None:
         with httpx.Client() as client:
             while not stop.is_set():
-                out = _post(cluster_service, body, client)
-                s = _scores(out, body)
-                seen.append(
-                    "degraded"
-                    if out["degraded"]
-                    else "A"
-                    if _same(s, ref_a)
-                    else "B"
-                    if _same(s, ref_b)
-                    else "mixed"
-                )
+                seen.append(v.classify(_post(cluster_service, v.body, client)))
 
     def served(k: int) -> None:
         n = len(seen)
@@ -230,7 +201,7 @@ def test_pushes_while_serving_never_mix_versions(
     try:
         served(2)
         start = len(seen)
-        for users, videos in ((users_b, videos_b), (users_a, videos_a)) * 2:
+        for users, videos in ((v.users_b, v.videos_b), (v.users_a, v.videos_a)) * 2:
             _push(cluster, users, videos, batch=16)
             served(2)
     finally:

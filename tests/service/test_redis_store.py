@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -145,6 +146,56 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.allclose(a, b, rtol=0.0, atol=1e-12))
 
 
+@dataclass
+class TwoVersions:
+    """Tables A and B that score every video differently, the request, and each version's
+    reference scores: a response is then A, B, or mixed (records of both)."""
+
+    users_a: pa.Table
+    videos_a: pa.Table
+    users_b: pa.Table
+    videos_b: pa.Table
+    body: dict
+    ref_a: np.ndarray
+    ref_b: np.ndarray
+
+    def classify(self, out: dict) -> str:
+        if out["degraded"]:
+            return "degraded"
+        s = _scores(out, self.body)
+        return "A" if _same(s, self.ref_a) else "B" if _same(s, self.ref_b) else "mixed"
+
+
+def two_versions(
+    url: str, world: Path, push: Callable[[pa.Table, pa.Table], object]
+) -> TwoVersions:
+    """Pushes A, then B, then each crossing (A's users with B's videos and the reverse) through
+    ``push`` and ranks after each: the crossings match neither reference, so the mixed-version
+    checks have teeth. Leaves the last crossing pushed."""
+    users_a = pq.read_table(world / "users.parquet")
+    videos_a = pq.read_table(world / "videos.parquet")
+    users_b, videos_b = _changed(users_a, videos_a)
+    body = _request(world, n=300, unknown=0)
+
+    def rank() -> np.ndarray:
+        out = _post(url, body)
+        assert out["degraded"] is False, out["degraded_reason"]
+        return _scores(out, body)
+
+    push(users_a, videos_a)
+    ref_a = rank()
+    push(users_b, videos_b)
+    ref_b = rank()
+    # Every video scores differently in A and B, and one version's user with the other's
+    # videos matches neither.
+    assert np.all(np.abs(ref_a - ref_b) > 1e-9)
+    for users, videos in ((users_a, videos_b), (users_b, videos_a)):
+        push(users, videos)
+        crossed = rank()
+        assert not _same(crossed, ref_a) and not _same(crossed, ref_b)
+    return TwoVersions(users_a, videos_a, users_b, videos_b, body, ref_a, ref_b)
+
+
 def test_cached_entities_follow_every_push(
     redis_service: str, redis_module: RedisServer, tiny_world: Path
 ) -> None:
@@ -177,30 +228,14 @@ def test_push_while_serving_never_mixes_versions(
     """Without the entity cache (which would hide the control's in-place overwrite, a thing
     the push never does), every record comes from Redis: the MGET's version check is tested."""
     redis_service = uncached_service
-    users_a = pq.read_table(tiny_world / "users.parquet")
-    videos_a = pq.read_table(tiny_world / "videos.parquet")
-    users_b, videos_b = _changed(users_a, videos_a)
-    body = _request(tiny_world, n=300, unknown=0)
-
-    def rank() -> np.ndarray:
-        out = _post(redis_service, body)
-        assert out["degraded"] is False, out["degraded_reason"]
-        return _scores(out, body)
-
-    _push(redis_module, users_a, videos_a)
-    ref_a = rank()
-    _push(redis_module, users_b, videos_b)
-    ref_b = rank()
-    # The check below can fail: every video scores differently in A and B, and one version's
-    # user with the other's videos matches neither.
-    assert np.all(np.abs(ref_a - ref_b) > 1e-9)
-    for users, videos in ((users_a, videos_b), (users_b, videos_a)):
-        _push(redis_module, users, videos)
-        crossed = rank()
-        assert not _same(crossed, ref_a) and not _same(crossed, ref_b)
-
-    def classify(s: np.ndarray) -> str:
-        return "A" if _same(s, ref_a) else "B" if _same(s, ref_b) else "mixed"
+    v = two_versions(redis_service, tiny_world, lambda u, vi: _push(redis_module, u, vi))
+    users_a, videos_a, users_b, videos_b, body = (
+        v.users_a,
+        v.videos_a,
+        v.users_b,
+        v.videos_b,
+        v.body,
+    )
 
     seen: list[str] = []
     stop = threading.Event()
@@ -208,8 +243,7 @@ def test_push_while_serving_never_mixes_versions(
     def fire() -> None:
         with httpx.Client() as client:
             while not stop.is_set():
-                out = _post(redis_service, body, client)
-                seen.append("degraded" if out["degraded"] else classify(_scores(out, body)))
+                seen.append(v.classify(_post(redis_service, body, client)))
 
     def served(k: int) -> None:
         n = len(seen)
