@@ -48,6 +48,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "static": None,
     "mean": {"engaged": "click", "length": 20, "pooling": "mean"},
     "attention": {"engaged": "click", "length": 20, "pooling": "attention"},
+    "attention+category": {
+        "engaged": "click",
+        "length": 20,
+        "pooling": "attention",
+        "side": ["category"],
+    },
+    "mean+category": {"engaged": "click", "length": 20, "pooling": "mean", "side": ["category"]},
 }
 
 
@@ -123,7 +130,7 @@ def main() -> None:
                     "click_spearman": m["click"]["spearman"],
                     "mflop_served": r.model.flops_per_row(split) / 1e6,
                     "mflop_history": (
-                        r.model.history.flops_per_row(r.model.history_length) / 1e6
+                        r.model.history.flops_per_row(r.model.history_length, True) / 1e6
                         if r.model.history is not None
                         else 0.0
                     ),

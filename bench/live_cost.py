@@ -133,7 +133,7 @@ def main() -> None:
         split = request_split(m.artifact.model, m.artifact.encoder, m.artifact.config.live)
         mf = m.artifact.model.flops_per_row(split) / 1e6
         h = m.artifact.model.history
-        own = h.flops_per_row(m.artifact.model.history_length) / 1e6 if h is not None else 0.0
+        own = 0.0 if h is None else h.flops_per_row(m.artifact.model.history_length, True) / 1e6
         print(f"  {name:7s} {mf:.3f} MFLOP per candidate as served ({own:.3f} the history's)")
     print(f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates}")
 

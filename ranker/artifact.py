@@ -90,10 +90,11 @@ def code_version() -> str:
 def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
     """The model a config and a fitted encoder describe (the same call on both sides)."""
     history = config.live.history if config.live else None
-    feature = -1
+    feature, side = -1, []
     if history is not None:
-        name = config.history_feature().name
-        feature = [f.name for f in encoder.categorical].index(name)
+        names = [f.name for f in encoder.categorical]
+        feature = names.index(config.history_feature().name)
+        side = [names.index(f.name) for f in config.history_side_features()]
     return RankingModel(
         encoder.cardinalities,
         len(encoder.numeric) + (config.live.width if config.live else 0),
@@ -103,6 +104,7 @@ def build_model(config: Config, encoder: FeatureEncoder) -> RankingModel:
         output_dims={t.name: output_dim(t) for t in config.tasks},
         history=history,
         history_feature=feature,
+        history_side=side,
     )
 
 

@@ -498,6 +498,13 @@ class HistorySpec(Strict):
     attention_hidden: list[int] = Field(
         default=[32], description="attention only: hidden layers of the activation unit"
     )
+    side: list[str] = Field(
+        default=[],
+        description="single-valued categorical video features (e.g. the category) whose "
+        "embeddings are added to each history video's id embedding and to the candidate's, as "
+        "DIN represents a behaviour by its goods id and category id: a user's recent interest "
+        "then shows through videos the model has rarely seen",
+    )
 
 
 class LiveConfig(Strict):
@@ -592,6 +599,32 @@ class Config(Strict):
             return [*self.features, *self.position.bias_features()]
         return list(self.features)
 
+    def history_side_features(self) -> list[FeatureSpec]:
+        """The ``live.history.side`` features, each a single-valued categorical feature of the
+        video table other than the id (the model maps every history video to its value)."""
+        if self.live is None or self.live.history is None:
+            return []
+        by_name = {f.name: f for f in self.features}
+        out: list[FeatureSpec] = []
+        for name in self.live.history.side:
+            f = by_name.get(name)
+            if f in out:
+                raise ValueError(f"live.history.side: {name!r} is listed twice")
+            if (
+                f is None
+                or f.source != "video"
+                or f.kind != "categorical"
+                or f.separator is not None
+                or f.source_column == self.data.video_key
+            ):
+                raise ValueError(
+                    f"live.history.side: {name!r} is not a single-valued categorical video "
+                    f"feature other than the video id; video features are "
+                    f"{[g.name for g in self.features if g.source == 'video']}"
+                )
+            out.append(f)
+        return out
+
     def history_feature(self) -> FeatureSpec:
         """The video id feature whose vocabulary and embedding the history shares."""
         for f in self.features:
@@ -655,6 +688,7 @@ class Config(Strict):
                         )
         if self.live is not None and self.live.history is not None:
             self.history_feature()  # raises when there is no video id feature to share
+            self.history_side_features()  # raises on a side feature that cannot be looked up
         for f in self.features:
             if f.source == "bias":
                 raise ValueError(f"features: {f.name!r} has source 'bias', which is internal")

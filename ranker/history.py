@@ -31,6 +31,7 @@ import numpy as np
 
 from ranker.config import Config, HistorySpec
 from ranker.features import FeatureEncoder
+from ranker.tables import FeatureTable
 
 
 @dataclass
@@ -173,3 +174,24 @@ def encode_history(config: Config, encoder: FeatureEncoder, recent: Recent) -> n
     codes = np.zeros(recent.videos.shape, np.int64)
     codes[recent.ok] = vocab.lookup(recent.videos[recent.ok])
     return codes
+
+
+def side_codes(config: Config, encoder: FeatureEncoder, videos: FeatureTable) -> np.ndarray:
+    """``(S, V)`` int64: each ``live.history.side`` feature's code per code of the video id
+    vocabulary, read from the video table (``0``, the unknown bucket, for a video the table
+    lacks and for the padding code). The model keeps it (:meth:`RankingModel.set_history_side`),
+    so the service looks up only the history's video ids, as before."""
+    side = config.history_side_features()
+    vocab = encoder.vocabs[config.history_feature().name]
+    out = np.zeros((len(side), len(vocab.values) + 1), np.int64)
+    if not side or len(videos) == 0:
+        return out
+    cats = encoder.of("video", "categorical")
+    starts = np.cumsum([0] + [f.width for f in cats])
+    column = {f.name: int(starts[i]) for i, f in enumerate(cats)}
+    codes = vocab.lookup(videos.keys)
+    known = codes > 0
+    rows = videos.rows.cat[: len(videos)]
+    for i, f in enumerate(side):
+        out[i, codes[known]] = rows[known, column[f.name]]
+    return out

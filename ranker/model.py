@@ -201,6 +201,7 @@ class RankingModel(nn.Module):
         cat_widths: list[int] | None = None,
         history: HistorySpec | None = None,
         history_feature: int = -1,
+        history_side: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -225,6 +226,20 @@ class RankingModel(nn.Module):
             self.history_feature = history_feature
             column = sum(widths[:history_feature])  # its one cat column
             self.history_column = column
+            side = list(history_side or [])
+            for s in side:
+                if not 0 <= s < len(widths) or widths[s] != 1 or s == history_feature:
+                    raise ValueError(f"history side feature {s} is not a single-valued one")
+            self.history_side = side
+            # Each side feature's code per video id code (row 0: padding), already offset into
+            # the shared table; filled from the video table by :meth:`set_history_side`.
+            if side:  # registered only then: artifacts without side features load as before
+                first = [sum(cardinalities[:s]) for s in side]  # the features' first rows
+                codes = torch.tensor(first, dtype=torch.long)[:, None]
+                self.register_buffer(
+                    "history_side_codes",
+                    codes.expand(len(side), cardinalities[history_feature]).clone(),
+                )
             d_in += config.embedding_dim
         self.in_dim = d_in
         self.experts: ExpertBank | None = None
@@ -343,24 +358,45 @@ class RankingModel(nn.Module):
         """``cat`` columns the input must have: the features' and the history's."""
         return self.embed.num_columns + self.history_length
 
-    def embed_input(self, cat: Tensor, num: Tensor) -> Tensor:
+    def embed_input(self, cat: Tensor, num: Tensor, one_request: bool = False) -> Tensor:
         """The embedded input ``(B, In)``: the features' embeddings and numeric columns, then
         the pooled history (when the model has one)."""
         if self.history is None:
             return self.embed(cat, num)
         n = self.embed.num_columns
         feats, hist = cat[:, :n], cat[:, n:]  # (B, C), (B, L)
+        if one_request:
+            hist = hist[:1]  # (1, L): every candidate of one request has the user's history
         emb = self.embed(feats, num)
         d, f = self.embed.dim, self.history_feature
         target = emb[:, f * d : (f + 1) * d]  # (B, D): the candidate's video id embedding
         offset = self.embed.offsets[self.history_column]
         h = self.embed.table(hist + offset)  # (B, L, D), the video id's own rows
-        return torch.cat([emb, self.history(h, hist != 0, target)], dim=1)
+        for i, s in enumerate(self.history_side):
+            h = h + self.embed.table(self.history_side_codes[i][hist])  # + its category's row
+            target = target + emb[:, s * d : (s + 1) * d]
+        return torch.cat([emb, self.history(h, hist != 0, target, one_request)], dim=1)
+
+    @torch.no_grad()
+    def set_history_side(self, codes: Tensor) -> None:
+        """``codes (S, V)``: each side feature's code (in its own vocabulary) per video id code,
+        ``0`` where unknown; stored offset into the shared embedding table."""
+        if not self.history_side:
+            raise ValueError("the model's history has no side features")
+        if codes.shape != self.history_side_codes.shape:
+            raise ValueError(
+                f"history side codes of shape {tuple(codes.shape)}, expected "
+                f"{tuple(self.history_side_codes.shape)}"
+            )
+        widths = self.embed.widths
+        for i, s in enumerate(self.history_side):
+            offset = self.embed.offsets[sum(widths[:s])]
+            self.history_side_codes[i] = codes[i].to(torch.long) + offset
 
     def _run(
         self, cat: Tensor, num: Tensor, with_gates: bool, split: ColumnSplit | None = None
     ) -> ModelOutput:
-        emb = self.embed_input(cat, num)  # (B, In)
+        emb = self.embed_input(cat, num, one_request=split is not None)  # (B, In)
         x = emb if split is None else split.apply(emb)
         b = emb.shape[0]
         t = len(self.tasks)
@@ -443,7 +479,7 @@ class RankingModel(nn.Module):
                     for m in self.history.unit.modules()
                     if isinstance(m, nn.Linear)
                 )
-            total += self.history.flops_per_row(self.history_length)
+            total += self.history.flops_per_row(self.history_length, split is not None)
         if self.experts is not None:
             total += self.experts.flops_per_row()
             if self.n_gates:

@@ -358,9 +358,13 @@ class HistoryPooling(nn.Module):
         self.empty = nn.Parameter(torch.randn(dim) * 0.05)
         self.unit = mlp(4 * dim, hidden, 1) if pooling == "attention" else None
 
-    def forward(self, h: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+    def forward(self, h: Tensor, mask: Tensor, target: Tensor, shared: bool = False) -> Tensor:
         """``h (B, L, D)`` history embeddings, ``mask (B, L)`` bool (True: a real video),
-        ``target (B, D)`` the candidate's video embedding -> ``(B, D)``."""
+        ``target (B, D)`` the candidate's video embedding -> ``(B, D)``. ``shared``: ``h`` and
+        ``mask`` are one row ``(1, L, ...)`` that every candidate shares (one ranking request),
+        computed without repeating the history per candidate (:meth:`_shared`)."""
+        if shared:
+            return self._shared(h[0], mask[0], target)
         m = mask.unsqueeze(-1)  # (B, L, 1)
         if self.unit is not None:
             w = self._attention(h, target)  # (B, L, 1)
@@ -370,26 +374,57 @@ class HistoryPooling(nn.Module):
         pooled = torch.where(m, w * h, torch.zeros_like(h)).sum(1)  # (B, D)
         return torch.where(mask.any(1, keepdim=True), pooled, self.empty.expand_as(pooled))
 
-    def _attention(self, h: Tensor, target: Tensor) -> Tensor:
-        """The activation unit's scores ``(B, L, 1)``. Its first layer on ``[h, t, h - t, h * t]``
-        is computed as ``h @ (W_h + W_d) + t @ (W_t - W_d) + (h * t) @ W_p``: the same linear
-        map, without building the ``(B, L, 4D)`` concatenation, and the target's share once per
-        row instead of once per slot (half the first layer's multiply-adds)."""
+    def _first_layer(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The activation unit's first layer on ``[h, t, h - t, h * t]`` as the maps of ``h``,
+        ``t`` and ``h * t`` (each ``(H, D)``), and its bias: ``h - t`` folded into the first
+        two, so the ``(B, L, 4D)`` concatenation is never built."""
         assert self.unit is not None
         first = self.unit[0]
         assert isinstance(first, nn.Linear)
         wh, wt, wd, wp = first.weight.split(self.dim, dim=1)  # (H, D) each
-        per_row = torch.addmm(first.bias, target, (wt - wd).T)  # (B, H)
-        x = h @ (wh + wd).T + (h * target.unsqueeze(1)) @ wp.T + per_row.unsqueeze(1)
+        return wh + wd, wt - wd, wp, first.bias
+
+    def _attention(self, h: Tensor, target: Tensor) -> Tensor:
+        """The activation unit's scores ``(B, L, 1)``, the target's share of the first layer
+        once per row instead of once per slot (half the first layer's multiply-adds)."""
+        assert self.unit is not None
+        a, b, p, bias = self._first_layer()
+        per_row = torch.addmm(bias, target, b.T)  # (B, H)
+        x = h @ a.T + (h * target.unsqueeze(1)) @ p.T + per_row.unsqueeze(1)
         return self.unit[1:](x)  # (B, L, 1)
 
-    def flops_per_row(self, length: int) -> int:
+    def _shared(self, h: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+        """One request: ``h (L, D)`` and ``mask (L,)`` shared by the ``B`` candidates. The first
+        layer is linear in ``t`` for a fixed history, ``x[b, j] = t_b @ M_j + c_j`` with
+        ``M_j = diag(h_j) P^T + B^T`` and ``c_j = A h_j + bias``: one ``(B, D) x (D, L H)``
+        product, no ``(B, L, D)`` tensor; the pooling is one ``(B, L) x (L, D)`` product."""
+        bsz, length = target.shape[0], h.shape[0]
+        h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))  # padding reaches nothing
+        if self.unit is None:
+            count = mask.sum().clamp_min(1).to(h.dtype)
+            pooled = h.sum(0) / count
+            out = torch.where(mask.any(), pooled, self.empty)  # (D,)
+            return out.unsqueeze(0).expand(bsz, -1)
+        a, b, p, bias = self._first_layer()
+        hidden = a.shape[0]
+        m = h.unsqueeze(-1) * p.T.unsqueeze(0) + b.T.unsqueeze(0)  # (L, D, H)
+        m = m.permute(1, 0, 2).reshape(self.dim, length * hidden)  # (D, L H)
+        c = (h @ a.T + bias).reshape(length * hidden)  # (L H,)
+        x = torch.addmm(c, target, m).view(bsz, length, hidden)  # (B, L, H)
+        w = self.unit[1:](x).squeeze(-1)  # (B, L)
+        w = torch.where(mask.unsqueeze(0), w, torch.zeros_like(w))
+        pooled = w @ h  # (B, D)
+        return torch.where(mask.any(), pooled, self.empty.expand_as(pooled))
+
+    def flops_per_row(self, length: int, shared: bool = False) -> int:
         """Multiply-adds x2 per candidate: the activation unit on every slot (its first layer
-        as :meth:`_attention` computes it), and the sum."""
+        as :meth:`_attention` computes it, or with ``shared`` as :meth:`_shared` does: only the
+        ``t_b @ M_j`` products, the history's own share once per request, not counted), and
+        the sum."""
         total = 2 * length * self.dim
         if self.unit is not None:
             layers = [m for m in self.unit.modules() if isinstance(m, nn.Linear)]
             d, h = self.dim, layers[0].out_features
-            total += 2 * d * h * (2 * length + 1) + 2 * length * d
+            total += 2 * d * h * length if shared else 2 * d * h * (2 * length + 1) + 2 * length * d
             total += length * sum(2 * m.in_features * m.out_features for m in layers[1:])
         return total

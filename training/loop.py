@@ -29,6 +29,7 @@ from ranker.cpu import CpuFeatures, cpu_features
 from ranker.errors import TrainingError
 from ranker.features import FeatureEncoder
 from ranker.heads import head_loss, init_head
+from ranker.history import side_codes
 from ranker.model import RankingModel
 from ranker.position import ShallowTower
 from ranker.tables import FeatureTable
@@ -255,6 +256,8 @@ def _fit(
     if state is None:
         for name, bias in head_bias.items():
             init_head(model.towers[name][-1], bias)
+        if model.history is not None and model.history_side:  # resumed: in the state
+            model.set_history_side(torch.from_numpy(side_codes(config, encoder, videos)))
     model = model.to(device)
     tower = build_bias_tower(config, encoder)
     tower = tower.to(device) if tower is not None else None

@@ -133,6 +133,34 @@ def pooling_cases(rng: np.random.Generator, pooling: str, n: int = 200) -> None:
         torch.testing.assert_close(longer, out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
 
 
+def shared_cases(rng: np.random.Generator, pooling: str) -> None:
+    """One request: the shared path (one history row for every candidate) against the per-row
+    path given that row repeated, and padding junk that must not reach it."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    d, length, b = int(rng.integers(1, 9)), int(rng.integers(1, 25)), int(rng.integers(1, 300))
+    hidden = [int(rng.integers(1, 33))] + ([4] if rng.random() < 0.3 else [])
+    pool = HistoryPooling(d, pooling, hidden).eval()
+    scale = float(10.0 ** rng.uniform(-3, 3))  # ill-conditioned inputs too
+    h = torch.randn(1, length, d) * scale
+    mask = torch.rand(1, length) < rng.uniform(0, 1)
+    target = torch.randn(b, d) * float(10.0 ** rng.uniform(-3, 3))
+    with torch.no_grad():
+        want = pool(h.expand(b, -1, -1), mask.expand(b, -1), target)
+        got = pool(h, mask, target, shared=True)
+        assert got.shape == want.shape == (b, d)
+        big = float(want.abs().max()) if want.numel() else 1.0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * big + 1e-6)
+        junk = torch.where(mask.unsqueeze(-1), h, torch.full_like(h, float("nan")))
+        assert torch.equal(pool(junk, mask, target, shared=True), got)
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_one_requests_shared_history_pools_as_the_per_row_path(pooling: str) -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(300):
+        shared_cases(rng, pooling)
+
+
 @pytest.mark.parametrize("pooling", ["attention", "mean"])
 def test_padding_never_reaches_the_output_and_empty_uses_the_learned_vector(pooling: str) -> None:
     rng = np.random.default_rng(3)
@@ -140,7 +168,7 @@ def test_padding_never_reaches_the_output_and_empty_uses_the_learned_vector(pool
         pooling_cases(rng, pooling)
 
 
-def model_with_history(pooling: str, arch: str = "mmoe") -> RankingModel:
+def model_with_history(pooling: str, arch: str = "mmoe", side: bool = False) -> RankingModel:
     cfg = ModelConfig(
         architecture=arch, embedding_dim=4, num_experts=2, expert_hidden=[16], tower_hidden=[8]
     )
@@ -148,10 +176,13 @@ def model_with_history(pooling: str, arch: str = "mmoe") -> RankingModel:
     assert spec.live is not None
     # features: user id, video id, category; 2 numerics (multi-valued features are left out:
     # the ONNX export pools them differently from eager, with or without a history)
-    return RankingModel(
+    model = RankingModel(
         [10, 40, 7], 2, ["click", "watch"], cfg,
-        history=spec.live.history, history_feature=1,
+        history=spec.live.history, history_feature=1, history_side=[2] if side else [],
     ).eval()  # fmt: skip
+    if side:  # video code v is in category v % 7 (code 0, padding, in none)
+        model.set_history_side(torch.arange(40)[None, :] % 7)
+    return model
 
 
 def random_rows(rng: np.random.Generator, n: int, same_history: bool) -> tuple[np.ndarray, ...]:
@@ -178,9 +209,10 @@ def test_every_architecture_reads_the_history(arch: str) -> None:
 
 
 @pytest.mark.parametrize("pooling", ["attention", "mean"])
-def test_every_engine_scores_a_model_with_history_as_eager_does(pooling: str) -> None:
+@pytest.mark.parametrize("side", [False, True])
+def test_every_engine_scores_a_model_with_history_as_eager_does(pooling: str, side: bool) -> None:
     rng = np.random.default_rng(5)
-    model = model_with_history(pooling)
+    model = model_with_history(pooling, side=side)
     split = model.column_split([0], [0, 1])  # the user's columns, as one request shares them
     eager = build_scorer(model, "eager")
     engines = {b: build_scorer(model, b, None, split) for b in ("torchscript", "onnx", "bf16")}
@@ -194,6 +226,48 @@ def test_every_engine_scores_a_model_with_history_as_eager_does(pooling: str) ->
             tol = 2e-2 if name == "bf16" else 1e-5
             for t in ref:
                 torch.testing.assert_close(got[t].float(), ref[t].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_side_features_add_their_rows_to_each_history_video_and_to_the_candidate(
+    pooling: str,
+) -> None:
+    """DIN's behaviour = goods id + category id: the model adds the category's embedding row
+    (looked up from its video code table) to every history video and to the candidate."""
+    rng = np.random.default_rng(9)
+    model = model_with_history(pooling, side=True)
+    plain = model_with_history(pooling)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    table, off = model.embed.table.weight, model.embed.offsets
+    for _ in range(50):
+        cat, num = random_rows(rng, int(rng.integers(1, 60)), same_history=False)
+        c, n = torch.from_numpy(cat), torch.from_numpy(num)
+        hist = c[:, 3:]
+        with torch.no_grad():
+            got = model.embed_input(c, n)[:, -4:]
+            h = table[hist + off[1]] + table[hist % 7 + off[2]]
+            t = table[c[:, 1] + off[1]] + table[c[:, 2] + off[2]]
+            want = model.history(h, hist != 0, t)
+            torch.testing.assert_close(got, want)
+            # and without side features the category's rows are not there
+            assert not torch.allclose(plain.embed_input(c, n)[:, -4:], got)
+    with pytest.raises(ValueError, match="history side codes of shape"):
+        model.set_history_side(torch.zeros(1, 39, dtype=torch.long))
+
+
+def test_history_side_config_is_checked() -> None:
+    from ranker.errors import ConfigError
+
+    ok = parse_config(history_config({"engaged": "click", "side": ["category"]}))
+    assert [f.name for f in ok.history_side_features()] == ["category"]
+    for bad, why in [
+        (["user_id"], "not a single-valued categorical video feature"),
+        (["video_id"], "not a single-valued categorical video feature"),
+        (["nope"], "not a single-valued categorical video feature"),
+        (["category", "category"], "listed twice"),
+    ]:
+        with pytest.raises(ConfigError, match=f"live.history.side.*{why}"):
+            parse_config(history_config({"engaged": "click", "side": bad}))
 
 
 def history_config(history: dict[str, Any], **live: Any) -> dict[str, Any]:

@@ -23,7 +23,13 @@ from tests.service.test_live import (
     split_world,  # noqa: F401  (a fixture)
 )
 
-HISTORY = {"engaged": "click", "length": 5, "pooling": "attention", "attention_hidden": [8]}
+HISTORY = {
+    "engaged": "click",
+    "length": 5,
+    "pooling": "attention",
+    "attention_hidden": [8],
+    "side": ["category"],  # the model maps each history video to its category
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +188,26 @@ def test_redis_history_equals_the_in_process_one_over_random_events(
 
         assert asyncio.run(run()) > 100
         sync.close()
+
+
+def test_the_artifact_maps_every_history_video_to_its_category(
+    history_artifact: Path, tiny_world: Path
+) -> None:
+    """``live.history.side``: the model carries each video id code's category code, read from
+    the video table at training, so the service looks up only the history's video ids."""
+    import pyarrow.parquet as pq
+
+    from ranker.artifact import load_artifact
+
+    a = load_artifact(history_artifact)
+    videos = pq.read_table(tiny_world / "videos.parquet")
+    vid = a.encoder.vocabs["video_id"].lookup(videos["video_id"])
+    cat = a.encoder.vocabs["category"].lookup(videos["category"])
+    model = a.model
+    names = [f.name for f in a.encoder.categorical]
+    column = sum(a.encoder.cat_widths[: names.index("category")])
+    codes = (model.history_side_codes[0] - model.embed.offsets[column]).numpy()
+    known = vid > 0
+    assert known.sum() > 100
+    np.testing.assert_array_equal(codes[vid[known]], cat[known])
+    assert codes[0] == 0  # padding: the unknown category, masked anyway
