@@ -55,7 +55,7 @@ LIVE = {
 }
 
 
-HISTORY = {"engaged": "click", "length": 20, "pooling": "attention"}
+HISTORY = {"engaged": "click", "length": 20, "pooling": "attention", "side": ["category"]}
 NAMES = ("static", "live", "history")
 
 

@@ -26,10 +26,10 @@ HISTORY = [
     "--set",
     'live.events=[{name = "click", column = "click"}]',
     "--set",
-    'live.history={engaged = "click", length = 20, pooling = "attention"}',
+    'live.history={engaged = "click", length = 20, pooling = "attention", side = ["category"]}',
 ]
-"""The demo's model also reads the user's last 20 clicked videos (docs/live-features.md), so
-that step 5 can show the list move as clicks arrive."""
+"""The demo's model also reads the user's last 20 clicked videos and their categories
+(docs/live-features.md), so that step 5 can show the list move as clicks arrive."""
 
 
 def step(title: str) -> float:
