@@ -43,20 +43,19 @@ class Vocabulary:
 
     def lookup(self, column: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
         """Codes ``(n,)`` int64: ``1..V`` for known values, ``0`` for unknown or null."""
+        if len(self.values) == 0:
+            return np.zeros(len(column), dtype=np.int64)
+        if isinstance(column, np.ndarray) and column.dtype.kind == "i" and self.is_int:
+            # no nulls in a numpy integer array: no Arrow round trip (the service's history
+            # ids, 20 per request, spent 0.25 ms of it in the conversion)
+            return self._search(column.astype(np.int64, copy=False), None)
         if isinstance(column, np.ndarray):
             column = pa.array(column)
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
-        n = len(column)
-        if len(self.values) == 0:
-            return np.zeros(n, dtype=np.int64)
         if self.is_int and pa.types.is_integer(column.type):
             valid = ~np.asarray(column.is_null(), dtype=bool)
-            ids = np.asarray(column.fill_null(0), dtype=np.int64)
-            pos = np.searchsorted(self.values, ids)
-            pos = np.minimum(pos, len(self.values) - 1)
-            hit = (self.values[pos] == ids) & valid
-            return np.where(hit, pos + 1, 0).astype(np.int64)
+            return self._search(np.asarray(column.fill_null(0), dtype=np.int64), valid)
         value_set = pa.array(self.values.tolist())
         if not self.is_int:
             column = column.cast(pa.string())
@@ -64,6 +63,12 @@ class Vocabulary:
             column = pc.cast(column, pa.int64(), safe=False)
         idx = pc.index_in(column, value_set=value_set)
         return np.asarray(pc.add(idx, 1).fill_null(0), dtype=np.int64)
+
+    def _search(self, ids: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """Codes of int64 ``ids`` in the sorted integer values (``valid``: False -> 0)."""
+        pos = np.minimum(np.searchsorted(self.values, ids), len(self.values) - 1)
+        hit = self.values[pos] == ids
+        return np.where(hit if valid is None else hit & valid, pos + 1, 0).astype(np.int64)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": "int" if self.is_int else "str", "values": self.values.tolist()}

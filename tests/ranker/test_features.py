@@ -6,7 +6,7 @@ import pytest
 
 from ranker.config import FeatureSpec
 from ranker.errors import DataError
-from ranker.features import EncoderFitter, FeatureEncoder
+from ranker.features import EncoderFitter, FeatureEncoder, Vocabulary
 from ranker.tables import FeatureTable
 
 FEATURES = [
@@ -94,3 +94,25 @@ def test_duplicate_keys_keep_the_last_row() -> None:
     table = FeatureTable.build(t, "video_id", enc, "video", "videos")
     rows, _ = table.lookup(np.array([10], np.int64))
     assert rows.cat[0, 1] == enc.vocabs["category"].lookup(pa.array([2]))[0]
+
+
+def test_integer_lookup_agrees_with_a_dict_for_numpy_and_arrow_inputs() -> None:
+    """The numpy fast path (no Arrow round trip) and the Arrow path give the dict's codes, over
+    random vocabularies with extreme and negative ids, unknown ids and (Arrow only) nulls."""
+    rng = np.random.default_rng(11)
+    big = np.iinfo(np.int64)
+    for _ in range(300):
+        pool = np.r_[rng.integers(-50, 50, 40), big.min, big.max, big.max - 1, big.min + 1]
+        values = np.unique(rng.choice(pool, int(rng.integers(1, 30))))
+        vocab = Vocabulary(values.astype(np.int64))
+        ids = rng.choice(pool, int(rng.integers(0, 60))).astype(np.int64)
+        code = {int(v): i + 1 for i, v in enumerate(values.tolist())}
+        want = np.array([code.get(int(i), 0) for i in ids.tolist()], np.int64)
+        got = vocab.lookup(ids)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+        small = (ids > -(2**31)) & (ids < 2**31)  # an int32 array takes the numpy path too
+        np.testing.assert_array_equal(vocab.lookup(ids[small].astype(np.int32)), want[small])
+        nulls = rng.random(len(ids)) < 0.2
+        arrow = pa.array(ids, mask=nulls)
+        np.testing.assert_array_equal(vocab.lookup(arrow), np.where(nulls, 0, want))
