@@ -4,8 +4,9 @@ scores as the offline path (``evaluate --log``) does for the same rows."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
+from ranker.config import Config
 from tests.conftest import RANKING_CONFIG
 from tests.service.conftest import run_service
 from tests.service.test_live import (
@@ -40,11 +42,7 @@ def history_artifact(
 ) -> Path:
     from training.loop import train
 
-    cfg = live_config(tiny_world, tmp_path_factory.mktemp("hist_train"), split_world[0])
-    assert cfg.live is not None
-    cfg = cfg.model_copy(
-        update={"live": cfg.live.model_validate(cfg.live.model_dump() | {"history": HISTORY})}
-    )
+    cfg = history_config(tiny_world, tmp_path_factory.mktemp("hist_train"), split_world[0])
     result = train(cfg, progress=False, export=True)
     assert result.artifact is not None
     return result.artifact
@@ -127,66 +125,82 @@ def test_clicks_change_the_history_and_the_list_once(history_url: str) -> None:
         assert client.post("/v1/rank", json=body).json()["items"] == after["items"]
 
 
-def test_redis_history_equals_the_in_process_one_over_random_events(
-    tiny_world: Path,
-    split_world: tuple[Path, Path],  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    """push-state's histories, then random event batches (out of order, ties, duplicate ids,
-    unknown users and videos, negative ids) into Redis (the Lua script) and the in-process
-    state: every user's history read in the request's MGET equals the in-process one."""
-    import asyncio
+def history_config(tiny_world: Path, tmp_path: Path, log: Path) -> Config:
+    """The live test config with the module's history."""
+    cfg = live_config(tiny_world, tmp_path, log)
+    assert cfg.live is not None
+    return cfg.model_copy(
+        update={"live": cfg.live.model_validate(cfg.live.model_dump() | {"history": HISTORY})}
+    )
 
-    import redis
-    from redis.asyncio import Redis
+
+def compare_random_history(
+    cfg: Config, log_path: Path, sync: Any, client: Callable[[], Any], batches: int, seed: int
+) -> int:
+    """push-state's histories with ``sync`` (one node or a cluster), then random event batches
+    (out of order, ties, duplicate ids, unknown users and videos, negative ids) into Redis (the
+    Lua script, through an asyncio ``client()``) and the in-process state: every user's history
+    read in the request's MGET equals the in-process one. Returns the entries compared."""
+    import asyncio
 
     from ranker.live import OfflineCounters, read_log_events
     from service.live_state import LiveState
     from service.redis_live import RedisLiveState
     from service.redis_store import RedisStore
-    from tests.conftest import redis_server
     from tests.service.test_live_redis import _random_batch
     from training.push_state import push_state
 
-    cfg = live_config(tiny_world, tmp_path, split_world[0])
-    assert cfg.live is not None
-    cfg = cfg.model_copy(
-        update={"live": cfg.live.model_validate(cfg.live.model_dump() | {"history": HISTORY})}
-    )
-    offline = OfflineCounters(cfg, [split_world[0]])
-    params = offline.fit(read_log_events(cfg, [split_world[0]], offline.attrs))
-    local = LiveState(cfg, params, [split_world[0]])
-    log = ds.dataset(split_world[0]).to_table()
+    offline = OfflineCounters(cfg, [log_path])
+    params = offline.fit(read_log_events(cfg, [log_path], offline.attrs))
+    local = LiveState(cfg, params, [log_path])
+    log = ds.dataset(log_path).to_table()
     users = np.unique(log["user_id"].to_numpy())
     videos = np.r_[np.unique(log["video_id"].to_numpy()), [-(2**62), -7]]
     t_end = float(pc.max(log["timestamp"]).as_py())
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
+    res = push_state(sync, cfg, [log_path], "t", progress=False)
+    assert res.entities["history"] == len(local.history)  # type: ignore[arg-type]
+
+    async def run() -> int:
+        store = RedisStore(client(), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
+        remote = RedisLiveState(cfg, params, store)
+        seen = 0
+        for k in range(batches):
+            t = t_end + k * rng.choice([0.0, 1.0, 3600.0])
+            batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k)
+            assert await remote.ingest_async(batch) == local.ingest(batch)
+            for user in rng.choice(np.r_[users[:20], [10**12]], 3).tolist():
+                req = remote.request(int(user), np.asarray([1]), {}, t)
+                req.decode(await store.read(req.keys))  # the service's read, one node or a cluster
+                got, want = req.recent, local.recent(int(user))
+                assert got is not None and want is not None
+                np.testing.assert_array_equal(got.ok, want.ok)
+                np.testing.assert_array_equal(got.videos, want.videos)
+                np.testing.assert_array_equal(got.times[got.ok], want.times[want.ok])
+                seen += int(got.ok.sum())
+        await store.close()
+        return seen
+
+    return asyncio.run(run())
+
+
+def test_redis_history_equals_the_in_process_one_over_random_events(
+    tiny_world: Path,
+    split_world: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import redis
+    from redis.asyncio import Redis
+
+    from tests.conftest import redis_server
+
+    cfg = history_config(tiny_world, tmp_path, split_world[0])
     with redis_server(tmp_path / "redis") as server:
         sync = redis.Redis(port=server.port)
-        res = push_state(sync, cfg, [split_world[0]], "t", progress=False)
-        assert res.entities["history"] == len(local.history)  # type: ignore[arg-type]
-
-        async def run() -> int:
-            store = RedisStore(Redis(port=server.port), None, "t", 5.0, 0.5, "test")  # type: ignore[arg-type]
-            remote = RedisLiveState(cfg, params, store)
-            seen = 0
-            for k in range(200):
-                t = t_end + k * rng.choice([0.0, 1.0, 3600.0])
-                batch = _random_batch(rng, int(rng.integers(1, 40)), users, videos, t, k)
-                assert await remote.ingest_async(batch) == local.ingest(batch)
-                for user in rng.choice(np.r_[users[:20], [10**12]], 3).tolist():
-                    req = remote.request(int(user), np.asarray([1]), {}, t)
-                    req.decode(await store.client.mget(req.keys))
-                    got, want = req.recent, local.recent(int(user))
-                    assert got is not None and want is not None
-                    np.testing.assert_array_equal(got.ok, want.ok)
-                    np.testing.assert_array_equal(got.videos, want.videos)
-                    np.testing.assert_array_equal(got.times[got.ok], want.times[want.ok])
-                    seen += int(got.ok.sum())
-            await store.close()
-            return seen
-
-        assert asyncio.run(run()) > 100
+        seen = compare_random_history(
+            cfg, split_world[0], sync, lambda: Redis(port=server.port), 200, seed=11
+        )
+        assert seen > 100
         sync.close()
 
 

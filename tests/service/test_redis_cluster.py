@@ -25,6 +25,7 @@ from service.redis_store import RedisStore
 from service.settings import Settings
 from tests.conftest import RANKING_CONFIG, RedisClusterNodes, redis_cluster
 from tests.service.conftest import run_service
+from tests.service.test_history_live import compare_random_history, history_config
 from tests.service.test_live import split_world  # noqa: F401 - fixture
 from tests.service.test_live_redis import _decayed_config, compare_random_events
 from tests.service.test_redis_store import _post, _request, _until, two_versions
@@ -228,6 +229,22 @@ def test_live_counters_on_a_cluster_equal_the_in_process_state(
         cfg, split_world[0], sync, lambda: AsyncRedisCluster.from_url(plain), 60, seed=11
     )
     assert checked > 60
+    sync.close()
+
+
+def test_cluster_history_equals_the_in_process_one_over_random_events(
+    cluster: RedisClusterNodes, tiny_world: Path, split_world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The user's history records (``{u:<id>}``-tagged) pushed to and updated on a cluster: the
+    same entries as the in-process state after every batch (the single-node comparison's
+    helper)."""
+    cfg = history_config(tiny_world, tmp_path, split_world[0])
+    sync = _client(cluster)
+    plain = cluster_url(cluster.url())[0]
+    seen = compare_random_history(
+        cfg, split_world[0], sync, lambda: AsyncRedisCluster.from_url(plain), 60, seed=13
+    )
+    assert seen > 30
     sync.close()
 
 
