@@ -5,6 +5,12 @@ user's last 20 clicks pooled by target attention (``[live.history]``), the servi
 
     .venv/bin/python bench/live_cost.py                    # 500 candidates, 300 requests each
     .venv/bin/python bench/live_cost.py --candidates 200
+    .venv/bin/python bench/live_cost.py --users 100        # every user with a full history
+
+The attention runs over the filled slots only, so its cost follows the users' history lengths:
+the default world (2,000 users, 3,000 requests) leaves most users a few clicks; ``--users 100``
+fills nearly every user's 20 slots, the most a request can cost. The mean filled slots of the
+timed requests are printed.
 
 Prints the median and p90 milliseconds per request of each model, their ratios to the static
 one, MFLOP per candidate as served, the live features' own share and the CPU; nothing is timed
@@ -71,12 +77,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--users", type=int, default=2000, help="users of the world (3,000 requests)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"
         generate(
-            WorldConfig.small(n_requests=3000, n_users=2000, n_videos=5000), world, progress=False
+            WorldConfig.small(n_requests=3000, n_users=a.users, n_videos=5000),
+            world,
+            progress=False,
         )
         models = {}
         for name in NAMES:
@@ -104,10 +113,15 @@ def main() -> None:
         n_videos = len(models["static"].store.videos)
         times: dict[str, list[float]] = {k: [] for k in models}
         feature_ms: list[float] = []
+        filled: list[int] = []
 
         async def run() -> None:
             for i in range(a.requests):
-                user = int(rng.integers(0, 2000))
+                user = int(rng.integers(0, a.users))
+                hist = models["history"].live
+                assert hist is not None
+                recent = hist.recent(user)
+                filled.append(0 if recent is None else int(recent.ok.sum()))
                 ids = rng.choice(n_videos, a.candidates, replace=False).astype(np.int64)
                 ctx = {"device": "ios", "hour": int(rng.integers(0, 24))}
                 for name in NAMES[i % 3 :] + NAMES[: i % 3]:
@@ -129,13 +143,18 @@ def main() -> None:
         ratio = statistics.median(times[name]) / statistics.median(times["static"])
         print(f"  {name} / static (median): {ratio:.2f}x")
     print(f"  live features alone: median {statistics.median(feature_ms):.3f} ms")
+    length = HISTORY["length"]
+    print(f"  history: {statistics.mean(filled):.1f} of {length} slots filled on average")
     for name, m in models.items():
         split = request_split(m.artifact.model, m.artifact.encoder, m.artifact.config.live)
         mf = m.artifact.model.flops_per_row(split) / 1e6
         h = m.artifact.model.history
         own = 0.0 if h is None else h.flops_per_row(m.artifact.model.history_length, True) / 1e6
         print(f"  {name:7s} {mf:.3f} MFLOP per candidate as served ({own:.3f} the history's)")
-    print(f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates}")
+    print(
+        f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates} "
+        f"--requests {a.requests} --users {a.users}"
+    )
 
 
 if __name__ == "__main__":

@@ -394,28 +394,32 @@ class HistoryPooling(nn.Module):
         return self.unit[1:](x)  # (B, L, 1)
 
     def _shared(self, h: Tensor, mask: Tensor, target: Tensor) -> Tensor:
-        """One request: ``h (L, D)`` and ``mask (L,)`` shared by the ``B`` candidates. The first
-        layer is linear in ``t`` for a fixed history, ``x[b, j] = t_b @ M_j + c_j`` with
-        ``M_j = diag(h_j) P^T + B^T`` and ``c_j = A h_j + bias``: one ``(B, D) x (D, L H)``
-        product, no ``(B, L, D)`` tensor; the pooling is one ``(B, L) x (L, D)`` product."""
-        bsz, length = target.shape[0], h.shape[0]
-        h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))  # padding reaches nothing
+        """One request: ``h (L, D)`` and ``mask (L,)`` shared by the ``B`` candidates. Only the
+        filled slots are computed (the work follows the user's history: a user with 3 clicks
+        costs 3 slots, not ``L``). The first layer is linear in ``t`` for a fixed history,
+        ``x[b, j] = t_b @ M_j + c_j`` with ``M_j = diag(h_j) P^T + B^T`` and
+        ``c_j = A h_j + bias``: one ``(B, D) x (D, K H)`` product, no ``(B, K, D)`` tensor; the
+        pooling is one ``(B, K) x (K, D)`` product."""
+        bsz = target.shape[0]
+        h = h.index_select(0, mask.nonzero().squeeze(1))  # (K, D): padding reaches nothing
         if self.unit is None:
-            count = mask.sum().clamp_min(1).to(h.dtype)
-            pooled = h.sum(0) / count
+            pooled = h.sum(0) / mask.sum().clamp_min(1).to(h.dtype)  # a tensor: traced as one
             out = torch.where(mask.any(), pooled, self.empty)  # (D,)
             return out.unsqueeze(0).expand(bsz, -1)
+        # One zero slot more: it adds exactly 0 to the pooled sum, and K + 1 >= 1 keeps every
+        # shape below non-empty (ONNX Reshape reads a 0 in a target shape as "keep that
+        # dimension", so an empty history would not export)
+        h = torch.cat([h, h.new_zeros(1, self.dim)], dim=0)  # (K + 1, D)
+        length = h.shape[0]
         a, b, p, bias = self._first_layer()
         hidden = a.shape[0]
-        m = h.unsqueeze(-1) * p.T.unsqueeze(0) + b.T.unsqueeze(0)  # (L, D, H)
-        m = m.permute(1, 0, 2).reshape(self.dim, length * hidden)  # (D, L H)
-        c = (h @ a.T + bias).reshape(length * hidden)  # (L H,)
-        x = torch.addmm(c, target, m).view(bsz * length, hidden)  # (B L, H)
-        for layer in self.unit[1:]:  # ReLU in place: x is this call's own, 1.3 MB at B = 500
+        m = h.unsqueeze(-1) * p.T.unsqueeze(0) + b.T.unsqueeze(0)  # (K, D, H)
+        m = m.permute(1, 0, 2).reshape(self.dim, length * hidden)  # (D, K H)
+        c = (h @ a.T + bias).reshape(length * hidden)  # (K H,)
+        x = torch.addmm(c, target, m).view(bsz * length, hidden)  # (B K, H)
+        for layer in self.unit[1:]:  # ReLU in place: x is this call's own (1.3 MB at B = 500)
             x = x.relu_() if isinstance(layer, nn.ReLU) else layer(x)
-        w = x.view(bsz, length)  # (B, L)
-        w = torch.where(mask.unsqueeze(0), w, torch.zeros_like(w))
-        pooled = w @ h  # (B, D)
+        pooled = x.view(bsz, length) @ h  # (B, D)
         return torch.where(mask.any(), pooled, self.empty.expand_as(pooled))
 
     def flops_per_row(self, length: int, shared: bool = False) -> int:
