@@ -61,6 +61,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "side": ["category"],
     },
     "mean+category": {"engaged": "click", "length": 20, "pooling": "mean", "side": ["category"]},
+    "attention16+category": {
+        "engaged": "click",
+        "length": 20,
+        "pooling": "attention",
+        "attention_hidden": [16],
+        "side": ["category"],
+    },
 }
 
 
