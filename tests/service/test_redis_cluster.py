@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from ranker.artifact import load_artifact
+from ranker.config import Config
 from ranker.feature_store import Keys, cluster_url
 from service.redis_store import RedisStore
 from service.settings import Settings
@@ -214,6 +215,19 @@ def test_pushes_while_serving_never_mix_versions(
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def _compare_on(
+    cluster: RedisClusterNodes, compare: Callable[..., int], cfg: Config, log: Path, seed: int
+) -> int:
+    """A single-node comparison helper (random event batches into Redis and in-process, the
+    same state after each) run against the cluster: 60 batches."""
+    sync = _client(cluster)
+    plain = cluster_url(cluster.url())[0]
+    try:
+        return compare(cfg, log, sync, lambda: AsyncRedisCluster.from_url(plain), 60, seed=seed)
+    finally:
+        sync.close()
+
+
 def test_live_counters_on_a_cluster_equal_the_in_process_state(
     cluster: RedisClusterNodes,
     tiny_world: Path,
@@ -223,13 +237,7 @@ def test_live_counters_on_a_cluster_equal_the_in_process_state(
     """The update script runs per record, one slot per call: the same counts and features
     as in-process after random batches with retried events."""
     cfg = _decayed_config(tiny_world, tmp_path, split_world[0])
-    sync = _client(cluster)
-    plain = cluster_url(cluster.url())[0]
-    checked = compare_random_events(
-        cfg, split_world[0], sync, lambda: AsyncRedisCluster.from_url(plain), 60, seed=11
-    )
-    assert checked > 60
-    sync.close()
+    assert _compare_on(cluster, compare_random_events, cfg, split_world[0], seed=11) > 60
 
 
 def test_cluster_history_equals_the_in_process_one_over_random_events(
@@ -239,13 +247,7 @@ def test_cluster_history_equals_the_in_process_one_over_random_events(
     same entries as the in-process state after every batch (the single-node comparison's
     helper)."""
     cfg = history_config(tiny_world, tmp_path, split_world[0])
-    sync = _client(cluster)
-    plain = cluster_url(cluster.url())[0]
-    seen = compare_random_history(
-        cfg, split_world[0], sync, lambda: AsyncRedisCluster.from_url(plain), 60, seed=13
-    )
-    assert seen > 30
-    sync.close()
+    assert _compare_on(cluster, compare_random_history, cfg, split_world[0], seed=13) > 30
 
 
 def test_a_killed_master_degrades_answers_until_its_replica_takes_over(
