@@ -46,8 +46,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 from ranker.weighting.pcgrad import visiting_orders
+
+CANCELLATION = 1e-3
+"""A squared norm of ``sum_k c_k g_k`` read off the Gram matrix carries an absolute rounding
+error of about ``eps (sum_k |c_k| ||g_k||)^2``; below this fraction of that scale (a remainder of
+cancelling gradients) it is formed from the vectors instead, so its relative error stays below
+``eps / CANCELLATION``."""
 
 
 class GradvacConfig(GradientConfigBase):
@@ -56,56 +69,88 @@ class GradvacConfig(GradientConfigBase):
     seed: int = Field(0, ge=0, description="seed of the random visiting orders")
 
 
-def vaccinate(
-    grads: Tensor, orders: list[list[int]], goals: Tensor, beta: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """GradVac's adjustments (module docstring).
+def vaccination_coefficients(
+    grads: Tensor, gram: Tensor, orders: list[list[int]], goals: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """GradVac's adjustments (module docstring) as coefficients on the original gradients.
+
+    Every adjusted ``g_i'`` is ``sum_j coef_ij g_j``, so each quantity the rule reads (norms of
+    ``g_i'``, its inner product with ``g_j``, the norm of its part orthogonal to ``g_j``) is a
+    quadratic form in the Gram matrix ``G G^T``: the loop runs on the ``T x T`` matrix in
+    float64. Where such a form is a small difference of large terms (:data:`CANCELLATION`):
+    ``g_i'`` after a lift that left it much shorter than the gradients it combines, or its part
+    orthogonal to ``g_j`` when the two are nearly opposite (``1 - phi^2`` would lose all its
+    digits), the vector is formed by one matrix-vector product in the gradients' dtype and
+    measured directly, as the reference computation does. Training gradients rarely get there.
 
     Args:
-        grads: task gradients ``(T, N)``; rows that are exactly 0 are skipped.
+        grads: the task gradients ``G (T, N)``, read only in that case.
+        gram: ``G G^T (T, T)`` (see :func:`~ranker.weighting.base.gram_matrix`); tasks with a
+            zero diagonal entry (a gradient exactly 0) are skipped.
         orders: for each task ``i``, the other tasks in the order ``g_i`` visits them.
         goals: the cosine goals ``phi_hat (T, T)``, float64.
         beta: the goals' EMA rate.
 
     Returns:
-        ``(adjusted (T, N), coef (T, T), new_goals (T, T))`` with ``adjusted = coef @ grads``.
+        ``(coef (T, T), new_goals (T, T))``: the adjusted gradients are ``coef @ G``.
     """
-    g = grads.double()
-    norms = g.norm(dim=1)
-    n = g.shape[0]
-    coef = torch.eye(n, dtype=torch.float64, device=g.device)
-    out = g.clone()
-    new_goals = goals.clone()
+    m = gram.to(device="cpu", dtype=torch.float64)
+    sq = torch.diagonal(m).tolist()
+    norms = torch.diagonal(m).clamp_min(0.0).sqrt()
+    n = m.shape[0]
+    coef = torch.eye(n, dtype=torch.float64)
+    new_goals = goals.to(device="cpu", dtype=torch.float64).clone()
     for i, order in enumerate(orders):
-        if norms[i] == 0:
+        if sq[i] <= 0:
             continue
-        gi = out[i]
+        ci = coef[i].clone()
         for j in order:
-            if j == i or norms[j] == 0:
+            if j == i or sq[j] <= 0:
                 continue
-            gi_norm = float(gi.norm())
-            if gi_norm == 0:
+            mci = m @ ci
+            gi_sq, dot = float(ci @ mci), float(mci[j])
+            if gi_sq < CANCELLATION * float(ci.abs() @ norms) ** 2:
+                # g_i' is a small remainder of larger gradients (after a lift): from the vector
+                gi = combine_rows(ci, grads)
+                gi_sq = float(torch.linalg.vector_norm(gi, dtype=torch.float64)) ** 2
+                dot = float(gi.double() @ grads[j].double())
+            if gi_sq <= 0:
                 break
-            dot = float(gi @ g[j])
-            phi = max(-1.0, min(1.0, dot / (gi_norm * float(norms[j]))))
-            goal = float(goals[i, j])
+            gi_norm = math.sqrt(gi_sq)
+            norm_j = math.sqrt(sq[j])
+            phi = max(-1.0, min(1.0, dot / (gi_norm * norm_j)))
+            goal = float(new_goals[i, j])
             if phi < goal:
                 root_goal = math.sqrt(max(1.0 - goal * goal, 0.0))
                 if root_goal > 0:
-                    # sqrt(1 - phi^2) from the part of g_i orthogonal to g_j: 1 - phi^2 loses
-                    # all its digits when g_i and g_j are nearly opposite.
-                    rejection = gi - (dot / float(norms[j]) ** 2) * g[j]
-                    root_phi = min(float(rejection.norm()) / gi_norm, 1.0)
-                    c = (
-                        gi_norm
-                        * (goal * root_phi - phi * root_goal)
-                        / (float(norms[j]) * root_goal)
-                    )
-                    gi = gi + c * g[j]
-                    coef[i, j] += c
+                    # sqrt(1 - phi^2) from the part of g_i orthogonal to g_j (a quadratic form
+                    # in the Gram matrix): 1 - phi^2 loses all its digits when g_i and g_j are
+                    # nearly opposite.
+                    r = ci.clone()
+                    r[j] -= dot / sq[j]
+                    rej_sq = float(r @ m @ r)
+                    if rej_sq < CANCELLATION * float(r.abs() @ norms) ** 2:
+                        rej = combine_rows(r, grads)
+                        rej_sq = float(torch.linalg.vector_norm(rej, dtype=torch.float64)) ** 2
+                    rej_sq = max(rej_sq, 0.0)
+                    root_phi = min(math.sqrt(rej_sq) / gi_norm, 1.0)
+                    c = gi_norm * (goal * root_phi - phi * root_goal) / (norm_j * root_goal)
+                    ci[j] += c
             new_goals[i, j] = (1.0 - beta) * goal + beta * phi
-        out[i] = gi
-    return out.to(grads.dtype), coef, new_goals
+        coef[i] = ci
+    return coef, new_goals.to(goals.device)
+
+
+def vaccinate(
+    grads: Tensor, orders: list[list[int]], goals: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`vaccination_coefficients` applied to the gradients ``grads (T, N)``.
+
+    Returns:
+        ``(adjusted (T, N), coef (T, T), new_goals (T, T))`` with ``adjusted = coef @ grads``.
+    """
+    coef, new_goals = vaccination_coefficients(grads, gram_matrix(grads), orders, goals, beta)
+    return coef.to(grads) @ grads, coef, new_goals
 
 
 @register("gradvac")
@@ -128,9 +173,10 @@ class Gradvac(GradientWeighting):
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         orders = self.orders(grads.shape[0])
         self.step += 1
-        goals = self.goals.to(grads.device)
-        adjusted, coef, new_goals = vaccinate(grads, orders, goals, self.config.beta)
+        gram = gram_matrix(grads)
+        beta = self.config.beta
+        coef, new_goals = vaccination_coefficients(grads, gram, orders, self.goals, beta)
         self.goals.copy_(new_goals)
         weights = coef.sum(0)
-        weights[grads.abs().amax(dim=1) == 0] = 0.0  # a task without labelled rows
-        return adjusted.sum(0), weights.to(grads.dtype)
+        weights[~present_tasks(gram)] = 0.0  # a task without labelled rows
+        return combine_rows(weights, grads), weights.to(grads)
