@@ -36,6 +36,9 @@ Choices where the paper leaves room:
   ``parameters``.
 
 State: ``Y``, ``lambda`` and the step count are buffers, so a resumed run continues exactly.
+Without tracking (``beta = 1``, ``beta_sigma = 0``) ``Y`` is this step's normalised gradients,
+which the next step does not read: the step then runs on the Gram matrix ``G G^T`` (float32 in
+training, as the other gradient rules) and keeps ``Y`` empty.
 Returned weights: ``lambda`` (with normalisation ``none`` and ``beta = 1`` the update is exactly
 ``sum_t lambda_t g_t``).
 
@@ -46,13 +49,22 @@ and the others' ``lambda`` take their step from their own share of the simplex, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ranker.weighting.base import GradientConfigBase, GradientMode, GradientWeighting, register
+from ranker.weighting.base import (
+    GradientConfigBase,
+    GradientMode,
+    GradientWeighting,
+    combine_rows,
+    gram_matrix,
+    present_tasks,
+    register,
+)
 
 
 class MocoConfig(GradientConfigBase):
@@ -106,6 +118,8 @@ class Moco(GradientWeighting):
         cfg = self.config
         self.step += 1
         k = float(self.step)
+        if cfg.beta == 1.0 and cfg.beta_sigma == 0.0:
+            return self._combine_untracked(grads, losses, cfg.gamma / k**cfg.gamma_sigma)
         beta_k = cfg.beta / k**cfg.beta_sigma
         gamma_k = cfg.gamma / k**cfg.gamma_sigma
         g = grads.double()
@@ -120,18 +134,51 @@ class Moco(GradientWeighting):
             y = torch.zeros_like(g)  # first step (or the shared part changed shape)
         y = torch.where(present[:, None], y - beta_k * (y - g), y)
         self.y = y.detach()
-        weights = torch.zeros_like(self.lam)
-        if bool(present.any()):
-            p = present.to(self.lam.device)
-            mass = float(self.lam[p].sum())
-            lam = self.lam[p] / mass if mass > 0 else torch.full_like(self.lam[p], 1 / int(p.sum()))
-            yp = y[present]
-            gram = (yp @ yp.T).to(lam.device)
-            lam = project_to_simplex(lam - gamma_k * (gram @ lam + cfg.rho * lam))
-            weights[p] = lam
-            self.lam[p] = lam * (mass if mass > 0 else 1.0)
+        present_lam = present.to(self.lam.device)
+        weights = self._lambda_step(present_lam, lambda: y[present] @ y[present].T, gamma_k)
         w = weights.to(g.device)
         return (w @ y).to(grads.dtype), weights.to(grads.dtype)
+
+    def _combine_untracked(
+        self, grads: Tensor, losses: Tensor, gamma_k: float
+    ) -> tuple[Tensor, Tensor]:
+        """The step without gradient tracking (``beta = 1``, ``beta_sigma = 0``: ``y_t`` is the
+        normalised ``g_t``, the only choice in ``representation`` mode), on the Gram matrix.
+
+        ``Y = S G`` with ``S`` the diagonal of the normalisation factors, so ``Y Y^T = S (G
+        G^T) S`` (:func:`gram_matrix`, float32 in training) and ``d = (S lambda)^T G`` by one
+        matrix-vector product: no float64 copy of the ``(T, N)`` gradients and no ``Y`` buffer
+        (it would be this step's gradients, not needed by the next one).
+        """
+        cfg = self.config
+        gram = gram_matrix(grads)
+        present = present_tasks(gram)
+        if cfg.normalization == "none":
+            scale = torch.ones_like(torch.diagonal(gram))
+        else:
+            norms = torch.diagonal(gram).clamp_min(0.0).sqrt()
+            target = losses.to(device="cpu", dtype=torch.float64)
+            target = target if cfg.normalization == "loss" else 1.0
+            scale = torch.where(present, target / norms.clamp_min(1e-300), 0.0)
+        self.y = grads.new_zeros(0)
+        p = present.to(self.lam.device)
+        scaled = scale[:, None] * gram * scale[None, :]
+        weights = self._lambda_step(p, lambda: scaled[present][:, present], gamma_k)
+        return combine_rows(weights.cpu() * scale, grads), weights.to(grads.dtype)
+
+    def _lambda_step(self, p: Tensor, present_gram: Callable[[], Tensor], gamma_k: float) -> Tensor:
+        """One projected step of ``lambda`` over the present tasks ``p`` on their share of the
+        simplex, with ``Y Y^T`` of those tasks from ``present_gram``; returns the weights
+        ``(T,)`` (0 for the absent tasks) and updates the ``lam`` buffer."""
+        weights = torch.zeros_like(self.lam)
+        if bool(p.any()):
+            mass = float(self.lam[p].sum())
+            lam = self.lam[p] / mass if mass > 0 else torch.full_like(self.lam[p], 1 / int(p.sum()))
+            gram = present_gram().to(lam.device)
+            lam = project_to_simplex(lam - gamma_k * (gram @ lam + self.config.rho * lam))
+            weights[p] = lam
+            self.lam[p] = lam * (mass if mass > 0 else 1.0)
+        return weights
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The tracked gradients' shape is only known after the first step: take the saved one's.

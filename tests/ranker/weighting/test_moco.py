@@ -80,6 +80,46 @@ def test_weights_converge_to_the_min_norm_point_for_fixed_gradients() -> None:
         assert float(d @ d) <= float(alpha @ gram @ alpha) + 1e-6 * float(gram.diagonal().max())
 
 
+def untracked_step_on_vectors(
+    g: torch.Tensor, losses: torch.Tensor, lam: torch.Tensor, gamma: float, cfg: MocoConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: Algorithm 1's step with ``y_t = g_t`` normalised, on the gradient vectors in
+    float64 (the implementation before the step moved to the Gram matrix); all tasks present."""
+    norms = g.norm(dim=1)
+    target = {"loss": losses, "l2": torch.ones_like(losses), "none": norms}[cfg.normalization]
+    y = g * (target / norms)[:, None]
+    lam = project_to_simplex(lam - gamma * ((y @ y.T) @ lam + cfg.rho * lam))
+    return lam @ y, lam
+
+
+@pytest.mark.parametrize("normalization", ["loss", "l2", "none"])
+def test_the_untracked_step_matches_the_vector_algorithm(normalization: str) -> None:
+    """Without tracking (``beta = 1``, the representation mode) the step runs on the Gram matrix
+    and keeps no copy of the gradients; over the sweep (scales 1e-3..1e2, nearly opposite and
+    parallel pairs, more tasks than dimensions), random losses (1e-3..1e2), starting weights
+    and steps up to ``2 / max ||y_t||^2``, it matches the algorithm on the vectors: ``lambda`` to 1e-12 and the
+    update to 1e-12 of ``sum_t lambda_t ||y_t||`` (rounding is ~1e-15)."""
+    gen = torch.Generator().manual_seed(3)
+    for g in gradient_cases(300, seed=4):
+        t = g.shape[0]
+        losses = 10 ** (torch.rand(t, generator=gen, dtype=torch.float64) * 5 - 3)  # 1e-3..1e2
+        start = torch.rand(t, generator=gen, dtype=torch.float64)
+        cfg = MocoConfig(beta=1.0, beta_sigma=0.0, normalization=normalization, rho=0.01)
+        norms = g.norm(dim=1)
+        y_sq = {"loss": losses**2, "l2": torch.ones(t, dtype=g.dtype), "none": norms**2}
+        gamma = 2 * float(torch.rand(1, generator=gen)) / float(y_sq[normalization].max())
+        m = Moco([f"t{i}" for i in range(t)], cfg.model_copy(update={"gamma": gamma}))
+        m.lam.copy_(start / start.sum())
+        d, lam = m.combine(g, losses)
+        expected_d, expected_lam = untracked_step_on_vectors(
+            g, losses, start / start.sum(), gamma, cfg
+        )
+        torch.testing.assert_close(lam, expected_lam, rtol=0, atol=1e-12)
+        scale = float(expected_lam @ y_sq[normalization].sqrt())
+        assert float((d - expected_d).norm()) <= 1e-12 * scale
+        assert m.y.numel() == 0  # no (T, N) buffer: y_t is this step's gradient
+
+
 def test_tracking_follows_a_fixed_gradient() -> None:
     """``y <- y - beta_k (y - g)`` from 0: after ``k`` steps ``y = (1 - prod_j (1 - beta_j)) g``."""
     g = torch.tensor([[3.0, -4.0], [0.5, 0.5]], dtype=torch.float64)
