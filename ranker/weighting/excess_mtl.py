@@ -48,6 +48,7 @@ from ranker.weighting.base import (
     GradientMode,
     GradientWeighting,
     SharedPart,
+    combine_rows,
     register,
 )
 
@@ -86,7 +87,9 @@ class ExcessMtl(GradientWeighting):
     def excess(self, grads: Tensor, present: Tensor) -> Tensor:
         """Updates the accumulator with this step's gradients and returns ``e (T,)``."""
         t = grads.shape[0]
-        g = grads.double().reshape(t, self._rows, -1).sum(1)  # summed over the batch, if any
+        # Summed over the batch (if any) in the gradients' dtype, then float64 for the
+        # accumulator: no float64 copy of the (T, B * F) gradients in representation mode.
+        g = grads.reshape(t, self._rows, -1).sum(1).double()
         acc = self.acc
         if acc.shape != g.shape or acc.device != g.device:
             acc = torch.zeros_like(g)
@@ -95,7 +98,7 @@ class ExcessMtl(GradientWeighting):
         return (g * g / (acc + ADAGRAD_EPS).sqrt()).sum(1)
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        present = grads.abs().amax(dim=1) > 0
+        present = torch.linalg.vector_norm(grads, dim=1) > 0
         e = self.excess(grads, present).to(self.w.device)
         p = present.to(self.w.device)
         first = p & (self.initial == 0)
@@ -108,8 +111,7 @@ class ExcessMtl(GradientWeighting):
             w = w * (mass / float(w.sum()))
             self.w[p] = w
             weights[p] = w
-        direction = weights.to(grads.device) @ grads.double()
-        return direction.to(grads.dtype), weights.to(grads.dtype)
+        return combine_rows(weights, grads), weights.to(grads.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The accumulator's shape is only known after the first step: take the saved one's.
