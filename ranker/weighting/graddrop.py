@@ -101,13 +101,22 @@ class Graddrop(GradientWeighting):
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         t = grads.shape[0]
         acts = self._activations
+        rows = acts.shape[0] if acts is not None else 1
+        per_sample = grads.reshape(t, rows, -1)  # (T, B, F); B = 1 in parameters mode
+        # Per task, through one (B, F) buffer (no (T, B, F) temporaries): G_i = sum over the
+        # batch of sign(A) * dL_i/dA (Algorithm 1; the gradient itself in parameters mode), and
+        # each feature's squared norm over the batch, for the returned weights.
+        buf = torch.empty_like(per_sample[0])
+        col_sq = per_sample.new_empty(t, per_sample.shape[2])
         if acts is not None:
-            # (T, B, F): sign(A) * dL_i/dA, summed over the batch (Algorithm 1).
-            per_sample = grads.reshape(t, acts.shape[0], -1)
-            signed = (per_sample * acts.reshape(1, acts.shape[0], -1).sign()).sum(1)
+            sign = acts.reshape(rows, -1).sign()
+            signed = per_sample.new_empty(t, per_sample.shape[2])
+            for i in range(t):
+                torch.sum(torch.mul(per_sample[i], sign, out=buf), 0, out=signed[i])
         else:
-            per_sample = grads.reshape(t, 1, -1)
             signed = grads
+        for i in range(t):
+            torch.sum(torch.mul(per_sample[i], per_sample[i], out=buf), 0, out=col_sq[i])
         signed = signed.double()
         purity = sign_purity(signed)
         uniform = self.uniform(purity.numel()).to(purity.device)
@@ -115,10 +124,12 @@ class Graddrop(GradientWeighting):
         masks = drop_masks(signed, purity, uniform)
         leak = self.config.leak
         keep = (leak + (1.0 - leak) * masks).to(grads.dtype)  # (T, F)
-        kept = per_sample * keep[:, None, :]
-        direction = kept.sum(0).reshape(-1)
-        # squared norms accumulated in float64 without float64 copies of the gradients
-        sq = torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64) ** 2
-        kept_sq = torch.linalg.vector_norm(kept.reshape(t, -1), dim=1, dtype=torch.float64) ** 2
+        # sum_i keep_i * g_i, one task at a time into one (B, F) buffer: no (T, B, F) temporary
+        direction = torch.zeros_like(per_sample[0])
+        for i in range(t):
+            direction.addcmul_(per_sample[i], keep[i])
+        # ||keep_i * g_i||^2 = sum_f keep_if^2 ||g_i[:, f]||^2, the sums over features in float64
+        sq = col_sq.double().sum(1)
+        kept_sq = (keep.double() ** 2 * col_sq.double()).sum(1)
         weights = torch.where(sq > 0, kept_sq / sq.clamp_min(1e-300), 0.0)
-        return direction, weights.to(grads.dtype)
+        return direction.reshape(-1), weights.to(grads.dtype)
