@@ -726,6 +726,8 @@ def main() -> None:
         timing_flags = ["--requests", str(a.requests), "--threads", str(a.threads)]
         timing_flags += ["--timing-rounds", str(a.timing_rounds)]
         timing_flags += ["--timing-steps", str(a.timing_steps)]
+        if a.strategies:
+            timing_flags += ["--strategies", ",".join(a.strategies)]
         baseline = time_baseline(Path(a.baseline), ["--cost-only", *timing_flags])
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
