@@ -128,8 +128,9 @@ class Graddrop(GradientWeighting):
         direction = torch.zeros_like(per_sample[0])
         for i in range(t):
             direction.addcmul_(per_sample[i], keep[i])
-        # ||keep_i * g_i||^2 = sum_f keep_if^2 ||g_i[:, f]||^2, the sums over features in float64
-        sq = col_sq.double().sum(1)
-        kept_sq = (keep.double() ** 2 * col_sq.double()).sum(1)
+        # ||keep_i * g_i||^2 = sum_f keep_if^2 ||g_i[:, f]||^2 (float32 sums over features are
+        # pairwise: accurate to a few float32 ulps, the precision the weights are returned in)
+        sq = col_sq.sum(1).double()
+        kept_sq = (keep * keep * col_sq).sum(1).double()
         weights = torch.where(sq > 0, kept_sq / sq.clamp_min(1e-300), 0.0)
         return direction.reshape(-1), weights.to(grads.dtype)
