@@ -37,7 +37,8 @@ several times that when other jobs share the machine).
         --out /tmp/wq                             # the cost of some strategies only
 
 Only the cost, for every strategy in both modes, before/after a change (``--baseline``: another
-checkout's code timed in the same invocation; see ``bench/weighting_cost.py``)::
+checkout's code timed in the same invocation, the same ``--strategies``; see
+``bench/weighting_cost.py``)::
 
     git worktree add --detach /tmp/wbase main
     .venv/bin/python bench/weighting.py --cost-only --requests 800 --timing-rounds 5 \\
