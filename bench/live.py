@@ -9,6 +9,7 @@ impressions split at gaps over 30 minutes), like and long-view AUC, watch-time X
 
     .venv/bin/python bench/live.py --data ../shared/data/kuairand-pure-val      # 2 x 3 seeds
     .venv/bin/python bench/live.py --data /path/to/kuairand-pure-val --seeds 1
+    .venv/bin/python bench/live.py --variant 'hist=live.history={engaged = "click"}'
 
 Writes the raw numbers to ``bench/results/live.json``.
 """
@@ -57,15 +58,29 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/kuairand-pure-val"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDE",
+        help="also the live config with this override (repeatable; overrides of one name add "
+        "up), e.g. 'hist=live.history={engaged = \"click\", length = 20}'",
+    )
     a = ap.parse_args()
+    variants: dict[str, list[str]] = {}
+    for v in a.variant:
+        name, _, override = v.partition("=")
+        variants.setdefault(name, []).append(override)
     data = Path(a.data)
     if not (data / "log.parquet").exists():
         print(f"no KuaiRand data at {data}; nothing to do")
         return
     torch.set_num_threads(a.threads)
-    rows: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+    runs = {k: (p, []) for k, p in CONFIGS.items()}
+    runs |= {k: (CONFIGS["live"], o) for k, o in variants.items()}
+    rows: dict[str, list[dict]] = {k: [] for k in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in CONFIGS.items():
+        for i, (name, (path, extra)) in enumerate(runs.items()):
             for seed in range(a.seeds):
                 cfg = load_config(
                     path,
@@ -77,9 +92,10 @@ def main() -> None:
                         # evaluated on 04-30, so no refit on all six days: the model of the
                         # epoch that selection on 04-30 keeps
                         "training.refit=false",
-                        f'training.run_dir="{tmp}/{name}{seed}"',
+                        f'training.run_dir="{tmp}/run{i}-{seed}"',
                         f'export.artifact_root="{tmp}/artifacts"',
-                        f'export.name="{name}{seed}"',
+                        f'export.name="config{i}-{seed}"',
+                        *extra,
                     ],
                 )
                 t0 = time.perf_counter()
@@ -98,7 +114,8 @@ def main() -> None:
     out = ROOT / "bench/results/live.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu_model(), "seeds": a.seeds, "runs": rows}, indent=2))
-    print(f"rerun: .venv/bin/python bench/live.py --data {data} --seeds {a.seeds}")
+    more = "".join(f" --variant '{v}'" for v in a.variant)
+    print(f"rerun: .venv/bin/python bench/live.py --data {data} --seeds {a.seeds}{more}")
 
 
 if __name__ == "__main__":
