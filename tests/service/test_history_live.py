@@ -18,10 +18,8 @@ from ranker.config import Config
 from tests.conftest import RANKING_CONFIG
 from tests.service.conftest import run_service
 from tests.service.test_live import (
-    events_of,
     live_config,
-    offline_predictions,
-    post_events,
+    served_equals_offline,
     split_world,  # noqa: F401  (a fixture)
 )
 
@@ -62,33 +60,10 @@ def test_service_history_after_the_same_events_scores_as_the_offline_path(
     history_artifact: Path,
     split_world: tuple[Path, Path],  # noqa: F811
 ) -> None:
-    later = ds.dataset(split_world[1]).to_table()
-    times = np.unique(later["timestamp"].to_numpy())
-    checked = with_history = 0
-    with httpx.Client(base_url=history_url, timeout=60) as client:
-        sent = 0
-        for t_star in times[[len(times) // 5, len(times) // 2, len(times) * 3 // 4, -1]]:
-            ts = later["timestamp"]
-            new = later.filter(pc.and_(pc.greater_equal(ts, sent), pc.less(ts, t_star)))
-            post_events(client, events_of(new))
-            sent = int(t_star)
-            target = later.filter(pc.equal(ts, t_star))
-            req = target.to_pylist()
-            body = {
-                "user_id": req[0]["user_id"],
-                "context": {"hour": req[0]["hour"], "device": req[0]["device"]},
-                "candidates": [{"video_id": r["video_id"]} for r in req],
-                "time": int(t_star),
-            }
-            r = client.post("/v1/rank", json=body)
-            assert r.status_code == 200, r.text
-            with_history += r.json()["user_has_history"]
-            got = {it["video_id"]: it["predictions"] for it in r.json()["items"]}
-            want = offline_predictions(history_artifact, split_world[1], target)
-            for i, row in enumerate(req):
-                for task, p in want.items():
-                    assert got[row["video_id"]][task] == pytest.approx(p[i], rel=1e-5, abs=1e-6)
-            checked += len(req)
+    checked, answers = served_equals_offline(
+        history_url, history_artifact, split_world[1], [(1, 5), (1, 2), (3, 4), (1, 1)]
+    )
+    with_history = sum(a["user_has_history"] for a in answers)
     assert checked >= 4
     assert with_history >= 1  # some of the checked users had a history that the scores used
 

@@ -134,16 +134,19 @@ def offline_predictions(artifact_path: Path, later: Path, rows: pa.Table) -> dic
     return Predictor(a.model, cfg.tasks).predict(enc)
 
 
-def test_service_after_the_same_events_scores_as_the_offline_path(
-    live_url: str, live_artifact: Path, split_world: tuple[Path, Path]
-) -> None:
-    later = ds.dataset(split_world[1]).to_table()
+def served_equals_offline(
+    url: str, artifact: Path, later_log: Path, points: list[tuple[int, int]]
+) -> tuple[int, list[dict]]:
+    """Feeds the service the later log's events up to each point (``(n, d)``: ``n / d`` of the way
+    through its distinct times, in order), ranks the rows at that time and asserts every head's prediction equals
+    the offline path's (``evaluate --log``'s state replay). Returns the rows checked and the
+    responses."""
+    later = ds.dataset(later_log).to_table()
     times = np.unique(later["timestamp"].to_numpy())
-    checked = 0
-    with httpx.Client(base_url=live_url, timeout=60) as client:
+    checked, answers = 0, []
+    with httpx.Client(base_url=url, timeout=60) as client:
         sent = 0
-        # Three points in the later days: the state must follow the events as they come.
-        for t_star in times[[len(times) // 4, len(times) // 2, -1]]:
+        for t_star in times[[min(len(times) * n // d, len(times) - 1) for n, d in points]]:
             ts = later["timestamp"]
             new = later.filter(pc.and_(pc.greater_equal(ts, sent), pc.less(ts, t_star)))
             post_events(client, events_of(new))
@@ -158,12 +161,23 @@ def test_service_after_the_same_events_scores_as_the_offline_path(
             }
             r = client.post("/v1/rank", json=body)
             assert r.status_code == 200, r.text
+            answers.append(r.json())
             got = {it["video_id"]: it["predictions"] for it in r.json()["items"]}
-            want = offline_predictions(live_artifact, split_world[1], target)
+            want = offline_predictions(artifact, later_log, target)
             for i, row in enumerate(req):
                 for task, p in want.items():
                     assert got[row["video_id"]][task] == pytest.approx(p[i], rel=1e-5, abs=1e-6)
             checked += len(req)
+    return checked, answers
+
+
+def test_service_after_the_same_events_scores_as_the_offline_path(
+    live_url: str, live_artifact: Path, split_world: tuple[Path, Path]
+) -> None:
+    # Three points in the later days: the state must follow the events as they come.
+    checked, _ = served_equals_offline(
+        live_url, live_artifact, split_world[1], [(1, 4), (1, 2), (1, 1)]
+    )
     assert checked >= 3
 
 
