@@ -24,227 +24,61 @@ training rows and stored in the encoder's state. Nothing here loops over rows in
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from ranker.config import Config, CounterSpec, LiveConfig
-from ranker.errors import DataError
 from ranker.history import HistoryIndex, Recent
+from ranker.live_events import (  # re-exported: the counters' inputs, one import for users
+    Counts,
+    Entity,
+    Events,
+    VideoAttributes,
+    combine_keys,
+    concat_events,
+    context_columns,
+    events_from_table,
+    key_columns,
+    log_columns,
+    make_events,
+    quantise,
+    read_log_events,
+    token_keys,
+    video_attribute_columns,
+)
 from ranker.metrics import SESSION_GAP_S
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (Steele et al., OOPSLA 2014): a bijection on uint64 whose output
-    bits all depend on every input bit, so combined keys collide only by chance (2^-64)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
-
-
-def combine_keys(columns: list[np.ndarray]) -> np.ndarray:
-    """One int64 entity key per row from one or more int64 key columns."""
-    h = np.full(len(columns[0]), _GOLDEN, np.uint64)
-    with np.errstate(over="ignore"):
-        for c in columns:
-            h = _mix(h ^ _mix(np.asarray(c, np.int64).view(np.uint64) + _GOLDEN))
-    return h.view(np.int64)
-
-
-@dataclass
-class Events:
-    """Rows that feed counters: impression rows of a log (``impressions`` 1, every event's value
-    on the row) or feedback events (one value set, ``impressions`` 1 only for an impression).
-
-    ``keys`` holds the raw key columns a counter can name (``user``, ``video``,
-    ``video:<col>``, ``context:<feature>``), int64, with ``valid`` marking rows where a
-    ``video:<col>`` attribute is known (an unknown video has no author to count for)."""
-
-    times: np.ndarray  # (n,) float64, the log's time unit
-    impressions: np.ndarray  # (n,) float64
-    values: np.ndarray  # (n, E) float64, event units
-    keys: dict[str, np.ndarray]  # key name -> (n,) int64
-    valid: dict[str, np.ndarray]  # key name -> (n,) bool
-
-    def __len__(self) -> int:
-        return len(self.times)
-
-    def entity(self, spec: CounterSpec) -> tuple[np.ndarray, np.ndarray]:
-        """The counter's entity key per row and which rows have one."""
-        ok = np.ones(len(self), bool)
-        for k in spec.keys:
-            ok &= self.valid[k]
-        return combine_keys([self.keys[k] for k in spec.keys]), ok
-
-
-class VideoAttributes:
-    """Raw videos-table columns that counters key on (``video:author_id``), by video id."""
-
-    def __init__(self, ids: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
-        self.columns = {k: v[order] for k, v in columns.items()}
-
-    @classmethod
-    def from_parquet(cls, path: Path, key: str, columns: list[str]) -> VideoAttributes:
-        if not columns:
-            return cls(np.zeros(0, np.int64), {})
-        try:
-            t = pq.read_table(path, columns=[key, *columns])
-        except (OSError, pa.ArrowInvalid, KeyError) as e:
-            raise DataError(
-                f"videos table {path}: cannot read columns {[key, *columns]}: {e}"
-            ) from None
-        cols = {c: _int_column(t.column(c), f"videos table {path} column {c!r}") for c in columns}
-        ids = _int_column(t.column(key), f"videos table {path} column {key!r}")
-        return cls(ids, cols)
-
-    def lookup(self, column: str, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The column's value per video and whether the video (and its value) is known."""
-        if len(self.ids) == 0:
-            return np.zeros(len(video_ids), np.int64), np.zeros(len(video_ids), bool)
-        pos = np.minimum(np.searchsorted(self.ids, video_ids), len(self.ids) - 1)
-        found = self.ids[pos] == video_ids
-        vals = self.columns[column][pos]
-        return np.where(found, vals, 0), found & (vals != _NULL)
-
-
-_NULL = np.iinfo(np.int64).min
-
-
-def _int_column(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
-    """An integer key column as int64, nulls as a sentinel no real id takes."""
-    if not (pa.types.is_integer(col.type) or pa.types.is_boolean(col.type)):
-        raise DataError(f"{what}: counter keys must be integers, got type {col.type}")
-    return np.asarray(pc.cast(col, pa.int64()).fill_null(_NULL), np.int64)
-
-
-def key_columns(live: LiveConfig) -> list[str]:
-    return list(dict.fromkeys(k for c in live.counters for k in c.keys))
-
-
-def video_attribute_columns(live: LiveConfig) -> list[str]:
-    return [k.split(":", 1)[1] for k in key_columns(live) if k.startswith("video:")]
-
-
-def context_columns(config: Config) -> dict[str, str]:
-    """``context:<feature>`` key -> the log column of that feature."""
-    assert config.live is not None
-    by_name = {f.name: f.source_column for f in config.features if f.source == "context"}
-    return {
-        k: by_name[k.split(":", 1)[1]] for k in key_columns(config.live) if k.startswith("context:")
-    }
-
-
-def log_columns(config: Config) -> list[str]:
-    """Log columns the counters read (besides the split's time column)."""
-    assert config.live is not None
-    d = config.data
-    cols = [d.user_key, d.video_key, d.event_time, *context_columns(config).values()]
-    cols += [e.column for e in config.live.events]
-    return list(dict.fromkeys(cols))
-
-
-def events_from_table(
-    config: Config, table: pa.Table | pa.RecordBatch, attrs: VideoAttributes, origin: str
-) -> Events:
-    """Impression rows of a log as counter events: each row is one impression plus its values."""
-    assert config.live is not None
-    d = config.data
-    n = table.num_rows
-    users = _int_column(table.column(d.user_key), f"{origin} column {d.user_key!r}")
-    videos = _int_column(table.column(d.video_key), f"{origin} column {d.video_key!r}")
-    t = pc.cast(table.column(d.event_time), pa.float64())
-    if t.null_count:
-        raise DataError(f"{origin}: time column {d.event_time!r} has {t.null_count} nulls")
-    values = np.zeros((n, len(config.live.events)), np.float64)
-    for j, e in enumerate(config.live.events):
-        v = pc.cast(table.column(e.column), pa.float64()).to_numpy(zero_copy_only=False)
-        values[:, j] = np.nan_to_num(np.asarray(v, np.float64)) * e.scale
-    ctx = {
-        k: _int_column(table.column(c), f"{origin} column {c!r}")
-        for k, c in context_columns(config).items()
-    }
-    return make_events(
-        config.live, np.asarray(t.to_numpy(zero_copy_only=False), np.float64), users, videos,
-        ctx, np.ones(n), values, attrs,
-    )  # fmt: skip
-
-
-def make_events(
-    live: LiveConfig,
-    times: np.ndarray,
-    users: np.ndarray,
-    videos: np.ndarray,
-    context: dict[str, np.ndarray],
-    impressions: np.ndarray,
-    values: np.ndarray,
-    attrs: VideoAttributes,
-) -> Events:
-    """Events from id columns; ``context`` maps ``context:<feature>`` keys to int64 columns."""
-    n = len(times)
-    keys: dict[str, np.ndarray] = {"user": users, "video": videos}
-    valid: dict[str, np.ndarray] = {"user": np.ones(n, bool), "video": np.ones(n, bool)}
-    for k in key_columns(live):
-        if k.startswith("video:"):
-            keys[k], valid[k] = attrs.lookup(k.split(":", 1)[1], videos)
-        elif k.startswith("context:"):
-            keys[k] = context[k]
-            valid[k] = context[k] != _NULL
-    return Events(times, impressions.astype(np.float64), quantise(values), keys, valid)
-
-
-QUANTUM = 2.0**-16
-"""Event values are rounded to multiples of this (15 microseconds of watch time): every partial
-sum below 2^37 is then exact in float64, so totals do not depend on the order rows are added in
-(one cumulative sum over the sorted log offline, ``np.add.at`` per event batch online) and a
-row's features cannot move, even in the last bit, when later or other entities' rows change."""
-
-
-def quantise(values: np.ndarray) -> np.ndarray:
-    return np.round(np.asarray(values, np.float64) / QUANTUM) * QUANTUM
-
-
-def read_log_events(config: Config, paths: Iterable[Path], attrs: VideoAttributes) -> Events:
-    """Every row of the given logs (each a Parquet file or directory) as events, any order."""
-    parts = []
-    for p in dict.fromkeys(Path(p).resolve() for p in paths):
-        try:
-            t = ds.dataset(p, format="parquet").to_table(columns=log_columns(config))
-        except (OSError, pa.ArrowInvalid, pa.ArrowKeyError) as e:
-            raise DataError(f"impression log {p}: cannot read the counters' columns: {e}") from None
-        parts.append(events_from_table(config, t, attrs, str(p)))
-    return concat_events(parts)
-
-
-def concat_events(parts: list[Events]) -> Events:
-    return Events(
-        np.concatenate([p.times for p in parts]),
-        np.concatenate([p.impressions for p in parts]),
-        np.concatenate([p.values for p in parts]),
-        {k: np.concatenate([p.keys[k] for p in parts]) for k in parts[0].keys},
-        {k: np.concatenate([p.valid[k] for p in parts]) for k in parts[0].valid},
-    )
-
-
-@dataclass
-class Counts:
-    """What a counter knows about some entities at some times."""
-
-    impressions: np.ndarray  # (n,) float64
-    sums: np.ndarray  # (n, E_c) float64, the counter's events only
-    last_time: np.ndarray  # (n,) float64, NaN before the first impression
+__all__ = [
+    "Counts",
+    "Entity",
+    "Events",
+    "OfflineCounters",
+    "PointInTime",
+    "SessionIndex",
+    "Totals",
+    "VideoAttributes",
+    "combine_keys",
+    "concat_events",
+    "context_columns",
+    "decay_tau",
+    "engaged",
+    "event_index",
+    "events_from_table",
+    "fit_params",
+    "history_index",
+    "key_columns",
+    "log_columns",
+    "make_events",
+    "quantise",
+    "raw_features",
+    "read_log_events",
+    "standardise",
+    "token_keys",
+    "video_attribute_columns",
+]
 
 
 class PointInTime:
@@ -255,9 +89,10 @@ class PointInTime:
     ) -> None:
         self.spec = spec
         self.tau = decay_tau(spec, unit_s)
-        key, ok = events.entity(spec)
-        key, t = key[ok], events.times[ok]
-        imp, vals = events.impressions[ok], events.values[ok][:, event_index]
+        ent = events.entity(spec)
+        ok = ent.ok
+        key, t = ent.key[ok], ent.rows(events.times)[ok]
+        imp, vals = ent.rows(events.impressions)[ok], ent.rows(events.values)[ok][:, event_index]
         order = np.lexsort((t, key))
         key, t, imp, vals = key[order], t[order], imp[order], vals[order]
         n = len(key)
@@ -291,8 +126,14 @@ class PointInTime:
         arrays = (self.comp, self.imp, self.vals, self.last_time, self.ref)
         return sum(a.nbytes for a in arrays)
 
+    def at(self, events: Events, times: np.ndarray) -> Counts:
+        """Totals per row of ``events`` from the log's rows strictly before ``times``, pooled
+        over a multi-valued key's values."""
+        ent = events.entity(self.spec)
+        return ent.pool(self.before(ent.key, ent.ok, ent.rows(times)), len(events))
+
     def before(self, keys: np.ndarray, ok: np.ndarray, times: np.ndarray) -> Counts:
-        """Totals per query row from the rows strictly before ``times`` of entity ``keys``."""
+        """Totals per query (entity ``keys``) from the rows strictly before ``times``."""
         n = len(keys)
         if len(self.keys) == 0:
             return _empty(n, len(self.spec.events))
@@ -302,12 +143,13 @@ class PointInTime:
         idx = np.searchsorted(self.comp, dense * self.stride + rank, side="right") - 1
         hit = found & (idx >= 0) & (self.comp[np.maximum(idx, 0)] // self.stride == dense)
         i = np.maximum(idx, 0)
-        f = 1.0 if self.tau is None else np.exp(-(times - self.ref[i]) / self.tau)
-        return Counts(
-            np.where(hit, self.imp[i] * f, 0.0),
-            np.where(hit[:, None], self.vals[i] * np.asarray(f)[..., None], 0.0),
-            np.where(hit, self.last_time[i], np.nan),
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # lanes that miss are masked below
+            f = 1.0 if self.tau is None else np.exp(-(times - self.ref[i]) / self.tau)
+            return Counts(
+                np.where(hit, self.imp[i] * f, 0.0),
+                np.where(hit[:, None], self.vals[i] * np.asarray(f)[..., None], 0.0),
+                np.where(hit, self.last_time[i], np.nan),
+            )
 
     def totals(self) -> Totals:
         """Every entity's totals after the whole log: the serving state it starts from."""
@@ -339,7 +181,8 @@ def _decayed_cumsum(x: np.ndarray, t: np.ndarray, seg: np.ndarray, tau: float) -
     passes. ``a = 0`` at a segment's start stops everything before it, exactly (a product
     with 0), and each row's result depends only on its own segment's earlier rows."""
     n = len(t)
-    a = np.exp(-np.diff(t, prepend=t[:1]) / tau) if n else np.zeros(0)
+    # within a segment times ascend; across a boundary a may be negative (and is zeroed)
+    a = np.exp(-np.maximum(np.diff(t, prepend=t[:1]), 0.0) / tau) if n else np.zeros(0)
     a[seg] = 0.0
     d = np.array(x, np.float64, copy=True)
     off = 1
@@ -385,6 +228,12 @@ class Totals:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.keys, self.imp, self.vals, self.last_time, self.ref))
 
+    def read(self, events: Events, now: np.ndarray) -> Counts:
+        """Totals per row of ``events`` (decayed to ``now``), pooled over a multi-valued key's
+        values as :meth:`PointInTime.at` pools them."""
+        ent = events.entity(self.spec)
+        return ent.pool(self.current(ent.key, ent.ok, ent.rows(now)), len(events))
+
     def current(self, keys: np.ndarray, ok: np.ndarray, now: np.ndarray | None = None) -> Counts:
         """Totals per entity; with decay, decayed to ``now`` (the log's time unit)."""
         n = len(keys)
@@ -393,19 +242,21 @@ class Totals:
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         hit = ok & (self.keys[pos] == keys)
         f = np.ones(n)
-        if self.tau is not None:
-            assert now is not None, "a decayed counter is read at a time"
-            f = np.exp(-(now - np.nan_to_num(self.ref[pos])) / self.tau)
-        return Counts(
-            np.where(hit, self.imp[pos] * f, 0.0),
-            np.where(hit[:, None], self.vals[pos] * f[:, None], 0.0),
-            np.where(hit, self.last_time[pos], np.nan),
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # lanes that miss are masked below
+            if self.tau is not None:
+                assert now is not None, "a decayed counter is read at a time"
+                f = np.exp(-(now - np.nan_to_num(self.ref[pos])) / self.tau)
+            return Counts(
+                np.where(hit, self.imp[pos] * f, 0.0),
+                np.where(hit[:, None], self.vals[pos] * f[:, None], 0.0),
+                np.where(hit, self.last_time[pos], np.nan),
+            )
 
     def add(self, events: Events, event_index: list[int]) -> None:
         """Adds events: new entities are merged in, existing ones summed (``np.add.at``)."""
-        key, ok = events.entity(self.spec)
-        key = key[ok]
+        ent = events.entity(self.spec)
+        ok = ent.ok
+        key = ent.key[ok]
         if not len(key):
             return
         new = np.setdiff1d(np.unique(key), self.keys, assume_unique=True)
@@ -417,15 +268,16 @@ class Totals:
             self.last_time = np.insert(self.last_time, at, np.nan)
             self.ref = np.insert(self.ref, at, np.nan)
         pos = np.searchsorted(self.keys, key)
-        imp = events.impressions[ok]
+        imp = ent.rows(events.impressions)[ok]
+        ev_times = ent.rows(events.times)[ok]
         # An impression, before any decay: one far older than the reference time decays to 0
         # but is still the entity's latest impression when nothing newer was shown.
         shown = imp > 0
-        vals = events.values[ok][:, event_index]
+        vals = ent.rows(events.values)[ok][:, event_index]
         if self.tau is not None:
             # Sums decayed to a reference time per entity: move it to the newest event, decay
             # the old sums to it and add each event decayed from its own time (any order).
-            times = events.times[ok]
+            times = ev_times
             u, inv = np.unique(pos, return_inverse=True)
             old = np.where(np.isnan(self.ref[u]), -np.inf, self.ref[u])
             ref = old.copy()
@@ -439,7 +291,7 @@ class Totals:
         np.add.at(self.imp, pos, imp)
         np.add.at(self.vals, pos, vals)
         t = np.where(np.isnan(self.last_time), -np.inf, self.last_time)
-        np.maximum.at(t, pos[shown], events.times[ok][shown])
+        np.maximum.at(t, pos[shown], ev_times[shown])
         self.last_time = np.where(np.isfinite(t), t, np.nan)
 
 
@@ -557,7 +409,7 @@ class OfflineCounters:
             e.name: float(train.values[:, j].mean()) if len(train) else 0.0
             for j, e in enumerate(self.live.events)
         }
-        counts = [c.before(*train.entity(c.spec), train.times) for c in self.counters]
+        counts = [c.at(train, train.times) for c in self.counters]
         unit = self.config.data.time_unit_s
         raw = raw_features(self.live, {"priors": priors}, counts, train.times, unit)
         return fit_params(self.live, priors, raw)
@@ -568,7 +420,7 @@ class OfflineCounters:
         """Standardised counter columns ``(n, width)`` for the log rows in ``table``."""
         ev = events_from_table(self.config, table, self.attrs, origin)
         at = self._at(ev)
-        counts = [c.before(*ev.entity(c.spec), at) for c in self.counters]
+        counts = [c.at(ev, at) for c in self.counters]
         raw = raw_features(self.live, params, counts, at, self.config.data.time_unit_s)
         return standardise(self.live, params, raw)
 

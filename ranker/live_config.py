@@ -30,8 +30,12 @@ class CounterSpec(Strict):
     each row (events at the same time are not "before"), served as smoothed rates.
 
     ``keys`` name the entity: ``user``, ``video``, ``video:<column>`` (a column of the videos
-    table, e.g. ``video:author_id``), ``context:<feature>`` (a declared context feature, e.g.
-    ``context:tab``); several keys make a joint entity (the user per tab). Each counter adds
+    table, e.g. ``video:author_id``; integers or strings), ``context:<feature>`` (a declared
+    context feature, e.g. ``context:tab``); several keys make a joint entity (the user per tab).
+    A multi-valued video column (``separator``, e.g. KuaiRand's ``tag = "3,17,5"``, or a list
+    column) makes each value an entity: an impression counts once for each of its video's
+    values, and a row reads the sums over its video's values (impressions and event totals
+    added, the latest last impression), so a video's rates pool what its tags have seen. Each counter adds
     ``log1p(impressions)`` (unless ``log_impressions = false``), per event ``(sum + prior_strength * prior) / (impressions +
     prior_strength)`` with the training rows' mean as the prior (Beta-binomial smoothing, the
     standard empirical-Bayes CTR estimate), and with ``since_last`` ``log1p`` of the seconds
@@ -47,6 +51,12 @@ class CounterSpec(Strict):
         default=None,
         gt=0,
         description="decay: an event counts exp(-ln2 * age / half_life_s); None counts all alike",
+    )
+    separator: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the video:<column> key's column is a string of values joined by this "
+        "(a multi-valued entity such as tags); list columns are multi-valued without it",
     )
     log_impressions: bool = Field(
         default=True,
@@ -65,6 +75,21 @@ class CounterSpec(Strict):
         if len(set(v)) != len(v):
             raise ValueError("a key is repeated")
         return v
+
+    @model_validator(mode="after")
+    def _separator(self) -> CounterSpec:
+        if self.separator is not None and sum(k.startswith("video:") for k in self.keys) != 1:
+            raise ValueError(
+                f"separator: counter {self.name!r} needs exactly one video:<column> key to split"
+            )
+        return self
+
+    @property
+    def multi_key(self) -> str | None:
+        """The ``video:<column>`` key split by ``separator`` (``None``: none is)."""
+        if self.separator is None:
+            return None
+        return next(k for k in self.keys if k.startswith("video:"))
 
     @property
     def per_request(self) -> bool:
@@ -125,6 +150,15 @@ class LiveConfig(Strict):
             bad = [e for e in c.events if e not in names]
             if bad:
                 raise ValueError(f"live.counters: {c.name!r} counts unknown event(s) {bad}")
+        split: dict[str, str | None] = {}
+        for c in self.counters:
+            for k in (k for k in c.keys if k.startswith("video:")):
+                sep = c.separator if k == c.multi_key else None
+                if split.setdefault(k, sep) != sep:
+                    raise ValueError(
+                        f"live.counters: {k!r} is split by {split[k]!r} in one counter and by "
+                        f"{sep!r} in {c.name!r}: one column, one separator"
+                    )
         cn = [c.name for c in self.counters]
         if len(set(cn)) != len(cn):
             raise ValueError("live.counters: duplicate names")

@@ -23,7 +23,6 @@ from ranker.config import Config
 from ranker.errors import RequestError
 from ranker.history import HistoryState, Recent
 from ranker.live import (
-    _NULL,
     Counts,
     Events,
     OfflineCounters,
@@ -35,6 +34,7 @@ from ranker.live import (
     raw_features,
     standardise,
 )
+from ranker.live_events import _NULL
 
 ContextValue = str | int | float | None
 
@@ -121,7 +121,7 @@ class LiveState:
         """Standardised counter columns ``(n, width)`` for one request's candidates, and
         whether the user had any impression in the state."""
         ev = self.request_events(user_id, video_ids, context, now)
-        counts = [tot.current(*ev.entity(tot.spec), ev.times) for tot in self.totals]
+        counts = [tot.read(ev, ev.times) for tot in self.totals]
         return self.encode(counts, ev.times)
 
     def request_events(

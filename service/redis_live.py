@@ -34,6 +34,7 @@ from ranker.errors import RankerError
 from ranker.history import Recent
 from ranker.live import (
     Counts,
+    Entity,
     Events,
     VideoAttributes,
     decay_tau,
@@ -76,13 +77,13 @@ class CounterRequest:
     def __init__(self, state: RedisLiveState, ev: Events) -> None:
         self.state, self.ev = state, ev
         self.keys: list[str] = []
-        self.parts: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        self.parts: list[tuple[int, int, np.ndarray, Entity]] = []
         for spec, prefix in zip(state.live.counters, state.prefixes, strict=True):
-            key, ok = ev.entity(spec)
-            uniq, inverse = np.unique(key[ok], return_inverse=True)
+            ent = ev.entity(spec)
+            uniq, inverse = np.unique(ent.key[ent.ok], return_inverse=True)
             start = len(self.keys)
             self.keys += record_keys(prefix, uniq.tolist())
-            self.parts.append((start, len(self.keys), inverse, ok))
+            self.parts.append((start, len(self.keys), inverse, ent))
         self.user = int(ev.keys["user"][0]) if len(ev) else None
         self.recent: Recent | None = None  # the user's history, once decoded
         if state.live.history is not None and self.user is not None:
@@ -94,17 +95,20 @@ class CounterRequest:
         if self.state.live.history is not None and self.user is not None:
             self.recent = unpack_history(values[-1], self.state.live.history.length, "history")
         counts = []
-        for spec, tau, (a, b, inverse, ok) in zip(
+        for spec, tau, (a, b, inverse, ent) in zip(
             self.state.live.counters, self.state.taus, self.parts, strict=True
         ):
             _, imp, sums, last, ref = unpack(values[a:b], spec, f"live counter {spec.name}")
             imp, sums, last, ref = imp[inverse], sums[inverse], last[inverse], ref[inverse]
+            ok, at = ent.ok, ent.rows(now)
             if tau is not None:  # decayed to the request's time, as Totals.current does
-                f = np.exp(-(now[ok] - np.nan_to_num(ref)) / tau)
-                imp, sums = imp * f, sums * f[:, None]
-            c = Counts(np.zeros(n), np.zeros((n, len(spec.events))), np.full(n, np.nan))
+                with np.errstate(over="ignore", invalid="ignore"):  # a state newer than `at`
+                    f = np.exp(-(at[ok] - np.nan_to_num(ref)) / tau)
+                    imp, sums = imp * f, sums * f[:, None]
+            m = len(ok)
+            c = Counts(np.zeros(m), np.zeros((m, len(spec.events))), np.full(m, np.nan))
             c.impressions[ok], c.sums[ok], c.last_time[ok] = imp, sums, last
-            counts.append(c)
+            counts.append(ent.pool(c, n))
         return self.state.encode(counts, now)
 
 
@@ -211,11 +215,12 @@ class RedisLiveState(LiveState):
         for spec, prefix, idx, tau in zip(
             self.live.counters, self.prefixes, self.index, self.taus, strict=True
         ):
-            key, ok = ev.entity(spec)
-            touched |= ok
-            rkeys = record_keys(prefix, key[ok].tolist())
-            vals = ev.values[ok][:, idx].tolist()
-            for i, rk, v in zip(np.flatnonzero(ok).tolist(), rkeys, vals, strict=True):
+            ent = ev.entity(spec)
+            rows = ent.rows(np.arange(n))[ent.ok]  # an event per value of a multi-valued key
+            touched[rows] = True
+            rkeys = record_keys(prefix, ent.key[ent.ok].tolist())
+            vals = ev.values[rows][:, idx].tolist()
+            for i, rk, v in zip(rows.tolist(), rkeys, vals, strict=True):
                 entry = [repr(times[i]), repr(imps[i]), 1, repr(float(tau or 0)), len(v)]
                 per_record.setdefault(rk, []).append((i, entry + [repr(x) for x in v]))
         calls: list[tuple[list[str], list[Any], list[int]]] = []

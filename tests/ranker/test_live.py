@@ -4,6 +4,8 @@ equal to the offline ones."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -28,44 +30,91 @@ LIVE = LiveConfig(
         CounterSpec(name="video", keys=["video"], events=["watch"]),
         CounterSpec(name="author", keys=["video:author"], events=["click"]),
         CounterSpec(name="recent", keys=["user"], events=["click", "watch"], half_life_s=4.0),
+        CounterSpec(name="tag", keys=["video:tag"], events=["click", "watch"], separator=","),
+        CounterSpec(
+            name="user_tag",
+            keys=["user", "video:tag"],
+            events=["click"],
+            separator=",",
+            since_last=True,
+            half_life_s=3.0,
+        ),
     ],
 )
 N_VIDEOS = 12
-# Videos 0..9 have authors 0..3; 10 and 11 are not in the table (no author counter).
-ATTRS = VideoAttributes(np.arange(10), {"author": np.arange(10) % 4})
+# Videos 0..9 have authors 0..3 and 0..3 tags of 0..4 (video 3 none); 10 and 11 are not in the
+# table (no author or tag counter).
+TAGS = {0: [0], 1: [1, 2], 2: [2, 0, 4], 3: [], 4: [4], 5: [1, 3], 6: [0, 1, 2], 7: [3], 8: [2, 4]}
+TAGS[9] = [1]
+ATTRS = VideoAttributes(
+    np.arange(10)[::-1],  # not in id order: the constructor sorts, values follow their video
+    {"author": (np.arange(10) % 4)[::-1]},
+    {
+        "tag": (
+            np.r_[0, np.cumsum([len(TAGS[v]) for v in range(9, -1, -1)])],
+            np.asarray([t for v in range(9, -1, -1) for t in TAGS[v]], np.int64),
+        )
+    },
+)
 
 
 def random_log(rng: np.random.Generator, n: int) -> Events:
     """Few users, videos and distinct times, so ties (same entity, same time) are common."""
     times = rng.integers(0, max(2, n // 3), n).astype(np.float64)
-    return make_events(
-        LIVE,
+    return _events(
         times,
         rng.integers(0, 4, n),
         rng.integers(0, N_VIDEOS, n),
-        {"context:tab": rng.integers(0, 3, n)},
+        rng.integers(0, 3, n),
         np.ones(n),
         np.c_[rng.integers(0, 2, n), rng.exponential(10, n) * (rng.random(n) < 0.7)],
-        ATTRS,
     )
 
 
+def _events(
+    times: np.ndarray,
+    users: np.ndarray,
+    videos: np.ndarray,
+    tabs: np.ndarray,
+    impressions: np.ndarray,
+    values: np.ndarray,
+) -> Events:
+    return make_events(
+        LIVE, times, users, videos, {"context:tab": tabs}, impressions, values, ATTRS
+    )
+
+
+def entities(spec: CounterSpec, ev: Events, i: int) -> list[tuple[int, ...]]:
+    """The entities row ``i`` counts for, from the tables by hand: one per combination of
+    its key values (a video's tags are several; an unknown author or video none)."""
+    video = int(ev.keys["video"][i])
+    options: list[list[int]] = []
+    for k in spec.keys:
+        if k == "video:tag":
+            options.append(TAGS.get(video, []))
+        elif k == "video:author":
+            options.append([video % 4] if video < 10 else [])
+        else:
+            options.append([int(ev.keys[k][i])])
+    return list(itertools.product(*options))
+
+
 def brute_force(spec: CounterSpec, ev: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The definition, row by row: sums over rows of the same entity at strictly earlier times."""
-    key, ok = ev.entity(spec)
+    """The definition, row by row: per entity of the row, sums over rows of that entity at
+    strictly earlier times; added over the row's entities (its video's tags)."""
     idx = event_index(LIVE, spec)
     tau = decay_tau(spec, 1.0)
     n = len(ev)
+    ents = [set(entities(spec, ev, i)) for i in range(n)]
     imp, sums, last = np.zeros(n), np.zeros((n, len(idx))), np.full(n, np.nan)
     for i in range(n):
-        if not ok[i]:
-            continue
-        before = ok & (key == key[i]) & (ev.times < ev.times[i])
         w = np.ones(n) if tau is None else np.exp(-(ev.times[i] - ev.times) / tau)
-        imp[i] = (ev.impressions * w)[before].sum()
-        sums[i] = (ev.values[:, idx] * w[:, None])[before].sum(0)
-        if before.any():
-            last[i] = ev.times[before].max()
+        for e in ents[i]:
+            before = np.array([e in ents[j] for j in range(n)]) & (ev.times < ev.times[i])
+            imp[i] += (ev.impressions * w)[before].sum()
+            sums[i] += (ev.values[:, idx] * w[:, None])[before].sum(0)
+            if before.any():
+                last[i] = np.fmax(last[i], ev.times[before].max())
     return imp, sums, last
 
 
@@ -74,7 +123,7 @@ def test_point_in_time_matches_the_definition(case: int) -> None:
     rng = np.random.default_rng(case)
     ev = random_log(rng, int(rng.integers(1, 60)))
     for spec in LIVE.counters:
-        got = PointInTime(spec, event_index(LIVE, spec), ev).before(*ev.entity(spec), ev.times)
+        got = PointInTime(spec, event_index(LIVE, spec), ev).at(ev, ev.times)
         imp, sums, last = brute_force(spec, ev)
         np.testing.assert_allclose(got.impressions, imp)
         np.testing.assert_allclose(got.sums, sums, rtol=1e-12, atol=1e-9)
@@ -87,16 +136,20 @@ def _with_rows_from(ev: Events, t: float, rng: np.random.Generator) -> Events:
     late = ev.times >= t
     other = random_log(rng, len(ev) + 20)
     other.times = t + np.abs(other.times)  # all at or after t, some exactly at t
-    keys = {k: np.where(late, other.keys[k][: len(ev)], v) for k, v in ev.keys.items()}
-    valid = {k: np.where(late, other.valid[k][: len(ev)], v) for k, v in ev.valid.items()}
-    vals = np.where(late[:, None], other.values[: len(ev)], ev.values)
+    head = slice(None, len(ev))
     tail = slice(len(ev), None)
-    return Events(
+
+    def mixed(k: str) -> np.ndarray:
+        return np.r_[np.where(late, other.keys[k][head], ev.keys[k]), other.keys[k][tail]]
+
+    vals = np.where(late[:, None], other.values[head], ev.values)
+    return _events(
         np.r_[ev.times, other.times[tail]],
+        mixed("user"),
+        mixed("video"),
+        mixed("context:tab"),
         np.r_[ev.impressions, other.impressions[tail]],
         np.r_[vals, other.values[tail]],
-        {k: np.r_[keys[k], other.keys[k][tail]] for k in keys},
-        {k: np.r_[valid[k], other.valid[k][tail]] for k in valid},
     )
 
 
@@ -109,8 +162,8 @@ def test_changing_rows_from_t_on_changes_no_earlier_feature(case: int) -> None:
     early = np.flatnonzero(ev.times < t)
     for spec in LIVE.counters:
         idx = event_index(LIVE, spec)
-        a = PointInTime(spec, idx, ev).before(*ev.entity(spec), ev.times)
-        b = PointInTime(spec, idx, changed).before(*changed.entity(spec), changed.times)
+        a = PointInTime(spec, idx, ev).at(ev, ev.times)
+        b = PointInTime(spec, idx, changed).at(changed, changed.times)
         np.testing.assert_array_equal(a.impressions[early], b.impressions[early])
         np.testing.assert_array_equal(a.sums[early], b.sums[early])
         np.testing.assert_array_equal(a.last_time[early], b.last_time[early])
@@ -164,13 +217,8 @@ def _take(
         keep = np.zeros(vals.shape[1], bool)
         keep[only_value] = True
         vals[:, ~keep] = 0.0
-    return Events(
-        ev.times[rows],
-        imp,
-        vals,
-        {k: v[rows] for k, v in ev.keys.items()},
-        {k: v[rows] for k, v in ev.valid.items()},
-    )
+    k = {name: ev.keys[name][rows] for name in ("user", "video", "context:tab")}
+    return _events(ev.times[rows], k["user"], k["video"], k["context:tab"], imp, vals)
 
 
 def test_combined_keys_separate_entities() -> None:
@@ -272,3 +320,75 @@ def test_an_impression_decayed_to_nothing_is_still_the_last_impression(case: int
     np.testing.assert_array_equal(
         tot.current(want.keys, ok, now).last_time, want.current(want.keys, ok, now).last_time
     )
+
+
+def test_videos_table_key_columns_read_as_single_or_multi_valued(tmp_path) -> None:  # noqa: ANN001
+    """Integer, string and list columns; a separator splits a string into values, trimmed,
+    repeats and empty pieces dropped; a decimal string keys as the integer; null is no value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ranker.live import token_keys
+
+    path = tmp_path / "videos.parquet"
+    table = pa.table(
+        {
+            "video_id": [30, 10, 20, 40],
+            "author": [3, 1, None, 4],
+            "kind": ["long", "short", None, "long"],
+            "tag": ["7, music,7", "", None, "music,,8"],
+            "ids": pa.array([[5, 5, 6], [], None, [6]], pa.list_(pa.int32())),
+        }
+    )
+    pq.write_table(table, path)
+    cols = {"author": None, "kind": None, "tag": ",", "ids": None}
+    a = VideoAttributes.from_parquet(path, "video_id", cols)
+    q = np.array([10, 20, 30, 40, 99])
+    author, ok = a.lookup("author", q)
+    assert ok.tolist() == [True, False, True, True, False]
+    assert author[ok].tolist() == [1, 3, 4]
+    kind, ok = a.lookup("kind", q)
+    assert ok.tolist() == [True, False, True, True, False]
+    assert kind[2] == kind[3] != kind[0]
+    music = int(token_keys(["music"])[0])
+    row, tag = a.lookup_multi("tag", q)
+    assert list(zip(row.tolist(), tag.tolist(), strict=True)) == sorted(
+        [(2, 7), (2, music), (3, music), (3, 8)]
+    )
+    row, ids = a.lookup_multi("ids", q)
+    assert row.tolist() == [2, 2, 3] and ids.tolist() == [5, 6, 6]
+    assert token_keys(["17", "-3", "x"])[:2].tolist() == [17, -3]
+
+
+def test_a_multi_valued_key_of_floats_stops_naming_the_column(tmp_path) -> None:  # noqa: ANN001
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ranker.errors import DataError
+
+    path = tmp_path / "videos.parquet"
+    pq.write_table(
+        pa.table({"video_id": [1], "w": pa.array([[0.5]], pa.list_(pa.float64()))}), path
+    )
+    with pytest.raises(DataError, match=r"column 'w'.*integers or strings"):
+        VideoAttributes.from_parquet(path, "video_id", {"w": None})
+
+
+@pytest.mark.parametrize(
+    ("counters", "message"),
+    [
+        ([{"name": "t", "keys": ["user"], "separator": ","}], "exactly one video:<column>"),
+        (
+            [
+                {"name": "t", "keys": ["video:tag"], "separator": ","},
+                {"name": "u", "keys": ["user", "video:tag"]},
+            ],
+            "one column, one separator",
+        ),
+    ],
+)
+def test_a_separator_needs_one_video_column_split_one_way(counters: list, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        LiveConfig(events=[EventSpec(name="click", column="c")], counters=counters)

@@ -37,15 +37,37 @@ LIVE: dict[str, Any] = {
         {"name": "user_hour", "keys": ["user", "context:hour"], "events": ["click"]},
         {"name": "video", "keys": ["video"], "events": ["click", "watch_seconds"]},
         {"name": "channel", "keys": ["video:channel_id"], "events": ["click"]},
+        # a multi-valued entity: each of a video's tags counts, a candidate reads their sums
+        {"name": "tag", "keys": ["video:tags"], "separator": ",", "events": ["click", "like"]},
     ],
 }
+
+
+def tagged_videos(world: Path, out: Path) -> Path:
+    """The world's videos table with a ``tags`` column as a client's table would have it: a
+    comma-joined string of 0-3 tags (a named tag per category, a number from the channel, one
+    repeated; some videos untagged, some null), to key the multi-valued ``tag`` counter."""
+    t = pq.read_table(world / "videos.parquet")
+    vid, cat = t["video_id"].to_numpy(), t["category"].to_numpy()
+    chan = t["channel_id"].to_numpy()
+    tags: list[str | None] = []
+    for v, c, ch in zip(vid.tolist(), cat.tolist(), chan.tolist(), strict=True):
+        if v % 13 == 0:
+            tags.append(None if v % 2 else "")
+        else:
+            tags.append(f"cat{c}, {ch % 5}" + (f",cat{c}" if v % 3 == 0 else ""))
+    path = out / "videos_tagged.parquet"
+    pq.write_table(t.append_column("tags", pa.array(tags, pa.string())), path)
+    return path
 
 
 def live_config(world: Path, tmp: Path, log: Path) -> Config:
     d = tomllib.loads(DEFAULT_CONFIG.read_text())
     for o in tiny_overrides(world, tmp):
         _apply_override(d, o)
+    tmp.mkdir(parents=True, exist_ok=True)
     d["data"]["log"] = str(log)
+    d["data"]["videos"] = str(tagged_videos(world, tmp))
     d["training"]["epochs"] = 2
     d["live"] = LIVE
     return parse_config(d)
