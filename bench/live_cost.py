@@ -12,8 +12,9 @@ the default world (2,000 users, 3,000 requests) leaves most users a few clicks; 
 fills nearly every user's 20 slots, the most a request can cost. The mean filled slots of the
 timed requests are printed.
 
-Prints the median and p90 milliseconds per request of each model, their ratios to the static
-one, MFLOP per candidate as served, the live features' own share and the CPU; nothing is timed
+Prints the median and p90 milliseconds per request of each model (and the medians of its
+stages: features, with the live lookup and encoding; the forward pass; the formula), their
+ratios to the static one, MFLOP per candidate as served, the live features' own share and the CPU; nothing is timed
 in a test.
 """
 
@@ -112,6 +113,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         n_videos = len(models["static"].store.videos)
         times: dict[str, list[float]] = {k: [] for k in models}
+        stages: dict[str, dict[str, list[float]]] = {k: {} for k in models}
         feature_ms: list[float] = []
         filled: list[int] = []
 
@@ -126,8 +128,10 @@ def main() -> None:
                 ctx = {"device": "ios", "hour": int(rng.integers(0, 24))}
                 for name in NAMES[i % 3 :] + NAMES[: i % 3]:
                     t0 = time.perf_counter()
-                    await rank(models[name], formula, user, ctx, ids, 10)
+                    r = await rank(models[name], formula, user, ctx, ids, 10)
                     times[name].append((time.perf_counter() - t0) * 1e3)
+                    for stage, s in r.timings.items():
+                        stages[name].setdefault(stage, []).append(s * 1e3)
                 live = models["live"].live
                 assert live is not None
                 t0 = time.perf_counter()
@@ -138,7 +142,8 @@ def main() -> None:
     print(f"{a.candidates} candidates, {a.requests} requests per model, one thread; {cpu_model()}")
     for name, ts in times.items():
         q = np.percentile(ts, [50, 90])
-        print(f"  {name:7s} median {q[0]:.3f} ms   p90 {q[1]:.3f} ms")
+        parts = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in stages[name].items())
+        print(f"  {name:7s} median {q[0]:.3f} ms   p90 {q[1]:.3f} ms   (median ms: {parts})")
     for name in NAMES[1:]:
         ratio = statistics.median(times[name]) / statistics.median(times["static"])
         print(f"  {name} / static (median): {ratio:.2f}x")

@@ -70,6 +70,18 @@ class Events:
     def __len__(self) -> int:
         return len(self.times)
 
+    def first(self) -> Events:
+        """The first row alone: what a per-request counter reads (every candidate of one
+        request shares the user, the context and the time)."""
+        return Events(
+            self.times[:1],
+            self.impressions[:1],
+            self.values[:1],
+            {k: v[:1] for k, v in self.keys.items()},
+            {k: v[:1] for k, v in self.valid.items()},
+            {k: (r[r == 0], v[r == 0]) for k, (r, v) in self.multi.items()},
+        )
+
     def entity(self, spec: CounterSpec) -> Entity:
         """The counter's entity key per row (per row and value for a multi-valued key)."""
         split = [k for k in spec.keys if k in self.multi]
@@ -386,3 +398,11 @@ class Counts:
     impressions: np.ndarray  # (n,) float64
     sums: np.ndarray  # (n, E_c) float64, the counter's events only
     last_time: np.ndarray  # (n,) float64, NaN before the first impression
+
+    def repeat(self, n: int) -> Counts:
+        """One row's counts as ``n`` rows (a per-request counter, read once per request)."""
+        return Counts(
+            np.repeat(self.impressions, n),
+            np.repeat(self.sums, n, axis=0),
+            np.repeat(self.last_time, n),
+        )

@@ -121,7 +121,12 @@ class LiveState:
         """Standardised counter columns ``(n, width)`` for one request's candidates, and
         whether the user had any impression in the state."""
         ev = self.request_events(user_id, video_ids, context, now)
-        counts = [tot.read(ev, ev.times) for tot in self.totals]
+        one = ev.first()  # per-request counters: read once, not once per candidate
+        counts = [
+            tot.read(one, one.times).repeat(len(ev)) if tot.spec.per_request
+            else tot.read(ev, ev.times)
+            for tot in self.totals
+        ]  # fmt: skip
         return self.encode(counts, ev.times)
 
     def request_events(
