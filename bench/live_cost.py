@@ -66,10 +66,10 @@ HISTORY = {"engaged": "click", "length": 20, "pooling": "attention", "side": ["c
 NAMES = ("static", "live", "history")
 
 
-def serving_model(path: Path) -> ServingModel:
+def serving_model(path: Path, backend: str = "eager") -> ServingModel:
     a = load_artifact(path)
     split = request_split(a.model, a.encoder, a.config.live)
-    predictor = Predictor(a.model, a.config.tasks, "eager", 1, split)
+    predictor = Predictor(a.model, a.config.tasks, backend, 1, split)  # type: ignore[arg-type]
     store = InProcessStore.from_tables(a.config, a.encoder)
     return ServingModel(a, predictor, store, live=live_state(a))
 
@@ -79,6 +79,12 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--users", type=int, default=2000, help="users of the world (3,000 requests)")
+    ap.add_argument(
+        "--backend",
+        default="eager",
+        choices=["eager", "torchscript", "onnx", "bf16"],
+        help="the engine of every model (the service's RANKER_BACKEND)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +111,7 @@ def main() -> None:
                 d["live"] = LIVE if name == "live" else LIVE | {"history": HISTORY}
             result = train(parse_config(d), progress=False, export=True)
             assert result.artifact is not None
-            models[name] = serving_model(result.artifact)
+            models[name] = serving_model(result.artifact, a.backend)
         formula = RankingFormula(
             load_ranking_config(ROOT / "configs/ranking.toml"),
             models["static"].artifact.config.task_names,
@@ -139,7 +145,10 @@ def main() -> None:
                 feature_ms.append((time.perf_counter() - t0) * 1e3)
 
         asyncio.run(run())
-    print(f"{a.candidates} candidates, {a.requests} requests per model, one thread; {cpu_model()}")
+    print(
+        f"{a.candidates} candidates, {a.requests} requests per model, one thread, "
+        f"{a.backend}; {cpu_model()}"
+    )
     for name, ts in times.items():
         q = np.percentile(ts, [50, 90])
         parts = "  ".join(f"{k} {statistics.median(v):.3f}" for k, v in stages[name].items())
@@ -158,7 +167,7 @@ def main() -> None:
         print(f"  {name:7s} {mf:.3f} MFLOP per candidate as served ({own:.3f} the history's)")
     print(
         f"rerun: .venv/bin/python bench/live_cost.py --candidates {a.candidates} "
-        f"--requests {a.requests} --users {a.users}"
+        f"--requests {a.requests} --users {a.users} --backend {a.backend}"
     )
 
 
