@@ -565,6 +565,18 @@ class Config(Strict):
                             f"live.counters: {c.name!r} key {k!r} is not a declared context "
                             "feature (the service reads it from the request's context)"
                         )
+                    split = {
+                        f.source_column: f.separator
+                        for f in self.features
+                        if f.source == "video" and f.separator is not None
+                    }
+                    col = k.partition(":")[2]
+                    if k.startswith("video:") and col in split and c.separator != split[col]:
+                        raise ValueError(
+                            f"live.counters: {c.name!r} key {k!r}: the feature on column {col!r} "
+                            f"splits it by {split[col]!r}; set separator = {split[col]!r} on the "
+                            "counter (without it every combination of values is one entity)"
+                        )
         if self.live is not None and self.live.history is not None:
             self.history_feature()  # raises when there is no video id feature to share
             self.history_side_features()  # raises on a side feature that cannot be looked up

@@ -392,3 +392,24 @@ def test_a_separator_needs_one_video_column_split_one_way(counters: list, messag
 
     with pytest.raises(ValidationError, match=message):
         LiveConfig(events=[EventSpec(name="click", column="c")], counters=counters)
+
+
+def test_a_counter_on_a_multi_valued_feature_column_must_split_it() -> None:
+    """The features declare ``tag`` split by ','; a counter on ``video:tag`` without the
+    separator would count each combination of tags as one entity: refused, naming the fix."""
+    from ranker.config import parse_config
+    from ranker.errors import ConfigError
+
+    def config(counter: dict) -> dict:
+        return {
+            "data": {"log": "x", "users": "u", "videos": "v"},
+            "features": [
+                {"name": "tag", "source": "video", "kind": "categorical", "separator": ","}
+            ],
+            "tasks": [{"name": "click", "kind": "binary", "label": "c", "loss": "bce"}],
+            "live": {"events": [{"name": "click", "column": "c"}], "counters": [counter]},
+        }
+
+    with pytest.raises(ConfigError, match=r"set separator = ','"):
+        parse_config(config({"name": "t", "keys": ["video:tag"]}))
+    parse_config(config({"name": "t", "keys": ["video:tag"], "separator": ","}))
