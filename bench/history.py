@@ -61,11 +61,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "side": ["category"],
     },
     "mean+category": {"engaged": "click", "length": 20, "pooling": "mean", "side": ["category"]},
-    "attention16+category": {
+    "attention32+category": {
         "engaged": "click",
         "length": 20,
         "pooling": "attention",
-        "attention_hidden": [16],
+        "attention_hidden": [32],
         "side": ["category"],
     },
 }
