@@ -558,6 +558,11 @@ class Config(Strict):
             )
         if self.live is not None:
             ctx = {f.name for f in self.features if f.source == "context"}
+            split = {
+                f.source_column: f.separator
+                for f in self.features
+                if f.source == "video" and f.separator is not None
+            }
             for c in self.live.counters:
                 for k in c.keys:
                     if k.startswith("context:") and k.split(":", 1)[1] not in ctx:
@@ -565,11 +570,6 @@ class Config(Strict):
                             f"live.counters: {c.name!r} key {k!r} is not a declared context "
                             "feature (the service reads it from the request's context)"
                         )
-                    split = {
-                        f.source_column: f.separator
-                        for f in self.features
-                        if f.source == "video" and f.separator is not None
-                    }
                     col = k.partition(":")[2]
                     if k.startswith("video:") and col in split and c.separator != split[col]:
                         raise ValueError(

@@ -77,13 +77,15 @@ class CounterRequest:
     def __init__(self, state: RedisLiveState, ev: Events) -> None:
         self.state, self.ev = state, ev
         self.keys: list[str] = []
-        self.parts: list[tuple[int, int, np.ndarray, Entity]] = []
+        self.parts: list[tuple[int, int, np.ndarray, Entity, Events]] = []
+        one = ev.first()  # per-request counters: one entity for every candidate, as in-process
         for spec, prefix in zip(state.live.counters, state.prefixes, strict=True):
-            ent = ev.entity(spec)
+            rows = one if spec.per_request else ev
+            ent = rows.entity(spec)
             uniq, inverse = np.unique(ent.key[ent.ok], return_inverse=True)
             start = len(self.keys)
             self.keys += record_keys(prefix, uniq.tolist())
-            self.parts.append((start, len(self.keys), inverse, ent))
+            self.parts.append((start, len(self.keys), inverse, ent, rows))
         self.user = int(ev.keys["user"][0]) if len(ev) else None
         self.recent: Recent | None = None  # the user's history, once decoded
         if state.live.history is not None and self.user is not None:
@@ -95,12 +97,12 @@ class CounterRequest:
         if self.state.live.history is not None and self.user is not None:
             self.recent = unpack_history(values[-1], self.state.live.history.length, "history")
         counts = []
-        for spec, tau, (a, b, inverse, ent) in zip(
+        for spec, tau, (a, b, inverse, ent, rows) in zip(
             self.state.live.counters, self.state.taus, self.parts, strict=True
         ):
             _, imp, sums, last, ref = unpack(values[a:b], spec, f"live counter {spec.name}")
             imp, sums, last, ref = imp[inverse], sums[inverse], last[inverse], ref[inverse]
-            ok, at = ent.ok, ent.rows(now)
+            ok, at = ent.ok, ent.rows(rows.times)
             if tau is not None:  # decayed to the request's time, as Totals.current does
                 with np.errstate(over="ignore", invalid="ignore"):  # a state newer than `at`
                     f = np.exp(-(at[ok] - np.nan_to_num(ref)) / tau)
@@ -108,7 +110,8 @@ class CounterRequest:
             m = len(ok)
             c = Counts(np.zeros(m), np.zeros((m, len(spec.events))), np.full(m, np.nan))
             c.impressions[ok], c.sums[ok], c.last_time[ok] = imp, sums, last
-            counts.append(ent.pool(c, n))
+            pooled = ent.pool(c, len(rows))
+            counts.append(pooled.repeat(n) if spec.per_request else pooled)
         return self.state.encode(counts, now)
 
 
